@@ -1,0 +1,449 @@
+#!/usr/bin/env bash
+# The project's test command: `bash scripts/test.sh [cargo test args...]`.
+#
+# Brings up a throw-away stack on loopback (PostgreSQL, Redis and a real
+# Synapse homeserver backed by both), builds a Synapse-made SQLite schema,
+# exports SKW_TEST_* variables describing all of it, runs `cargo test --locked`
+# and tears everything down again. Works from any cwd; installs what is missing
+# (Debian packages via apt-get, Synapse into a venv under target/).
+#
+# Environment knobs:
+#   SKW_TEST_SERVER_NAME  Synapse server_name (default hs.test.invalid)
+#   SKW_KEEP_STATE=1      keep the temp state dir (configs, logs, databases)
+#   SKW_PYTHON            interpreter used to create the venv (default python3)
+#   SKW_TEST_CMD          if set, run this shell command (via `bash -c`, with
+#                         the script's arguments as "$@") instead of cargo;
+#                         used to check the stack itself, e.g.
+#                         SKW_TEST_CMD='env | grep SKW_TEST_; curl -s "$SKW_TEST_SYNAPSE_URL/health"'
+#
+# Exported to the tests:
+#   SKW_TEST_SYNAPSE_URL, SKW_TEST_HOMESERVER_YAML, SKW_TEST_PG_URL,
+#   SKW_TEST_REDIS_URL, SKW_TEST_SQLITE_SCHEMA_DB, SKW_TEST_SERVER_NAME,
+#   SKW_TEST_STATE_DIR, SKW_TEST_SYNAPSE_PID, SKW_TEST_SYNAPSE_PYTHON,
+#   SKW_TEST_REPLICATION_URL, SKW_TEST_REPLICATION_SECRET
+set -euo pipefail
+
+SYNAPSE_VERSION=1.163.2
+SYNAPSE_SPEC="matrix-synapse[postgres,redis]==${SYNAPSE_VERSION}"
+SYNAPSE_START_TIMEOUT=120
+
+SECONDS=0
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { echo "== $*"; }
+die() { echo "!! $*" >&2; exit 1; }
+
+HOST_PY="${SKW_PYTHON:-python3}"
+command -v "$HOST_PY" >/dev/null || die "$HOST_PY not found"
+
+IS_ROOT=0
+[ "$(id -u)" -eq 0 ] && IS_ROOT=1
+SUDO=()
+if [ "$IS_ROOT" -eq 0 ] && command -v sudo >/dev/null; then SUDO=(sudo); fi
+
+# ---------------------------------------------------------------- packages ---
+find_pg_bindir() {
+    local d best=""
+    for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V); do
+        [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/postgres" ] && best="$d"
+    done
+    echo "$best"
+}
+
+PKGS=()
+[ -n "$(find_pg_bindir)" ] || PKGS+=(postgresql)
+command -v redis-server >/dev/null || PKGS+=(redis-server)
+# Only needed if the venv has to be (re)built: psycopg2 compiles against libpq.
+command -v pg_config >/dev/null || PKGS+=(libpq-dev)
+command -v cc >/dev/null || command -v gcc >/dev/null || PKGS+=(gcc)
+if [ "${#PKGS[@]}" -gt 0 ]; then
+    log "installing ${PKGS[*]}"
+    if [ "$IS_ROOT" -eq 0 ] && [ "${#SUDO[@]}" -eq 0 ]; then
+        die "not root and no sudo: cannot install ${PKGS[*]}"
+    fi
+    # Keep the packages' own services (postgres on 5432, redis on 6379) from
+    # being started by their postinst scripts, unless a policy already exists.
+    POLICY_RC=/usr/sbin/policy-rc.d
+    ADDED_POLICY=0
+    if [ ! -e "$POLICY_RC" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$POLICY_RC" >/dev/null
+        "${SUDO[@]}" chmod 755 "$POLICY_RC"
+        ADDED_POLICY=1
+    fi
+    install_rc=0
+    { "${SUDO[@]}" apt-get update -qq &&
+      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -qq --no-install-recommends "${PKGS[@]}"; } || install_rc=$?
+    [ "$ADDED_POLICY" -eq 1 ] && "${SUDO[@]}" rm -f "$POLICY_RC"
+    [ "$install_rc" -eq 0 ] || die "apt-get install ${PKGS[*]} failed ($install_rc)"
+fi
+PGBIN="$(find_pg_bindir)"
+[ -n "$PGBIN" ] || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
+PSQL="$PGBIN/psql"
+[ -x "$PSQL" ] || PSQL="$(command -v psql)" || die "psql not found"
+command -v redis-server >/dev/null || die "redis-server not found"
+
+# -------------------------------------------------------------------- venv ---
+VENV="$ROOT/target/synapse-venv"
+VPY="$VENV/bin/python"
+VENV_MARKER="$VENV/.skw-synapse-spec"
+venv_ok() {
+    [ -x "$VPY" ] && [ "$(cat "$VENV_MARKER" 2>/dev/null)" = "$SYNAPSE_SPEC" ] &&
+        "$VPY" - "$SYNAPSE_VERSION" <<'EOF' >/dev/null 2>&1
+import importlib.metadata as md, sys
+assert md.version("matrix-synapse") == sys.argv[1]
+import synapse.app.homeserver, psycopg2, txredisapi  # noqa: F401
+EOF
+}
+mkdir -p "$ROOT/target"
+exec 9>"$ROOT/target/.synapse-venv.lock"
+command -v flock >/dev/null && flock 9   # serialise concurrent runs building the venv
+if venv_ok; then
+    log "reusing venv target/synapse-venv (matrix-synapse $SYNAPSE_VERSION)"
+else
+    log "creating venv target/synapse-venv and installing $SYNAPSE_SPEC"
+    t0=$SECONDS
+    rm -rf "$VENV"
+    "$HOST_PY" -m venv "$VENV"
+    "$VPY" -m pip install -q --progress-bar off "$SYNAPSE_SPEC"
+    echo "$SYNAPSE_SPEC" >"$VENV_MARKER"
+    venv_ok || die "venv at $VENV is unusable after installing $SYNAPSE_SPEC"
+    log "venv ready in $((SECONDS - t0))s"
+fi
+exec 9>&-
+
+# ------------------------------------------------------------------- state ---
+SERVER_NAME="${SKW_TEST_SERVER_NAME:-hs.test.invalid}"
+DIR="$(mktemp -d -t skw-test.XXXXXXXX)"
+chmod 711 "$DIR"   # the postgres user must be able to reach its subdirectories
+SYNAPSE_PID=""
+REDIS_PORT=""
+PG_STARTED=0
+
+# Run a PostgreSQL server binary: as the postgres OS user when we are root
+# (initdb and postgres refuse to run as root), else as ourselves.
+as_pg() {
+    if [ "$IS_ROOT" -eq 1 ]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        (cd / && "$@")
+    fi
+}
+
+# PIDs of Synapse processes of this run: the one started here and any that
+# tests (re)started with a config under $DIR (Synapse writes pid_file only when
+# daemonized, so look at command lines).
+synapse_pids() {
+    local p cmd
+    [ -n "$SYNAPSE_PID" ] && kill -0 "$SYNAPSE_PID" 2>/dev/null && echo "$SYNAPSE_PID"
+    for p in /proc/[0-9]*; do
+        [ "${p#/proc/}" = "$SYNAPSE_PID" ] && continue
+        [ "${p#/proc/}" = "$$" ] && continue
+        cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+        case "$cmd" in
+            *synapse.app.*"$DIR/"*) echo "${p#/proc/}" ;;
+        esac
+    done
+    return 0
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    local pids
+    pids="$(synapse_pids)"
+    if [ -n "$pids" ]; then
+        kill -TERM $pids 2>/dev/null
+        for _ in $(seq 1 50); do
+            kill -0 $pids 2>/dev/null || break   # true while any is alive
+            sleep 0.2
+        done
+        kill -KILL $pids 2>/dev/null
+        [ -n "$SYNAPSE_PID" ] && wait "$SYNAPSE_PID" 2>/dev/null
+    fi
+    if [ -f "$DIR/redis.pid" ]; then
+        local rpid
+        rpid="$(cat "$DIR/redis.pid" 2>/dev/null)"
+        if command -v redis-cli >/dev/null; then
+            redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+        fi
+        if [ -n "$rpid" ]; then
+            kill -TERM "$rpid" 2>/dev/null
+            for _ in $(seq 1 25); do kill -0 "$rpid" 2>/dev/null || break; sleep 0.2; done
+            kill -KILL "$rpid" 2>/dev/null
+        fi
+    fi
+    if [ "$PG_STARTED" -eq 1 ]; then
+        as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [ "$rc" -ne 0 ] && [ -s "$DIR/synapse.log" ]; then
+        echo "---- last 50 lines of synapse.log ----"
+        tail -n 50 "$DIR/synapse.log"
+        echo "--------------------------------------"
+    fi
+    if [ "${SKW_KEEP_STATE:-0}" = "1" ]; then
+        log "state kept in $DIR"
+    else
+        rm -rf "$DIR"
+    fi
+    log "finished in ${SECONDS}s (exit $rc)"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Four distinct free loopback ports (all bound at once, then released).
+read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT <<<"$("$HOST_PY" - <<'EOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+)"
+
+# -------------------------------------------------------------- postgresql ---
+log "starting postgres ($PGBIN) on port $PG_PORT"
+mkdir -p "$DIR/pg" "$DIR/pgsock"
+[ "$IS_ROOT" -eq 1 ] && chown postgres:postgres "$DIR/pg" "$DIR/pgsock"
+as_pg "$PGBIN/initdb" -D "$DIR/pg" -A trust -U synapse --encoding=UTF8 --locale=C \
+    >"$DIR/initdb.log" 2>&1 || { cat "$DIR/initdb.log"; die "initdb failed"; }
+PG_STARTED=1
+as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/postgres.log" -w -t 60 \
+    -o "-p $PG_PORT -k '$DIR/pgsock' -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null || { cat "$DIR/pg/postgres.log" 2>/dev/null; die "postgres did not start"; }
+"$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
+    "CREATE DATABASE synapse OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+
+# ------------------------------------------------------------------- redis ---
+log "starting redis on port $REDIS_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize yes --pidfile "$DIR/redis.pid" --dir "$DIR" --logfile "$DIR/redis.log"
+"$HOST_PY" - "$REDIS_PORT" <<'EOF' || { cat "$DIR/redis.log" 2>/dev/null; die "redis did not start"; }
+import socket, sys, time
+deadline = time.monotonic() + 30
+while True:
+    try:
+        with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(64).startswith(b"+PONG"):
+                break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.1)
+EOF
+
+# ----------------------------------------------------------------- synapse ---
+secret() { "$HOST_PY" -c 'import secrets; print(secrets.token_hex(32))'; }
+REPL_SECRET="$(secret)"
+mkdir -p "$DIR/media"
+
+cat >"$DIR/log.yaml" <<EOF
+version: 1
+formatters:
+  precise:
+    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
+handlers:
+  file:
+    class: logging.FileHandler
+    formatter: precise
+    filename: $DIR/synapse.log
+    encoding: utf8
+loggers:
+  synapse.storage.SQL:
+    level: INFO
+root:
+  level: INFO
+  handlers: [file]
+disable_existing_loggers: false
+EOF
+
+RL='{per_second: 10000, burst_count: 100000}'
+cat >"$DIR/homeserver.yaml" <<EOF
+server_name: "$SERVER_NAME"
+pid_file: $DIR/homeserver.pid
+report_stats: false
+signing_key_path: $DIR/signing.key
+log_config: $DIR/log.yaml
+media_store_path: $DIR/media
+macaroon_secret_key: "$(secret)"
+form_secret: "$(secret)"
+registration_shared_secret: "$(secret)"
+enable_registration: true
+enable_registration_without_verification: true
+suppress_key_server_warning: true
+trusted_key_servers: []
+
+database:
+  name: psycopg2
+  args:
+    user: synapse
+    database: synapse
+    host: 127.0.0.1
+    port: $PG_PORT
+    cp_min: 1
+    cp_max: 5
+
+listeners:
+  - type: http
+    port: $SYNAPSE_PORT
+    bind_addresses: ['127.0.0.1']
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client, federation, keys]
+        compress: false
+  - type: http
+    port: $REPL_PORT
+    bind_addresses: ['127.0.0.1']
+    tls: false
+    resources:
+      - names: [replication]
+
+worker_replication_secret: "$REPL_SECRET"
+instance_map:
+  main:
+    host: 127.0.0.1
+    port: $REPL_PORT
+
+redis:
+  enabled: true
+  host: 127.0.0.1
+  port: $REDIS_PORT
+
+# Tests run fake federation servers on 127.0.0.1: loopback is deliberately
+# missing from the blacklist and explicitly whitelisted.
+federation_verify_certificates: false
+ip_range_blacklist:
+  - '10.0.0.0/8'
+  - '172.16.0.0/12'
+  - '192.168.0.0/16'
+  - '100.64.0.0/10'
+  - '169.254.0.0/16'
+  - 'fe80::/10'
+  - 'fc00::/7'
+ip_range_whitelist: ['127.0.0.1']
+
+# Rate limits lifted for tests (keys as read by synapse/config/ratelimiting.py).
+rc_message: $RL
+rc_registration: $RL
+rc_registration_token_validity: $RL
+rc_login:
+  address: $RL
+  account: $RL
+  failed_attempts: $RL
+rc_admin_redaction: $RL
+rc_joins:
+  local: $RL
+  remote: $RL
+rc_joins_per_room: $RL
+rc_key_requests: $RL
+rc_3pid_validation: $RL
+rc_invites:
+  per_room: $RL
+  per_user: $RL
+  per_issuer: $RL
+rc_third_party_invite: $RL
+rc_media_create: $RL
+rc_presence:
+  per_user: $RL
+rc_delayed_event_mgmt: $RL
+rc_room_creation: $RL
+rc_reports: $RL
+rc_user_directory: $RL
+rc_profile: $RL
+rc_federation:
+  window_size: 1000
+  sleep_limit: 10000
+  sleep_delay: 0
+  reject_limit: 100000
+  concurrent: 1000
+federation_rr_transactions_per_room_per_second: 10000
+EOF
+
+log "generating synapse signing key"
+"$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" --generate-keys \
+    >"$DIR/generate-keys.log" 2>&1 || { cat "$DIR/generate-keys.log"; die "synapse --generate-keys failed"; }
+[ -s "$DIR/signing.key" ] || { cat "$DIR/generate-keys.log"; die "no signing key generated"; }
+
+log "starting synapse $SYNAPSE_VERSION on port $SYNAPSE_PORT (replication $REPL_PORT)"
+"$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" >"$DIR/synapse.stdout.log" 2>&1 &
+SYNAPSE_PID=$!
+
+# While Synapse prepares its PostgreSQL schema, build the SQLite one.
+log "preparing synapse sqlite schema"
+cat >"$DIR/sqlite-db.yaml" <<EOF
+server_name: "$SERVER_NAME"
+report_stats: false
+signing_key_path: $DIR/signing.key
+media_store_path: $DIR/media
+database:
+  name: sqlite3
+  args:
+    database: $DIR/synapse-schema.db
+EOF
+(cd "$DIR" && "$VENV/bin/update_synapse_database" --database-config "$DIR/sqlite-db.yaml") \
+    >"$DIR/sqlite-schema.log" 2>&1 || { tail -n 50 "$DIR/sqlite-schema.log"; die "update_synapse_database failed"; }
+"$HOST_PY" - "$DIR/synapse-schema.db" <<'EOF' || die "sqlite schema is missing tables"
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+missing = {"devices", "e2e_device_keys_json", "access_tokens"} - have
+if missing:
+    sys.exit(f"missing tables: {sorted(missing)}")
+EOF
+
+log "waiting for synapse (up to ${SYNAPSE_START_TIMEOUT}s)"
+"$HOST_PY" - "$SYNAPSE_PID" "$SYNAPSE_START_TIMEOUT" \
+    "http://127.0.0.1:$SYNAPSE_PORT/health" "http://127.0.0.1:$REPL_PORT/health" <<'EOF' ||
+import os, sys, time, urllib.request
+pid, timeout, urls = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+deadline = time.monotonic() + timeout
+for url in urls:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200 and r.read().strip() == b"OK":
+                    break
+        except OSError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit(f"synapse (pid {pid}) exited during startup")
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {url}")
+        time.sleep(0.5)
+EOF
+    { cat "$DIR/synapse.stdout.log" 2>/dev/null; die "synapse did not come up"; }
+log "synapse up after ${SECONDS}s"
+
+# ------------------------------------------------------------------- tests ---
+export SKW_TEST_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE_PORT"
+export SKW_TEST_HOMESERVER_YAML="$DIR/homeserver.yaml"
+export SKW_TEST_PG_URL="postgres://synapse@127.0.0.1:$PG_PORT/synapse"
+export SKW_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export SKW_TEST_SQLITE_SCHEMA_DB="$DIR/synapse-schema.db"
+export SKW_TEST_SERVER_NAME="$SERVER_NAME"
+export SKW_TEST_STATE_DIR="$DIR"
+export SKW_TEST_SYNAPSE_PID="$SYNAPSE_PID"
+export SKW_TEST_SYNAPSE_PYTHON="$VPY"
+export SKW_TEST_REPLICATION_URL="http://127.0.0.1:$REPL_PORT"
+export SKW_TEST_REPLICATION_SECRET="$REPL_SECRET"
+
+rc=0
+if [ -n "${SKW_TEST_CMD:-}" ]; then
+    log "running SKW_TEST_CMD"
+    bash -c "$SKW_TEST_CMD" skw-test "$@" || rc=$?
+else
+    log "running cargo test --locked $*"
+    cargo test --locked "$@" || rc=$?
+fi
+exit "$rc"

@@ -1,0 +1,77 @@
+//! Configuration from Synapse's own YAML files.
+//!
+//! `-c homeserver.yaml -c worker.yaml`: files are read in order and, as in
+//! Synapse, a later file's top-level keys replace an earlier file's. Synapse's
+//! keys are read by [`synapse`]; our own settings live in the `keys_worker`
+//! section ([`worker`]), where every key can also come from the environment.
+
+pub mod database;
+pub mod synapse;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+
+use serde_yaml::{Mapping, Value};
+
+pub use database::DatabaseConfig;
+pub use synapse::SynapseConfig;
+pub use worker::{ENV_PREFIX, SECTION, WorkerConfig};
+
+/// Everything the service needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub synapse: SynapseConfig,
+    pub worker: WorkerConfig,
+}
+
+/// A configuration problem, reported as one line at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+impl Config {
+    /// Reads and merges the files, then applies `SYNAPSE_KEYS_WORKER_*`
+    /// variables from `env` to our section.
+    pub fn load(
+        paths: &[PathBuf],
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = Mapping::new();
+        for path in paths {
+            for (k, v) in read_yaml_file(path)? {
+                merged.insert(k, v);
+            }
+        }
+        Self::from_mapping(merged, env)
+    }
+
+    pub fn from_mapping(
+        mut merged: Mapping,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let section = merged.remove(SECTION).unwrap_or(Value::Null);
+        let worker = WorkerConfig::from_section(section, env)?;
+        let synapse = SynapseConfig::from_mapping(&merged)?;
+        Ok(Self { synapse, worker })
+    }
+}
+
+fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", path.display())))?;
+    match serde_yaml::from_str::<Value>(&text) {
+        Ok(Value::Mapping(m)) => Ok(m),
+        Ok(Value::Null) => Ok(Mapping::new()),
+        Ok(_) => Err(ConfigError::new(format!(
+            "config file {} must contain a YAML mapping at the top level",
+            path.display()
+        ))),
+        Err(e) => Err(ConfigError::new(format!("config file {} is not valid YAML: {e}", path.display()))),
+    }
+}

@@ -1,0 +1,202 @@
+//! The keys of Synapse's own `homeserver.yaml` / worker YAML that we use.
+//! Everything else in those files is ignored, as Synapse workers ignore
+//! settings that are not theirs.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use super::{ConfigError, DatabaseConfig};
+
+#[derive(Debug, Clone)]
+pub struct SynapseConfig {
+    pub server_name: String,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    /// The shared secret of the replication HTTP API, if set.
+    pub worker_replication_secret: Option<String>,
+    /// Where to send resync requests: `instance_map` entry of the first
+    /// `stream_writers.device_lists` instance, else `main`.
+    pub device_lists_writer: Option<InstanceLocation>,
+    pub signing_key_path: Option<PathBuf>,
+    pub federation_verify_certificates: bool,
+    /// `ip_range_blocklist` (or the older `ip_range_blacklist`); `None` means
+    /// Synapse's default list.
+    pub ip_range_blocklist: Option<Vec<String>>,
+    pub ip_range_whitelist: Vec<String>,
+    pub msc4263_limit_key_queries_to_users_who_share_rooms: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub enabled: bool,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub dbid: Option<i64>,
+    pub password: Option<String>,
+    pub password_path: Option<PathBuf>,
+    pub use_tls: bool,
+}
+
+/// An `instance_map` entry: TCP (`host`, `port`, `tls`) or a UNIX socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstanceLocation {
+    Tcp { host: String, port: u16, tls: bool },
+    Unix { path: PathBuf },
+}
+
+#[derive(Deserialize)]
+struct InstanceEntry {
+    host: Option<String>,
+    port: Option<u16>,
+    #[serde(default)]
+    tls: bool,
+    path: Option<PathBuf>,
+}
+
+impl SynapseConfig {
+    pub fn from_mapping(m: &Mapping) -> Result<Self, ConfigError> {
+        let server_name = match m.get("server_name") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => return Err(ConfigError::new("`server_name` must be a non-empty string")),
+            None => return Err(ConfigError::new("`server_name` is missing from the config files")),
+        };
+        let database = DatabaseConfig::from_mapping(m)?;
+        let redis = match m.get("redis") {
+            None | Some(Value::Null) => RedisConfig::default(),
+            Some(v) => serde_yaml::from_value(v.clone())
+                .map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
+        };
+        let worker_replication_secret = match (str_key(m, "worker_replication_secret")?, m.get("worker_replication_secret_path")) {
+            (Some(s), _) => Some(s),
+            (None, Some(Value::String(path))) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::new(format!("cannot read worker_replication_secret_path {path}: {e}")))?
+                    .trim()
+                    .to_owned(),
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            server_name,
+            database,
+            redis,
+            worker_replication_secret,
+            device_lists_writer: device_lists_writer(m)?,
+            signing_key_path: str_key(m, "signing_key_path")?.map(PathBuf::from),
+            federation_verify_certificates: bool_key(m, "federation_verify_certificates", true)?,
+            ip_range_blocklist: string_list(m, "ip_range_blocklist")?.or(string_list(m, "ip_range_blacklist")?),
+            ip_range_whitelist: string_list(m, "ip_range_whitelist")?.unwrap_or_default(),
+            msc4263_limit_key_queries_to_users_who_share_rooms: match m.get("experimental_features") {
+                Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
+                _ => false,
+            },
+        })
+    }
+}
+
+fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigError> {
+    let writer = match m.get("stream_writers").and_then(|s| s.get("device_lists")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Sequence(seq)) => match seq.first() {
+            Some(Value::String(s)) => s.clone(),
+            _ => "main".into(),
+        },
+        _ => "main".into(),
+    };
+    // Synapse renames `main` to `master` internally; accept either.
+    let map = match m.get("instance_map") {
+        Some(Value::Mapping(map)) => map,
+        _ => return Ok(None),
+    };
+    let aliases: Vec<&str> = match writer.as_str() {
+        "main" | "master" => vec!["main", "master"],
+        other => vec![other],
+    };
+    let Some(entry) = aliases.iter().find_map(|a| map.get(*a)) else {
+        return Ok(None);
+    };
+    let e: InstanceEntry = serde_yaml::from_value(entry.clone())
+        .map_err(|e| ConfigError::new(format!("invalid `instance_map.{writer}`: {e}")))?;
+    match (e.path, e.host, e.port) {
+        (Some(path), _, _) => Ok(Some(InstanceLocation::Unix { path })),
+        (None, Some(host), Some(port)) => Ok(Some(InstanceLocation::Tcp { host, port, tls: e.tls })),
+        _ => Err(ConfigError::new(format!("`instance_map.{writer}` needs `host` and `port`, or `path`"))),
+    }
+}
+
+fn str_key(m: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ConfigError::new(format!("`{key}` must be a string"))),
+    }
+}
+
+fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, ConfigError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ConfigError::new(format!("`{key}` must be true or false"))),
+    }
+}
+
+fn string_list(m: &Mapping, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_yaml::from_value(v.clone())
+            .map(Some)
+            .map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<SynapseConfig, ConfigError> {
+        SynapseConfig::from_mapping(&serde_yaml::from_str(yaml).unwrap())
+    }
+
+    const DB: &str = "database: {name: sqlite3, args: {database: x.db}}\n";
+
+    #[test]
+    fn server_name_required() {
+        let err = parse(DB).unwrap_err().to_string();
+        assert!(err.contains("server_name"), "{err}");
+    }
+
+    #[test]
+    fn writer_defaults_to_main() {
+        let c = parse(&format!("{DB}server_name: hs\ninstance_map: {{main: {{host: 127.0.0.1, port: 9093}}}}\n")).unwrap();
+        assert_eq!(c.device_lists_writer, Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port: 9093, tls: false }));
+        assert!(c.federation_verify_certificates);
+        assert_eq!(c.ip_range_blocklist, None);
+    }
+
+    #[test]
+    fn writer_follows_stream_writers() {
+        let c = parse(&format!(
+            "{DB}server_name: hs\nstream_writers: {{device_lists: [dl1, dl2]}}\ninstance_map: {{main: {{host: a, port: 1}}, dl1: {{path: /run/dl1.sock}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.device_lists_writer, Some(InstanceLocation::Unix { path: "/run/dl1.sock".into() }));
+    }
+
+    #[test]
+    fn synapse_keys_read() {
+        let c = parse(&format!(
+            "{DB}server_name: hs\nworker_replication_secret: s3\nip_range_blacklist: [10.0.0.0/8]\nfederation_verify_certificates: false\nexperimental_features: {{msc4263_limit_key_queries_to_users_who_share_rooms: true}}\nredis: {{enabled: true, port: 7000}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.worker_replication_secret.as_deref(), Some("s3"));
+        assert_eq!(c.ip_range_blocklist, Some(vec!["10.0.0.0/8".to_string()]));
+        assert!(!c.federation_verify_certificates);
+        assert!(c.msc4263_limit_key_queries_to_users_who_share_rooms);
+        assert!(c.redis.enabled);
+        assert_eq!(c.redis.port, Some(7000));
+    }
+}

@@ -1,0 +1,119 @@
+//! Our own settings: the `keys_worker` section of the YAML, each key
+//! overridable by a `SYNAPSE_KEYS_WORKER_<KEY>` environment variable.
+//! Unknown keys are an error that names the key.
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use super::ConfigError;
+
+pub const SECTION: &str = "keys_worker";
+pub const ENV_PREFIX: &str = "SYNAPSE_KEYS_WORKER_";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address to serve HTTP on (`host:port`).
+    pub listen: String,
+    /// Largest request body accepted, in bytes (larger: 413 `M_TOO_LARGE`).
+    pub max_body_bytes: usize,
+    /// `/keys/query` timeout when the client gives none, in ms.
+    pub default_timeout_ms: u64,
+    /// Upper bound on a client-supplied `timeout`, in ms.
+    pub max_timeout_ms: u64,
+    /// Most database connections; unset means the `cp_max` of Synapse's
+    /// `database.args`, else 10.
+    pub db_max_connections: Option<u32>,
+    /// How long a request waits for a free database connection, in ms.
+    pub db_acquire_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` for our queries, in ms (0 = none).
+    pub db_statement_timeout_ms: u64,
+    /// Emit logs as JSON lines instead of text.
+    pub log_json: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8585".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            default_timeout_ms: 10_000,
+            max_timeout_ms: 60_000,
+            db_max_connections: None,
+            db_acquire_timeout_ms: 5_000,
+            db_statement_timeout_ms: 10_000,
+            log_json: false,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The remote-query budget for a request that asked for `requested_ms`.
+    pub fn query_timeout(&self, requested_ms: Option<u64>) -> std::time::Duration {
+        let ms = requested_ms.unwrap_or(self.default_timeout_ms).min(self.max_timeout_ms);
+        std::time::Duration::from_millis(ms)
+    }
+
+    pub fn from_section(
+        section: Value,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut map = match section {
+            Value::Null => Mapping::new(),
+            Value::Mapping(m) => m,
+            _ => return Err(ConfigError::new(format!("`{SECTION}` must be a mapping"))),
+        };
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
+            // A value is read as a YAML scalar, so numbers and booleans work.
+            let value = serde_yaml::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
+            map.insert(Value::String(key.to_ascii_lowercase()), value);
+        }
+        serde_yaml::from_value(Value::Mapping(map))
+            .map_err(|e| ConfigError::new(format!("invalid `{SECTION}` setting (in a config file or a {ENV_PREFIX}* variable): {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_when_absent() {
+        assert_eq!(WorkerConfig::from_section(Value::Null, env(&[])).unwrap(), WorkerConfig::default());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let section: Value = serde_yaml::from_str("listen: 1.2.3.4:1\nmax_body_bytes: 5").unwrap();
+        let c = WorkerConfig::from_section(
+            section,
+            env(&[("SYNAPSE_KEYS_WORKER_LISTEN", "127.0.0.1:9"), ("OTHER", "x"), ("SYNAPSE_KEYS_WORKER_LOG_JSON", "true")]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9");
+        assert_eq!(c.max_body_bytes, 5);
+        assert!(c.log_json);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let section: Value = serde_yaml::from_str("listne: x").unwrap();
+        let err = WorkerConfig::from_section(section, env(&[])).unwrap_err().to_string();
+        assert!(err.contains("listne"), "{err}");
+        let err = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_BOGUS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let section: Value = serde_yaml::from_str("max_body_bytes: lots").unwrap();
+        assert!(WorkerConfig::from_section(section, env(&[])).is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! The demo: with no `-c`, a throw-away SQLite database with the schema
+//! subset and a few users, devices and cross-signing keys, and a fresh
+//! access token, so a newcomer can `curl` the service in a minute.
+
+use std::path::PathBuf;
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+
+use crate::config::{Config, DatabaseConfig, SynapseConfig, WorkerConfig};
+use crate::store::Store;
+
+pub const SERVER_NAME: &str = "demo.localhost";
+const SEED: &str = include_str!("demo/seed.sql");
+
+pub struct Demo {
+    pub config: Config,
+    pub store: Store,
+    pub token: String,
+    pub db_path: PathBuf,
+}
+
+impl Demo {
+    pub async fn create(worker: WorkerConfig) -> anyhow::Result<Self> {
+        let db_path = std::env::temp_dir().join(format!("synapse-keys-worker-demo-{}.db", std::process::id()));
+        let token: String = format!(
+            "syt_demo_{}",
+            rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>()
+        );
+        let seed = format!(
+            "{SEED}\nINSERT INTO access_tokens (id, user_id, device_id, token) VALUES (1, '@alice:{SERVER_NAME}', 'ALICEDEV1', '{token}');\n"
+        );
+        let store = Store::create_sqlite_fixture(&db_path, &seed).await?;
+        let mut synapse_yaml = serde_yaml::Mapping::new();
+        synapse_yaml.insert("server_name".into(), SERVER_NAME.into());
+        let database: serde_yaml::Value =
+            serde_yaml::from_str(&format!("{{name: sqlite3, args: {{database: {:?}}}}}", db_path.display().to_string()))?;
+        synapse_yaml.insert("database".into(), database);
+        let synapse = SynapseConfig::from_mapping(&synapse_yaml)?;
+        debug_assert!(matches!(synapse.database, DatabaseConfig::Sqlite { .. }));
+        Ok(Self { config: Config { synapse, worker }, store, token, db_path })
+    }
+
+    /// The ready-to-paste request printed at start-up.
+    pub fn curl_command(&self, addr: std::net::SocketAddr) -> String {
+        format!(
+            "curl -s -X POST 'http://{addr}/_matrix/client/v3/keys/query' \\\n  -H 'Authorization: Bearer {}' \\\n  -d '{{\"device_keys\": {{\"@alice:{SERVER_NAME}\": [], \"@bob:{SERVER_NAME}\": []}}}}'",
+            self.token
+        )
+    }
+}

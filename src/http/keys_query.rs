@@ -1,0 +1,43 @@
+//! `POST /_matrix/client/{r0,v3,unstable}/keys/query`: authenticate, parse,
+//! hand over to [`crate::keys`], serialise. Errors come out in Synapse's
+//! order: body too large, then auth, then `timeout`, then the body's shape.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+
+use super::auth::authenticate;
+use super::params::QueryParams;
+use super::json_response;
+use crate::App;
+use crate::error::MatrixError;
+use crate::keys::{KeysQuery, query_keys};
+
+pub async fn keys_query(
+    State(app): State<Arc<App>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, MatrixError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => MatrixError::too_large(),
+        _ => MatrixError::bad_json("Error reading JSON content."),
+    })?;
+    let params = QueryParams::parse(uri.query());
+    let requester = authenticate(&app.store, &headers, &params, now_ms()).await?;
+    let query_timeout = params.non_negative_int("timeout")?;
+    let mut query = KeysQuery::parse(&body)?;
+    query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
+    let answer = query_keys(&app.store, &app.config.synapse.server_name, &requester.user_id, &query).await?;
+    Ok(json_response(StatusCode::OK, &answer))
+}
+
+fn now_ms() -> i64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,9 @@
+//! The `/keys/query` domain logic: request parsing, answer assembly and the
+//! key-JSON helpers they share. No HTTP and no SQL here.
+
+pub mod json;
+pub mod query;
+pub mod request;
+
+pub use query::{KeysQueryResponse, query_keys};
+pub use request::KeysQuery;

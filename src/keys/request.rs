@@ -1,0 +1,96 @@
+//! Parsing a `/keys/query` body exactly as Synapse's `KeyQueryServlet` does.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::MatrixError;
+use crate::ids::is_valid_user_id;
+
+/// A parsed query: the valid user IDs (sorted; of duplicate keys the last
+/// wins, as in Synapse) with the devices asked for (empty = all).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeysQuery {
+    pub users: Vec<(String, Vec<String>)>,
+    /// The spec's body `timeout` (ms), when it is a non-negative integer.
+    pub body_timeout_ms: Option<u64>,
+    /// How long remote servers may take, resolved by the caller from the
+    /// query string (Synapse) or the body (spec), bounded by our settings.
+    pub timeout: Duration,
+}
+
+impl KeysQuery {
+    pub fn parse(body: &[u8]) -> Result<Self, MatrixError> {
+        let text = std::str::from_utf8(body).map_err(|_| MatrixError::not_json())?;
+        let value: Value = serde_json::from_str(text).map_err(|_| MatrixError::not_json())?;
+        let Value::Object(mut obj) = value else {
+            return Err(MatrixError::bad_json("Content must be a JSON object."));
+        };
+        let Some(Value::Object(device_keys)) = obj.remove("device_keys") else {
+            return Err(MatrixError::bad_json("'device_keys' must be a JSON object"));
+        };
+        let mut users = Vec::with_capacity(device_keys.len());
+        let mut all_lists = true;
+        for (user_id, devices) in device_keys {
+            let Some(devices) = string_list(devices) else {
+                all_lists = false;
+                continue;
+            };
+            if is_valid_user_id(&user_id) {
+                users.push((user_id, devices));
+            }
+        }
+        if !all_lists {
+            return Err(MatrixError::bad_json("'device_keys' values must be a list of strings"));
+        }
+        let body_timeout_ms = obj.get("timeout").and_then(Value::as_u64);
+        Ok(Self { users, body_timeout_ms, timeout: Duration::from_secs(10) })
+    }
+}
+
+fn string_list(v: Value) -> Option<Vec<String>> {
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> (u16, &'static str) {
+        let e = KeysQuery::parse(body.as_bytes()).unwrap_err();
+        (e.status.as_u16(), e.errcode)
+    }
+
+    #[test]
+    fn shapes_rejected_like_synapse() {
+        assert_eq!(err(""), (400, "M_NOT_JSON"));
+        assert_eq!(err("{"), (400, "M_NOT_JSON"));
+        assert_eq!(err("{\"a\": NaN}"), (400, "M_NOT_JSON"));
+        assert_eq!(err("[]"), (400, "M_BAD_JSON"));
+        assert_eq!(err("{}"), (400, "M_BAD_JSON"));
+        assert_eq!(err("{\"device_keys\": []}"), (400, "M_BAD_JSON"));
+        assert_eq!(err("{\"device_keys\": {\"@a:hs\": {\"D\": true}}}"), (400, "M_BAD_JSON"));
+        assert_eq!(err("{\"device_keys\": {\"@a:hs\": [1]}}"), (400, "M_BAD_JSON"));
+        // A bad value is an error even under an invalid user ID.
+        assert_eq!(err("{\"device_keys\": {\"nope\": \"D\"}}"), (400, "M_BAD_JSON"));
+        assert!(KeysQuery::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn invalid_user_ids_dropped_and_timeout_read() {
+        let q = KeysQuery::parse(br#"{"device_keys": {"@a:hs": [], "bad": [], "@b:h_s": ["X"], "@c:hs": ["D1", "D2"]}, "timeout": 2500}"#).unwrap();
+        assert_eq!(q.users, vec![("@a:hs".to_string(), vec![]), ("@c:hs".to_string(), vec!["D1".to_string(), "D2".to_string()])]);
+        assert_eq!(q.body_timeout_ms, Some(2500));
+        let q = KeysQuery::parse(br#"{"device_keys": {}, "timeout": "soon"}"#).unwrap();
+        assert_eq!(q.body_timeout_ms, None);
+    }
+}

@@ -1,0 +1,81 @@
+//! synapse-keys-worker: serves Matrix `/keys/query` from a Synapse
+//! homeserver's own database. See ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod keys;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+}
+
+impl App {
+    pub fn new(config: Config, store: Store) -> Arc<Self> {
+        Arc::new(Self { config, store })
+    }
+
+    /// Opens the database named by the config (lazily: no connection yet).
+    pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
+        let store = Store::connect(&config.synapse.database, &config.worker)?;
+        Ok(Self::new(config, store))
+    }
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<App>,
+}
+
+impl Server {
+    pub async fn bind(app: Arc<App>, addr: &str) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        Ok(Self { listener, app })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, http::router(self.app)).with_graceful_shutdown(shutdown).await
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,75 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use synapse_keys_worker::config::{Config, WorkerConfig};
+use synapse_keys_worker::demo::Demo;
+use synapse_keys_worker::{App, Server, shutdown_signal, telemetry};
+
+/// Serves Matrix `/keys/query` from a Synapse homeserver's database.
+/// With no `-c`, runs a self-contained demo on an SQLite database.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// A Synapse config file (homeserver.yaml, worker.yaml, ...); repeat to
+    /// layer them, later files overriding earlier top-level keys.
+    #[arg(short = 'c', long = "config-path", value_name = "FILE")]
+    config: Vec<PathBuf>,
+    /// Address to listen on; wins over the config file and environment.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("synapse-keys-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.config.is_empty() {
+        return run_demo(cli.listen).await;
+    }
+    let mut config = Config::load(&cli.config, std::env::vars())?;
+    if let Some(listen) = cli.listen {
+        config.worker.listen = listen;
+    }
+    telemetry::init(config.worker.log_json);
+    let listen = config.worker.listen.clone();
+    let app = App::from_config(config)?;
+    if let Err(e) = app.store.ping().await {
+        tracing::warn!(error = %e, "database not reachable yet; serving anyway (requests get 503 until it is)");
+    }
+    let server = Server::bind(app, &listen).await?;
+    tracing::info!(addr = %server.local_addr(), "synapse-keys-worker listening");
+    server.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn run_demo(listen: Option<String>) -> anyhow::Result<()> {
+    let mut worker = WorkerConfig::from_section(serde_yaml::Value::Null, std::env::vars())?;
+    if let Some(listen) = listen {
+        worker.listen = listen;
+    }
+    telemetry::init(worker.log_json);
+    let listen = worker.listen.clone();
+    let demo = Demo::create(worker).await?;
+    let app = App::new(demo.config.clone(), demo.store.clone());
+    let server = Server::bind(app, &listen).await?;
+    println!(
+        "synapse-keys-worker demo: serving {} (SQLite database {})\nTry:\n\n{}\n",
+        synapse_keys_worker::demo::SERVER_NAME,
+        demo.db_path.display(),
+        demo.curl_command(server.local_addr())
+    );
+    let result = server.run_until(shutdown_signal()).await;
+    let _ = std::fs::remove_file(&demo.db_path);
+    result?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Cross-signing keys (newest row per user and key type) and the
+//! cross-signing signatures that `/keys/query` merges into answers.
+
+use super::{Store, json_list};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CrossSigningKeyRow {
+    pub user_id: String,
+    pub keytype: String,
+    pub keydata: String,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SignatureRow {
+    /// The signing user.
+    pub user_id: String,
+    pub key_id: String,
+    pub target_user_id: String,
+    /// A device ID, or the public part of a cross-signing key.
+    pub target_device_id: String,
+    pub signature: String,
+}
+
+const KEYS_PG: &str = "
+    SELECT DISTINCT ON (user_id, keytype) user_id, keytype, keydata
+    FROM e2e_cross_signing_keys
+    WHERE user_id = ANY($1)
+    ORDER BY user_id, keytype, stream_id DESC";
+
+// SQLite takes the bare columns from the row holding MAX(stream_id).
+const KEYS_SQLITE: &str = "
+    SELECT user_id, keytype, keydata, MAX(stream_id) AS stream_id
+    FROM e2e_cross_signing_keys
+    WHERE user_id IN (SELECT value FROM json_each(?1))
+    GROUP BY user_id, keytype
+    ORDER BY user_id, keytype";
+
+const SIGS_PG: &str = "
+    SELECT user_id, key_id, target_user_id, target_device_id, signature
+    FROM e2e_cross_signing_signatures
+    WHERE (user_id = target_user_id AND user_id = ANY($1))
+       OR (user_id = $2 AND target_user_id = ANY($3))";
+
+const SIGS_SQLITE: &str = "
+    SELECT user_id, key_id, target_user_id, target_device_id, signature
+    FROM e2e_cross_signing_signatures
+    WHERE (user_id = target_user_id AND user_id IN (SELECT value FROM json_each(?1)))
+       OR (user_id = ?2 AND target_user_id IN (SELECT value FROM json_each(?3)))";
+
+impl Store {
+    /// The newest key of each type for each of `users`, ordered by user
+    /// then key type.
+    pub async fn cross_signing_keys(&self, users: &[&str]) -> Result<Vec<CrossSigningKeyRow>, sqlx::Error> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => sqlx::query_as(KEYS_PG).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(KEYS_SQLITE).bind(json_list(users)).fetch_all(p).await,
+        }
+    }
+
+    /// Two kinds of signature rows in one round trip: those the owners in
+    /// `self_signed_by` made on their own devices and keys, and those
+    /// `requester` made on anything of the users in `signed_by_requester`.
+    /// The caller keeps the rows whose target it is answering with.
+    pub async fn cross_signatures(
+        &self,
+        self_signed_by: &[&str],
+        requester: &str,
+        signed_by_requester: &[&str],
+    ) -> Result<Vec<SignatureRow>, sqlx::Error> {
+        if self_signed_by.is_empty() && signed_by_requester.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => {
+                sqlx::query_as(SIGS_PG).bind(self_signed_by).bind(requester).bind(signed_by_requester).fetch_all(p).await
+            }
+            Store::Sqlite(p) => {
+                sqlx::query_as(SIGS_SQLITE)
+                    .bind(json_list(self_signed_by))
+                    .bind(requester)
+                    .bind(json_list(signed_by_requester))
+                    .fetch_all(p)
+                    .await
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Read-only access to Synapse's database. All SQL lives under this module.
+//!
+//! One [`Store`] wraps a PostgreSQL pool (production) or an SQLite pool
+//! (demo, SQLite-based Synapse setups). Each query exists once per dialect,
+//! with a fixed text so the driver's prepared-statement cache applies; list
+//! parameters go in as one array (PostgreSQL) or one JSON array (SQLite), so
+//! a query costs one round trip however many users it names.
+
+mod auth;
+mod connect;
+mod cross_signing;
+mod device_keys;
+
+pub use auth::TokenRow;
+pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
+pub use device_keys::DeviceKeyRow;
+
+use sqlx::{PgPool, SqlitePool};
+
+/// The SQLite DDL of the Synapse tables we read (demo and tests only).
+pub const SCHEMA_SUBSET: &str = include_str!("schema_subset.sql");
+
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Store {
+    /// A short name of the backend, for logs and `/ready`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgresql",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Cheapest possible round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Store::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(drop),
+            Store::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop),
+        }
+    }
+}
+
+/// A list of strings as one SQLite parameter (read with `json_each`).
+fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("strings serialise")
+}
