@@ -51,33 +51,33 @@ find_pg_bindir() {
     echo "$best"
 }
 
+apt_install() {
+    log "installing $*"
+    if [ "$IS_ROOT" -eq 0 ] && [ "${#SUDO[@]}" -eq 0 ]; then
+        die "not root and no sudo: cannot install $*"
+    fi
+    # Keep the packages' own services (postgres on 5432, redis on 6379) from
+    # being started by their postinst scripts, unless a policy already exists.
+    local policy=/usr/sbin/policy-rc.d added=0 rc=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+        "${SUDO[@]}" chmod 755 "$policy"
+        added=1
+    fi
+    { "${SUDO[@]}" apt-get update -qq &&
+      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -qq --no-install-recommends "$@"; } || rc=$?
+    [ "$added" -eq 1 ] && "${SUDO[@]}" rm -f "$policy"
+    [ "$rc" -eq 0 ] || die "apt-get install $* failed ($rc)"
+}
+
 PKGS=()
 [ -n "$(find_pg_bindir)" ] || PKGS+=(postgresql)
 command -v redis-server >/dev/null || PKGS+=(redis-server)
 # Only needed if the venv has to be (re)built: psycopg2 compiles against libpq.
 command -v pg_config >/dev/null || PKGS+=(libpq-dev)
 command -v cc >/dev/null || command -v gcc >/dev/null || PKGS+=(gcc)
-if [ "${#PKGS[@]}" -gt 0 ]; then
-    log "installing ${PKGS[*]}"
-    if [ "$IS_ROOT" -eq 0 ] && [ "${#SUDO[@]}" -eq 0 ]; then
-        die "not root and no sudo: cannot install ${PKGS[*]}"
-    fi
-    # Keep the packages' own services (postgres on 5432, redis on 6379) from
-    # being started by their postinst scripts, unless a policy already exists.
-    POLICY_RC=/usr/sbin/policy-rc.d
-    ADDED_POLICY=0
-    if [ ! -e "$POLICY_RC" ]; then
-        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$POLICY_RC" >/dev/null
-        "${SUDO[@]}" chmod 755 "$POLICY_RC"
-        ADDED_POLICY=1
-    fi
-    install_rc=0
-    { "${SUDO[@]}" apt-get update -qq &&
-      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-          apt-get install -y -qq --no-install-recommends "${PKGS[@]}"; } || install_rc=$?
-    [ "$ADDED_POLICY" -eq 1 ] && "${SUDO[@]}" rm -f "$POLICY_RC"
-    [ "$install_rc" -eq 0 ] || die "apt-get install ${PKGS[*]} failed ($install_rc)"
-fi
+[ "${#PKGS[@]}" -eq 0 ] || apt_install "${PKGS[@]}"
 PGBIN="$(find_pg_bindir)"
 [ -n "$PGBIN" ] || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
 PSQL="$PGBIN/psql"
@@ -105,7 +105,12 @@ else
     log "creating venv target/synapse-venv and installing $SYNAPSE_SPEC"
     t0=$SECONDS
     rm -rf "$VENV"
-    "$HOST_PY" -m venv "$VENV"
+    if ! "$HOST_PY" -m venv "$VENV"; then
+        # Debian's own python3 lacks ensurepip without python3-venv.
+        rm -rf "$VENV"
+        apt_install python3-venv python3-dev
+        "$HOST_PY" -m venv "$VENV"
+    fi
     "$VPY" -m pip install -q --progress-bar off "$SYNAPSE_SPEC"
     echo "$SYNAPSE_SPEC" >"$VENV_MARKER"
     venv_ok || die "venv at $VENV is unusable after installing $SYNAPSE_SPEC"
@@ -389,7 +394,7 @@ database:
   args:
     database: $DIR/synapse-schema.db
 EOF
-(cd "$DIR" && "$VENV/bin/update_synapse_database" --database-config "$DIR/sqlite-db.yaml") \
+(cd "$DIR" && "$VPY" -m synapse._scripts.update_synapse_database --database-config "$DIR/sqlite-db.yaml") \
     >"$DIR/sqlite-schema.log" 2>&1 || { tail -n 50 "$DIR/sqlite-schema.log"; die "update_synapse_database failed"; }
 "$HOST_PY" - "$DIR/synapse-schema.db" <<'EOF' || die "sqlite schema is missing tables"
 import sqlite3, sys
@@ -443,7 +448,7 @@ if [ -n "${SKW_TEST_CMD:-}" ]; then
     log "running SKW_TEST_CMD"
     bash -c "$SKW_TEST_CMD" skw-test "$@" || rc=$?
 else
-    log "running cargo test --locked $*"
+    log "running cargo test --locked${*:+ $*}"
     cargo test --locked "$@" || rc=$?
 fi
 exit "$rc"

@@ -7,6 +7,8 @@ use super::params::QueryParams;
 use crate::error::MatrixError;
 use crate::store::Store;
 
+const INVALID_TOKEN: &str = "Invalid access token passed.";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Requester {
     pub user_id: String,
@@ -32,7 +34,7 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
             match parts.as_slice() {
                 [b"Bearer", token] => match std::str::from_utf8(token) {
                     Ok(t) if t.is_ascii() => Ok(t.to_owned()),
-                    _ => Err(MatrixError::unknown_token("Unrecognised access token", false)),
+                    _ => Err(MatrixError::unknown_token(INVALID_TOKEN, false)),
                 },
                 _ => Err(MatrixError::missing_token("Invalid Authorization header.")),
             }
@@ -53,8 +55,10 @@ pub async fn authenticate(
     now_ms: i64,
 ) -> Result<Requester, MatrixError> {
     let token = extract_token(headers, params)?;
+    // Synapse then tries the token as a guest macaroon; for anything that
+    // is not one, this is its answer.
     let Some(row) = store.token_lookup(&token).await? else {
-        return Err(MatrixError::unknown_token("Unrecognised access token", false));
+        return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     };
     if row.valid_until_ms.is_some_and(|until| until < now_ms) {
         return Err(MatrixError::unknown_token("Access token has expired", true));
@@ -64,7 +68,7 @@ pub async fn authenticate(
     }
     // Synapse deletes a deactivated user's tokens; one left over is refused.
     if row.deactivated {
-        return Err(MatrixError::unknown_token("Unrecognised access token", false));
+        return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     }
     Ok(Requester { user_id: row.user_id, device_id: row.device_id, is_guest: row.is_guest })
 }

@@ -1,0 +1,350 @@
+//! Shared test plumbing: the environment the test harness (scripts/test.sh)
+//! sets up, our service spawned in-process, and a client for the real
+//! Synapse that creates users, devices and keys through its client API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use reqwest::{Client, Method, StatusCode};
+use ruma::CanonicalJsonValue;
+use ruma::serde::Base64;
+use ruma::signatures::{Ed25519KeyPair, sign_json};
+use serde_json::{Value, json};
+use synapse_keys_worker::config::Config;
+use synapse_keys_worker::{App, Server};
+
+/// What scripts/test.sh exported. Integration tests need all of it: run
+/// them through that script, not bare `cargo test`.
+pub struct TestEnv {
+    pub synapse_url: String,
+    pub homeserver_yaml: PathBuf,
+    pub pg_url: String,
+    pub sqlite_schema_db: PathBuf,
+    pub server_name: String,
+}
+
+pub fn env() -> &'static TestEnv {
+    static ENV: std::sync::OnceLock<TestEnv> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the integration tests through `bash scripts/test.sh`")
+            })
+        };
+        TestEnv {
+            synapse_url: var("SKW_TEST_SYNAPSE_URL"),
+            homeserver_yaml: var("SKW_TEST_HOMESERVER_YAML").into(),
+            pg_url: var("SKW_TEST_PG_URL"),
+            sqlite_schema_db: var("SKW_TEST_SQLITE_SCHEMA_DB").into(),
+            server_name: var("SKW_TEST_SERVER_NAME"),
+        }
+    })
+}
+
+/// Our service, running in this test's runtime on a free loopback port.
+pub struct Worker {
+    pub url: String,
+    pub app: Arc<App>,
+}
+
+/// The service configured from Synapse's own homeserver.yaml.
+pub async fn spawn_worker() -> Worker {
+    let config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).expect("homeserver.yaml loads");
+    spawn_worker_with(config).await
+}
+
+pub async fn spawn_worker_with(config: Config) -> Worker {
+    let app = App::from_config(config).expect("app builds");
+    spawn_app(app).await
+}
+
+pub async fn spawn_app(app: Arc<App>) -> Worker {
+    let server = Server::bind(app.clone(), "127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", server.local_addr());
+    tokio::spawn(server.run_until(std::future::pending()));
+    Worker { url, app }
+}
+
+pub fn http() -> Client {
+    Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap()
+}
+
+/// A unique, Synapse-valid localpart.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{}-{}-{nanos:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An ed25519 key with its unpadded base64 public part.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    pub public: String,
+}
+
+impl SigningKey {
+    /// `version` names the key (`ed25519:<version>`); `None` names it after
+    /// its public part, as cross-signing keys are.
+    pub fn generate(version: Option<&str>) -> Self {
+        let doc = Ed25519KeyPair::generate();
+        let probe = Ed25519KeyPair::from_der(&doc, "probe".into()).unwrap();
+        let b64: Base64 = Base64::new(probe.public_key().to_vec());
+        let public = b64.encode();
+        let pair = Ed25519KeyPair::from_der(&doc, version.unwrap_or(&public).to_owned()).unwrap();
+        Self { pair, public }
+    }
+
+    /// Adds `signatures[signer][ed25519:version]` over the canonical JSON.
+    pub fn sign(&self, signer: &str, value: &Value) -> Value {
+        let CanonicalJsonValue::Object(mut obj) = CanonicalJsonValue::try_from(value.clone()).unwrap() else {
+            panic!("can only sign objects")
+        };
+        sign_json(signer, &self.pair, &mut obj).unwrap();
+        serde_json::to_value(obj).unwrap()
+    }
+
+}
+
+/// A logged-in device.
+pub struct Session {
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+/// A user created through Synapse's registration API.
+pub struct TestUser {
+    pub user_id: String,
+    pub password: String,
+    pub session: Session,
+}
+
+pub struct CrossSigning {
+    pub master: SigningKey,
+    pub self_signing: SigningKey,
+    pub user_signing: SigningKey,
+}
+
+/// A client for the real Synapse.
+pub struct Synapse {
+    pub url: String,
+    client: Client,
+}
+
+impl Synapse {
+    pub fn new() -> Self {
+        Self { url: env().synapse_url.clone(), client: http() }
+    }
+
+    async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Value) -> Value {
+        let mut req = self.client.request(method.clone(), format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(status.is_success(), "Synapse {method} {path} -> {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Value {
+        self.call(Method::POST, path, Some(token), body).await
+    }
+
+    pub async fn register(&self, prefix: &str) -> TestUser {
+        self.register_with_device_name(prefix, Some("first device")).await
+    }
+
+    pub async fn register_with_device_name(&self, prefix: &str, device_name: Option<&str>) -> TestUser {
+        let username = unique(prefix);
+        let password = format!("pw-{username}");
+        let mut body = json!({"username": username, "password": password, "auth": {"type": "m.login.dummy"}});
+        if let Some(name) = device_name {
+            body["initial_device_display_name"] = name.into();
+        }
+        let r = self.call(Method::POST, "/_matrix/client/v3/register", None, body).await;
+        TestUser { user_id: str_of(&r, "user_id"), password, session: session_of(&r) }
+    }
+
+    /// A new device for `user` (a fresh login).
+    pub async fn login(&self, user: &TestUser, device_name: Option<&str>) -> Session {
+        let mut body = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user.user_id},
+            "password": user.password,
+        });
+        if let Some(name) = device_name {
+            body["initial_device_display_name"] = name.into();
+        }
+        session_of(&self.call(Method::POST, "/_matrix/client/v3/login", None, body).await)
+    }
+
+    /// Uploads signed device keys for the session's device; returns them
+    /// and the device's signing key.
+    pub async fn upload_device_keys(&self, s: &Session) -> (Value, SigningKey) {
+        let ed = SigningKey::generate(Some(&s.device_id));
+        let curve = SigningKey::generate(None).public;
+        let keys = json!({
+            "user_id": s.user_id,
+            "device_id": s.device_id,
+            "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+            "keys": {
+                format!("curve25519:{}", s.device_id): curve,
+                format!("ed25519:{}", s.device_id): ed.public,
+            },
+        });
+        let signed = ed.sign(&s.user_id, &keys);
+        self.post("/_matrix/client/v3/keys/upload", &s.token, json!({"device_keys": signed})).await;
+        (signed, ed)
+    }
+
+    /// Uploads master, self-signing and user-signing keys (the first upload
+    /// needs no interactive auth).
+    pub async fn setup_cross_signing(&self, s: &Session) -> CrossSigning {
+        let cs = CrossSigning {
+            master: SigningKey::generate(None),
+            self_signing: SigningKey::generate(None),
+            user_signing: SigningKey::generate(None),
+        };
+        let key = |usage: &str, k: &SigningKey| {
+            json!({"user_id": s.user_id, "usage": [usage], "keys": {format!("ed25519:{}", k.public): k.public}})
+        };
+        let master = key("master", &cs.master);
+        let ssk = cs.master.sign(&s.user_id, &key("self_signing", &cs.self_signing));
+        let usk = cs.master.sign(&s.user_id, &key("user_signing", &cs.user_signing));
+        self.post(
+            "/_matrix/client/v3/keys/device_signing/upload",
+            &s.token,
+            json!({"master_key": master, "self_signing_key": ssk, "user_signing_key": usk}),
+        )
+        .await;
+        cs
+    }
+
+    /// Signs one of `s`'s own devices with the self-signing key.
+    pub async fn sign_own_device(&self, s: &Session, cs: &CrossSigning, device_keys: &Value) {
+        let device_id = str_of(device_keys, "device_id");
+        let signed = cs.self_signing.sign(&s.user_id, &strip(device_keys));
+        self.post("/_matrix/client/v3/keys/signatures/upload", &s.token, json!({ (s.user_id.clone()): { device_id: signed } }))
+            .await;
+    }
+
+    /// Signs `s`'s own master key with the session's device key.
+    pub async fn sign_own_master_with_device(&self, s: &Session, device_key: &SigningKey, cs: &CrossSigning) {
+        let master = json!({"user_id": s.user_id, "usage": ["master"], "keys": {format!("ed25519:{}", cs.master.public): cs.master.public}});
+        let signed = device_key.sign(&s.user_id, &master);
+        self.post("/_matrix/client/v3/keys/signatures/upload", &s.token, json!({ (s.user_id.clone()): { (cs.master.public.clone()): signed } }))
+            .await;
+    }
+
+    /// Signs `target`'s master key with `signer`'s user-signing key.
+    pub async fn sign_other_master(&self, signer: &Session, cs: &CrossSigning, target: &str) {
+        let q = self.post("/_matrix/client/v3/keys/query", &signer.token, json!({"device_keys": {target: []}})).await;
+        let master = q["master_keys"][target].clone();
+        assert!(master.is_object(), "{target} has no master key: {q}");
+        let pubkey = master["keys"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_owned();
+        let signed = cs.user_signing.sign(&signer.user_id, &strip(&master));
+        self.post("/_matrix/client/v3/keys/signatures/upload", &signer.token, json!({ target: { pubkey: signed } })).await;
+    }
+
+    /// Deletes a device (interactive auth with the user's password).
+    pub async fn delete_device(&self, user: &TestUser, device_id: &str) {
+        let body = json!({"auth": {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user.user_id},
+            "password": user.password,
+        }});
+        self.call(Method::DELETE, &format!("/_matrix/client/v3/devices/{device_id}"), Some(&user.session.token), body).await;
+    }
+
+    /// Makes `user` a server admin (test setup) and returns a token usable
+    /// on the admin API.
+    pub async fn make_admin(&self, user: &TestUser) {
+        let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+        sqlx::query("UPDATE users SET admin = 1 WHERE name = $1").bind(&user.user_id).execute(&pool).await.unwrap();
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, admin: &Session, body: Value) -> Value {
+        self.call(method, path, Some(&admin.token), body).await
+    }
+}
+
+fn str_of(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_else(|| panic!("no {key} in {v}")).to_owned()
+}
+
+fn session_of(r: &Value) -> Session {
+    Session { user_id: str_of(r, "user_id"), device_id: str_of(r, "device_id"), token: str_of(r, "access_token") }
+}
+
+/// The object without `signatures` and `unsigned`.
+fn strip(v: &Value) -> Value {
+    let mut v = v.clone();
+    let o = v.as_object_mut().unwrap();
+    o.remove("signatures");
+    o.remove("unsigned");
+    v
+}
+
+/// How the token travels.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenIn {
+    Header,
+    Query,
+}
+
+/// One raw HTTP exchange, for asking Synapse and us the same thing.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    pub method: Method,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl Ask {
+    pub fn keys_query(prefix: &str, token: &str, how: TokenIn, body: &Value) -> Self {
+        let (path, headers) = match how {
+            TokenIn::Header => (
+                format!("/_matrix/client/{prefix}/keys/query"),
+                vec![("Authorization".to_owned(), format!("Bearer {token}"))],
+            ),
+            TokenIn::Query => (format!("/_matrix/client/{prefix}/keys/query?access_token={token}"), vec![]),
+        };
+        Self { method: Method::POST, path, headers, body: Some(body.to_string().into_bytes()) }
+    }
+
+    pub async fn send(&self, base: &str) -> (StatusCode, Value) {
+        let mut req = http().request(self.method.clone(), format!("{base}{}", self.path));
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        if let Some(b) = &self.body {
+            req = req.body(b.clone());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, body)
+    }
+}
+
+/// Asks Synapse and the worker the same question; asserts the same status
+/// and the same JSON. Returns Synapse's answer.
+pub async fn assert_same(worker: &Worker, ask: &Ask) -> (StatusCode, Value) {
+    let theirs = ask.send(&env().synapse_url).await;
+    let ours = ask.send(&worker.url).await;
+    assert_eq!(
+        ours,
+        theirs,
+        "answers differ for {} {} (left: ours, right: Synapse's)\nours:   {}\nSynapse: {}",
+        ask.method,
+        ask.path,
+        serde_json::to_string_pretty(&ours.1).unwrap(),
+        serde_json::to_string_pretty(&theirs.1).unwrap(),
+    );
+    theirs
+}

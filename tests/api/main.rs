@@ -1,0 +1,8 @@
+//! Integration tests against real PostgreSQL and a real Synapse, set up by
+//! scripts/test.sh. One binary, one module per area.
+
+mod differential;
+mod errors;
+mod helpers;
+mod schema;
+mod sqlite;
