@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -30,11 +30,26 @@ pub const KEYS_QUERY_PATHS: [&str; 3] = [
     "/_matrix/client/unstable/keys/query",
 ];
 
+/// Every route: method, path, handler. The one list the router is built
+/// from and `openapi/openapi.yaml` is checked against.
+fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
+    let mut t = vec![(Method::GET, "/health", get(health::health))];
+    for path in KEYS_QUERY_PATHS {
+        t.push((Method::POST, path, post(keys_query::keys_query)));
+    }
+    t
+}
+
+/// (method, path) of every route served.
+pub fn routes() -> Vec<(Method, &'static str)> {
+    route_table().into_iter().map(|(m, p, _)| (m, p)).collect()
+}
+
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.config.worker.max_body_bytes;
-    let mut r = Router::new().route("/health", get(health::health));
-    for path in KEYS_QUERY_PATHS {
-        r = r.route(path, post(keys_query::keys_query));
+    let mut r = Router::new();
+    for (_, path, handler) in route_table() {
+        r = r.route(path, handler);
     }
     r.fallback(|| async { MatrixError::not_found() })
         .method_not_allowed_fallback(|| async { MatrixError::method_not_allowed() })
@@ -83,5 +98,33 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
             resp
         }
         Err(e) => MatrixError::internal(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_yaml::Value;
+
+    /// `openapi/openapi.yaml` describes exactly the routes the router serves.
+    #[test]
+    fn openapi_paths_match_router() {
+        let doc: Value = serde_yaml::from_str(include_str!("../../openapi/openapi.yaml")).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_mapping().unwrap() {
+            let item = match item.get("$ref").and_then(Value::as_str) {
+                Some(r) => {
+                    let name = r.strip_prefix("#/components/pathItems/").expect("path items are refs to components");
+                    &doc["components"]["pathItems"][name]
+                }
+                None => item,
+            };
+            for method in item.as_mapping().unwrap().keys() {
+                documented.insert((method.as_str().unwrap().to_uppercase(), path.as_str().unwrap().to_owned()));
+            }
+        }
+        let served: BTreeSet<_> = super::routes().into_iter().map(|(m, p)| (m.to_string(), p.to_owned())).collect();
+        assert_eq!(served, documented, "left: router, right: openapi.yaml");
     }
 }
