@@ -4,9 +4,11 @@
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod resync;
 pub mod store;
 pub mod telemetry;
 
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::federation::FederationClient;
+use crate::resync::Coordinator;
 use crate::store::Store;
 
 /// What every request handler shares.
@@ -23,17 +27,28 @@ use crate::store::Store;
 pub struct App {
     pub config: Config,
     pub store: Store,
+    pub remote: Remote,
+}
+
+/// The ways to other servers: the resync coordinator (device-lists writer
+/// first) and the federation client.
+#[derive(Debug)]
+pub struct Remote {
+    pub coordinator: Arc<Coordinator>,
+    pub federation: Arc<FederationClient>,
 }
 
 impl App {
-    pub fn new(config: Config, store: Store) -> Arc<Self> {
-        Arc::new(Self { config, store })
+    pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
+        let federation = Arc::new(FederationClient::from_config(&config)?);
+        let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
+        Ok(Arc::new(Self { config, store, remote: Remote { coordinator, federation } }))
     }
 
     /// Opens the database named by the config (lazily: no connection yet).
     pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
         let store = Store::connect(&config.synapse.database, &config.worker)?;
-        Ok(Self::new(config, store))
+        Self::new(config, store)
     }
 }
 

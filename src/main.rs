@@ -60,7 +60,7 @@ async fn run_demo(listen: Option<String>) -> anyhow::Result<()> {
     telemetry::init(worker.log_json);
     let listen = worker.listen.clone();
     let demo = Demo::create(worker).await?;
-    let app = App::new(demo.config.clone(), demo.store.clone());
+    let app = App::new(demo.config.clone(), demo.store.clone())?;
     let server = Server::bind(app, &listen).await?;
     println!(
         "synapse-keys-worker demo: serving {} (SQLite database {})\nTry:\n\n{}\n",

@@ -30,6 +30,27 @@ pub struct WorkerConfig {
     pub db_statement_timeout_ms: u64,
     /// Emit logs as JSON lines instead of text.
     pub log_json: bool,
+    /// How long a resync call to the device-lists writer may take, in ms,
+    /// before the request goes to the remote server directly.
+    pub master_timeout_ms: u64,
+    /// How long the writer is skipped after it could not be reached, in ms.
+    pub master_breaker_ms: u64,
+    /// How long a resync result is kept in memory, in ms.
+    pub resync_cache_ttl_ms: u64,
+    /// Most users whose resync results are kept in memory.
+    pub resync_cache_max_users: u64,
+    /// Most remote servers queried at once for one request.
+    pub federation_concurrency: usize,
+    /// Connect timeout for remote servers, in ms.
+    pub federation_connect_timeout_ms: u64,
+    /// Largest response accepted from a remote server, in bytes.
+    pub federation_max_response_bytes: usize,
+    /// First backoff after a remote server failed, in ms (doubles, jittered).
+    pub federation_backoff_initial_ms: u64,
+    /// Longest backoff, in ms.
+    pub federation_backoff_max_ms: u64,
+    /// How long server-discovery results are kept, in ms.
+    pub discovery_cache_ttl_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -43,6 +64,16 @@ impl Default for WorkerConfig {
             db_acquire_timeout_ms: 5_000,
             db_statement_timeout_ms: 10_000,
             log_json: false,
+            master_timeout_ms: 3_000,
+            master_breaker_ms: 30_000,
+            resync_cache_ttl_ms: 60_000,
+            resync_cache_max_users: 100_000,
+            federation_concurrency: 10,
+            federation_connect_timeout_ms: 5_000,
+            federation_max_response_bytes: 16 * 1024 * 1024,
+            federation_backoff_initial_ms: 30_000,
+            federation_backoff_max_ms: 24 * 3600 * 1000,
+            discovery_cache_ttl_ms: 3600 * 1000,
         }
     }
 }

@@ -29,11 +29,12 @@ pub async fn keys_query(
         _ => MatrixError::bad_json("Error reading JSON content."),
     })?;
     let params = QueryParams::parse(uri.query());
-    let requester = authenticate(&app.store, &headers, &params, now_ms()).await?;
+    let now = now_ms();
+    let requester = authenticate(&app.store, &headers, &params, now).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
-    let answer = query_keys(&app.store, &app.config.synapse.server_name, &requester.user_id, &query).await?;
+    let answer = query_keys(&app, &requester.user_id, &query, now).await?;
     Ok(json_response(StatusCode::OK, &answer))
 }
 

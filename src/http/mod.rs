@@ -7,6 +7,7 @@ pub mod auth;
 mod health;
 mod keys_query;
 pub mod params;
+mod resync_rpc;
 
 use std::sync::Arc;
 
@@ -37,6 +38,7 @@ fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
     for path in KEYS_QUERY_PATHS {
         t.push((Method::POST, path, post(keys_query::keys_query)));
     }
+    t.push((Method::POST, "/_synapse/replication/multi_user_device_resync/{txn_id}", post(resync_rpc::resync_rpc)));
     t
 }
 

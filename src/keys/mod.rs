@@ -3,6 +3,7 @@
 
 pub mod json;
 pub mod query;
+pub mod remote;
 pub mod request;
 
 pub use query::{KeysQueryResponse, query_keys};

@@ -5,14 +5,17 @@
 //! both need.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use super::json::{KeyObject, last_key_value, merge_signatures, parse_object, set_unsigned_display_name};
+use super::remote::add_remote_users;
 use super::request::KeysQuery;
+use crate::App;
 use crate::ids::domain_of;
-use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow, Store};
+use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
 
 /// The answer, with all five top-level keys always present.
 #[derive(Debug, Default, Serialize)]
@@ -24,20 +27,18 @@ pub struct KeysQueryResponse {
     pub user_signing_keys: BTreeMap<String, KeyObject>,
 }
 
-/// Answers `query` for `requester` from the database.
-pub async fn query_keys(
-    store: &Store,
-    server_name: &str,
-    requester: &str,
-    query: &KeysQuery,
-) -> Result<KeysQueryResponse, sqlx::Error> {
+/// Answers `query` for `requester`: local users from the database, remote
+/// users through [`add_remote_users`] within `query.timeout`.
+pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i64) -> Result<KeysQueryResponse, sqlx::Error> {
+    let deadline = Instant::now() + query.timeout;
+    let store = &app.store;
     let mut all_devices_of: Vec<&str> = Vec::new();
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     let mut local_users: Vec<&str> = Vec::new();
+    let mut remote: Vec<(&str, &[String])> = Vec::new();
     for (user_id, devices) in &query.users {
-        if domain_of(user_id) != server_name {
-            // Remote users are answered by the remote-users path (not yet
-            // built): they only get cross-signing keys cached in the DB.
+        if domain_of(user_id) != app.config.synapse.server_name {
+            remote.push((user_id, devices));
             continue;
         }
         local_users.push(user_id);
@@ -65,6 +66,7 @@ pub async fn query_keys(
 
     add_devices(&mut resp, devices, &sig_rows);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
+    add_remote_users(app, &mut resp, &remote, deadline, now_ms).await?;
     Ok(resp)
 }
 

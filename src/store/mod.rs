@@ -10,10 +10,12 @@ mod auth;
 mod connect;
 mod cross_signing;
 mod device_keys;
+mod remote;
 
 pub use auth::TokenRow;
 pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
 pub use device_keys::DeviceKeyRow;
+pub use remote::RemoteDeviceRow;
 
 use sqlx::{PgPool, SqlitePool};
 

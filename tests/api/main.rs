@@ -3,6 +3,7 @@
 
 mod differential;
 mod errors;
+mod fake_remote;
 mod helpers;
 mod schema;
 mod sqlite;

@@ -1,0 +1,172 @@
+//! Name resolution for federation: SRV lookups (hickory, system resolver
+//! configuration) and the address resolver reqwest uses, which applies the
+//! IP filter to every address and follows SRV targets. Names under
+//! `.invalid` never resolve and cause no DNS traffic (RFC 6761).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::rr::RData;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+use super::ip_filter::IpFilter;
+
+/// `host[:port]` → (host without IPv6 brackets, port).
+pub fn split_host_port(server_name: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = server_name.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((host, tail)) => (host, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (server_name, None),
+        };
+    }
+    match server_name.rsplit_once(':') {
+        Some((host, port)) => match port.parse() {
+            Ok(p) => (host, Some(p)),
+            Err(_) => (server_name, None),
+        },
+        None => (server_name, None),
+    }
+}
+
+fn is_invalid_tld(name: &str) -> bool {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    n == "invalid" || n.ends_with(".invalid")
+}
+
+/// SRV lookups.
+#[derive(Clone)]
+pub enum Dns {
+    System(Option<Arc<TokioResolver>>),
+    /// For tests: name → (target, port).
+    Fixed(Arc<HashMap<String, (String, u16)>>),
+}
+
+impl Dns {
+    /// The system's resolver configuration; without one, SRV lookups are
+    /// skipped (never a public resolver as a fallback).
+    pub fn system() -> Self {
+        match TokioResolver::builder_tokio() {
+            Ok(b) => Dns::System(b.build().ok().map(Arc::new)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no system DNS configuration; SRV discovery disabled");
+                Dns::System(None)
+            }
+        }
+    }
+
+    pub fn fixed(map: HashMap<String, (String, u16)>) -> Self {
+        Dns::Fixed(Arc::new(map))
+    }
+
+    /// The best SRV record of `name` (lowest priority, then highest weight).
+    pub async fn srv(&self, name: &str) -> Option<(String, u16)> {
+        if is_invalid_tld(name) {
+            return None;
+        }
+        match self {
+            Dns::Fixed(map) => map.get(name).cloned(),
+            Dns::System(None) => None,
+            Dns::System(Some(r)) => {
+                let lookup = r.srv_lookup(name).await.ok()?;
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|rec| match &rec.data {
+                        RData::SRV(srv) => Some(srv.clone()),
+                        _ => None,
+                    })
+                    .min_by_key(|s| (s.priority, std::cmp::Reverse(s.weight)))
+                    .map(|s| (s.target.to_utf8().trim_end_matches('.').to_owned(), s.port))
+            }
+        }
+    }
+}
+
+/// reqwest's resolver: follows SRV substitutions, refuses `.invalid`, and
+/// drops every address the IP filter does not allow.
+#[derive(Clone)]
+pub struct FilteringResolver {
+    filter: Arc<IpFilter>,
+    via: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl FilteringResolver {
+    pub fn new(filter: Arc<IpFilter>) -> Self {
+        Self { filter, via: Arc::default() }
+    }
+
+    /// From now on, connections to `host` go to the addresses of `target`.
+    pub fn connect_via(&self, host: &str, target: &str) {
+        self.via.lock().expect("resolver map").insert(host.to_owned(), target.to_owned());
+    }
+
+    pub fn filter(&self) -> &IpFilter {
+        &self.filter
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("DNSLookupError: no address for {0}")]
+    NoAddress(String),
+    #[error("DNSLookupError: {0}")]
+    Lookup(String),
+    #[error("IP address blocked by ip_range_blocklist for {0}")]
+    Blocked(String),
+}
+
+impl Resolve for FilteringResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let lookup = this.via.lock().expect("resolver map").get(&host).cloned().unwrap_or_else(|| host.clone());
+            if is_invalid_tld(&lookup) {
+                return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
+            }
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((lookup.as_str(), 0))
+                .await
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(ResolveError::Lookup(e.to_string())) })?
+                .collect();
+            if found.is_empty() {
+                return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
+            }
+            let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| this.filter.allows(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(ResolveError::Blocked(lookup)) as _);
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a.org"), ("a.org", None));
+        assert_eq!(split_host_port("a.org:8448"), ("a.org", Some(8448)));
+        assert_eq!(split_host_port("[::1]"), ("::1", None));
+        assert_eq!(split_host_port("[::1]:80"), ("::1", Some(80)));
+        assert_eq!(split_host_port("1.2.3.4:5"), ("1.2.3.4", Some(5)));
+        assert_eq!(split_host_port("a.org:x"), ("a.org:x", None));
+    }
+
+    #[tokio::test]
+    async fn invalid_names_and_blocked_addresses_do_not_resolve() {
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()));
+        let err = r.resolve("remote.invalid".parse().unwrap()).await.err().unwrap();
+        assert!(err.to_string().contains("DNSLookupError"), "{err}");
+        // localhost resolves to loopback, which the default list blocks.
+        let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
+        assert!(err.to_string().contains("blocked"), "{err}");
+        let open = FilteringResolver::new(Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()));
+        let addrs: Vec<_> = open.resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+        assert_eq!(Dns::system().srv("_matrix-fed._tcp.x.invalid").await, None);
+    }
+}

@@ -1,0 +1,214 @@
+//! The federation client, used only when the device-lists writer cannot be
+//! reached (and for users Synapse itself would query directly): signed
+//! requests to remote homeservers, with discovery, the IP filter, backoff,
+//! response caps and timeouts.
+
+pub mod backoff;
+pub mod discovery;
+pub mod dns;
+mod failure;
+pub mod ip_filter;
+pub mod signing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, Method, header};
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+pub use failure::FedError;
+
+use self::backoff::Backoff;
+use self::discovery::{Discovery, WellKnown};
+use self::dns::{Dns, FilteringResolver, split_host_port};
+use self::ip_filter::IpFilter;
+use self::signing::RequestSigner;
+use crate::config::Config;
+
+pub const USER_AGENT: &str = concat!("synapse-keys-worker/", env!("CARGO_PKG_VERSION"));
+
+pub struct FederationClient {
+    signer: Option<RequestSigner>,
+    http: reqwest::Client,
+    resolver: FilteringResolver,
+    discovery: Discovery,
+    pub backoff: Backoff,
+    max_response_bytes: usize,
+}
+
+impl std::fmt::Debug for FederationClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FederationClient").field("signer", &self.signer).finish_non_exhaustive()
+    }
+}
+
+impl FederationClient {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let s = &config.synapse;
+        let w = &config.worker;
+        let signer = match &s.signing_key_path {
+            Some(path) => Some(RequestSigner::from_file(&s.server_name, path)?),
+            None => {
+                tracing::warn!("no signing_key_path: direct federation (the fallback when master is down) is disabled");
+                None
+            }
+        };
+        let filter = Arc::new(IpFilter::new(s.ip_range_blocklist.as_deref(), &s.ip_range_whitelist)?);
+        let resolver = FilteringResolver::new(filter);
+        let build = |redirects: reqwest::redirect::Policy| {
+            reqwest::Client::builder()
+                .user_agent(USER_AGENT)
+                .dns_resolver(Arc::new(resolver.clone()))
+                .danger_accept_invalid_certs(!s.federation_verify_certificates)
+                .redirect(redirects)
+                .connect_timeout(Duration::from_millis(w.federation_connect_timeout_ms))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()
+        };
+        let http = build(reqwest::redirect::Policy::none())?;
+        let well_known = HttpWellKnown { http: build(reqwest::redirect::Policy::limited(5))?, filter: resolver.clone() };
+        let discovery = Discovery::new(Dns::system(), Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
+        Ok(Self {
+            signer,
+            http,
+            resolver,
+            discovery,
+            backoff: Backoff::new(
+                Duration::from_millis(w.federation_backoff_initial_ms),
+                Duration::from_millis(w.federation_backoff_max_ms),
+            ),
+            max_response_bytes: w.federation_max_response_bytes,
+        })
+    }
+
+    /// `GET /_matrix/federation/v1/user/devices/{userId}`.
+    pub async fn user_devices(&self, destination: &str, user_id: &str, timeout: Duration) -> Result<Value, FedError> {
+        let path = format!("/_matrix/federation/v1/user/devices/{}", percent_encode(user_id));
+        self.request(Method::GET, destination, &path, None, timeout).await
+    }
+
+    /// `POST /_matrix/federation/v1/user/keys/query`.
+    pub async fn user_keys_query(&self, destination: &str, device_keys: &Value, timeout: Duration) -> Result<Value, FedError> {
+        let body = serde_json::json!({ "device_keys": device_keys });
+        self.request(Method::POST, destination, "/_matrix/federation/v1/user/keys/query", Some(&body), timeout).await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        destination: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value, FedError> {
+        if self.backoff.in_backoff(destination) {
+            return Err(FedError::NotReady);
+        }
+        let result = tokio::time::timeout(timeout, self.send(method, destination, path, body)).await;
+        let result = result.unwrap_or_else(|_| Err(FedError::Transport(format!("TimeoutError: no answer within {timeout:?}"))));
+        match &result {
+            Ok(_) => self.backoff.record_success(destination),
+            Err(e) if e.backs_off() => self.backoff.record_failure(destination),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn send(&self, method: Method, destination: &str, path: &str, body: Option<&Value>) -> Result<Value, FedError> {
+        let signer = self.signer.as_ref().ok_or(FedError::Disabled)?;
+        let target = self.discovery.resolve(destination).await;
+        let (host, _) = split_host_port(&target.authority);
+        if let Ok(ip) = host.parse::<std::net::IpAddr>()
+            && !self.resolver.filter().allows(ip)
+        {
+            return Err(FedError::Blocked(destination.to_owned()));
+        }
+        if let Some(via) = &target.connect_via {
+            self.resolver.connect_via(host, via);
+        }
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
+        let auth = signer
+            .authorization(&method, path, destination, bytes.as_deref())
+            .map_err(|e| FedError::Transport(e.to_string()))?;
+        let host_header = HeaderValue::from_str(&target.host_header).map_err(|e| FedError::Transport(e.to_string()))?;
+        let mut req = self
+            .http
+            .request(method, format!("https://{}{path}", target.authority))
+            .header(header::AUTHORIZATION, auth)
+            .header(header::HOST, host_header);
+        if let Some(b) = bytes {
+            req = req.header(header::CONTENT_TYPE, "application/json").body(b);
+        }
+        let resp = req.send().await.map_err(FedError::from_reqwest)?;
+        let status = resp.status();
+        let body = read_capped(resp, self.max_response_bytes).await?;
+        if !status.is_success() {
+            return Err(FedError::http(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| FedError::BadResponse(format!("invalid JSON: {e}")))
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, FedError> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(FedError::BadResponse(format!("response larger than {cap} bytes")));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(FedError::from_reqwest)? {
+        if body.len() + chunk.len() > cap {
+            return Err(FedError::BadResponse(format!("response larger than {cap} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Python's `urllib.parse.quote(s, safe="")`, as Synapse encodes path args.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"_.-~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `/.well-known/matrix/server` over HTTPS, size-capped, through the same
+/// filtering resolver.
+struct HttpWellKnown {
+    http: reqwest::Client,
+    filter: FilteringResolver,
+}
+
+impl WellKnown for HttpWellKnown {
+    fn fetch(&self, host: &str) -> BoxFuture<'_, Option<String>> {
+        let host = host.to_owned();
+        Box::pin(async move {
+            if host.parse::<std::net::IpAddr>().is_ok_and(|ip| !self.filter.filter().allows(ip)) {
+                return None;
+            }
+            let fut = self.http.get(format!("https://{host}/.well-known/matrix/server")).send();
+            let resp = tokio::time::timeout(Duration::from_secs(10), fut).await.ok()?.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let body = read_capped(resp, 50 * 1024).await.ok()?;
+            let v: Value = serde_json::from_slice(&body).ok()?;
+            let server = v.get("m.server")?.as_str()?.to_owned();
+            crate::ids::is_valid_server_name(&server).then_some(server)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_encoding_like_python_quote() {
+        assert_eq!(super::percent_encode("@alice:remote.org"), "%40alice%3Aremote.org");
+        assert_eq!(super::percent_encode("@a_b.c-d~:h/x"), "%40a_b.c-d~%3Ah%2Fx");
+    }
+}

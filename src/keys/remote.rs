@@ -1,0 +1,235 @@
+//! Remote users in a `/keys/query` (steps 6–7 of Synapse's
+//! `query_devices`): answered from Synapse's device-list cache when it is
+//! trusted, else per destination through the resync coordinator (users
+//! queried for all devices who share a room with us) and federation
+//! `/user/keys/query` (the rest), destinations in parallel, all within the
+//! request's deadline.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+use super::json::{KeyObject, parse_object};
+use super::query::KeysQueryResponse;
+use crate::App;
+use crate::ids::domain_of;
+use crate::store::RemoteDeviceRow;
+
+/// Synapse's grace period: destinations due for a retry within a minute are
+/// tried anyway.
+const RETRY_GRACE_MS: i64 = 60_000;
+
+fn not_ready() -> Value {
+    json!({"status": 503, "message": "Not ready for retry"})
+}
+
+/// Fills `resp` for the remote users of a query.
+pub async fn add_remote_users(
+    app: &App,
+    resp: &mut KeysQueryResponse,
+    remote: &[(&str, &[String])],
+    deadline: Instant,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    if remote.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
+    let all_of: Vec<&str> = remote.iter().filter(|(_, d)| d.is_empty()).map(|(u, _)| *u).collect();
+    let pairs: Vec<(&str, &str)> =
+        remote.iter().flat_map(|(u, ds)| ds.iter().map(move |d| (*u, d.as_str()))).collect();
+    let (cached, sharing, rows) = tokio::try_join!(
+        app.store.remote_cached_users(&users),
+        app.store.users_sharing_a_room(&users),
+        app.store.remote_cached_devices(&all_of, &pairs),
+    )?;
+    let sharing: HashSet<String> = sharing.into_iter().collect();
+    // Cached users the server no longer shares a room with are not trusted.
+    let cached: HashSet<&str> = cached.iter().map(String::as_str).filter(|u| sharing.contains(*u)).collect();
+    add_cached_devices(resp, &cached, rows);
+
+    // Not cached, or only one of master / self-signing key known: ask.
+    let mut by_destination: BTreeMap<&str, Vec<(&str, &[String])>> = BTreeMap::new();
+    for (user, devices) in remote {
+        let half_keys = resp.master_keys.contains_key(*user) != resp.self_signing_keys.contains_key(*user);
+        if !cached.contains(user) || half_keys {
+            by_destination.entry(domain_of(user)).or_default().push((user, devices));
+        }
+    }
+    if by_destination.is_empty() {
+        return Ok(());
+    }
+    let destinations: Vec<&str> = by_destination.keys().copied().collect();
+    let synapse_backoff = app.store.destinations_in_backoff(&destinations, now_ms + RETRY_GRACE_MS).await?;
+    let federation = &app.remote.federation;
+    let mut ask: Vec<(&str, Vec<(&str, &[String])>)> = Vec::new();
+    for (dest, queries) in by_destination {
+        if synapse_backoff.iter().any(|d| d == dest) || federation.backoff.in_backoff(dest) {
+            resp.failures.insert(dest.to_owned(), not_ready());
+        } else {
+            ask.push((dest, queries));
+        }
+    }
+    let sharing = &sharing;
+    let queries: Vec<_> = ask
+        .into_iter()
+        .map(|(dest, queries)| async move {
+            let work = query_destination(app, dest, queries, sharing, deadline);
+            match tokio::time::timeout_at(deadline.into(), work).await {
+                Ok(answer) => answer,
+                Err(_) => DestinationAnswer::failed(dest, json!({"status": 503, "message": "Timed out waiting for the remote server"})),
+            }
+        })
+        .collect();
+    let answers: Vec<DestinationAnswer> =
+        futures::stream::iter(queries).buffer_unordered(app.config.worker.federation_concurrency.max(1)).collect().await;
+    for a in answers {
+        a.merge_into(resp);
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct CachedContent {
+    keys: Option<Box<RawValue>>,
+    device_display_name: Option<Value>,
+}
+
+/// Synapse renders a cached device as its `keys` with `unsigned` set
+/// (kept if present) and the display name added when it is truthy.
+fn add_cached_devices(resp: &mut KeysQueryResponse, cached: &HashSet<&str>, rows: Vec<RemoteDeviceRow>) {
+    for user in cached {
+        resp.device_keys.entry((*user).to_owned()).or_default();
+    }
+    for row in rows.into_iter().filter(|r| cached.contains(r.user_id.as_str())) {
+        let Ok(content) = serde_json::from_str::<CachedContent>(&row.content) else { continue };
+        let Some(mut keys) = content.keys.as_deref().and_then(|k| parse_object(k.get())) else { continue };
+        if keys.is_empty() {
+            continue;
+        }
+        let mut unsigned: Map<String, Value> = keys
+            .get("unsigned")
+            .and_then(|u| serde_json::from_str(u.get()).ok())
+            .unwrap_or_default();
+        if let Some(name) = content.device_display_name.filter(is_truthy) {
+            unsigned.insert("device_display_name".into(), name);
+        }
+        keys.insert("unsigned".into(), serde_json::value::to_raw_value(&unsigned).expect("map serialises"));
+        resp.device_keys.entry(row.user_id).or_default().insert(row.device_id, keys);
+    }
+}
+
+fn is_truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// What one destination contributed.
+#[derive(Default)]
+struct DestinationAnswer {
+    destination: String,
+    /// Devices merged into what the user already has (resync results).
+    merged_devices: Vec<(String, String, KeyObject)>,
+    /// Devices replacing the user's entry (federation `/user/keys/query`).
+    replaced_devices: Vec<(String, BTreeMap<String, KeyObject>)>,
+    master_keys: Vec<(String, KeyObject)>,
+    self_signing_keys: Vec<(String, KeyObject)>,
+    failure: Option<Value>,
+}
+
+impl DestinationAnswer {
+    fn failed(dest: &str, failure: Value) -> Self {
+        Self { destination: dest.to_owned(), failure: Some(failure), ..Default::default() }
+    }
+
+    fn merge_into(self, resp: &mut KeysQueryResponse) {
+        for (user, device, keys) in self.merged_devices {
+            resp.device_keys.entry(user).or_default().insert(device, keys);
+        }
+        for (user, devices) in self.replaced_devices {
+            resp.device_keys.insert(user, devices);
+        }
+        resp.master_keys.extend(self.master_keys);
+        resp.self_signing_keys.extend(self.self_signing_keys);
+        if let Some(f) = self.failure {
+            resp.failures.insert(self.destination, f);
+        }
+    }
+}
+
+async fn query_destination(
+    app: &App,
+    dest: &str,
+    queries: Vec<(&str, &[String])>,
+    sharing: &HashSet<String>,
+    deadline: Instant,
+) -> DestinationAnswer {
+    let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };
+    let (resync, direct): (Vec<_>, Vec<_>) =
+        queries.iter().partition(|(u, devices)| devices.is_empty() && sharing.contains(*u));
+    if !resync.is_empty() {
+        let users: Vec<String> = resync.iter().map(|(u, _)| (*u).to_owned()).collect();
+        let outcomes = app.remote.coordinator.resync(dest, &users, deadline).await;
+        for user in users {
+            match outcomes.get(&user) {
+                Some(Ok(d)) => {
+                    answer.merged_devices.extend(
+                        d.devices.iter().filter_map(|(id, k)| Some((user.clone(), id.clone(), parse_object(k.get())?))),
+                    );
+                    if let Some(k) = d.master_key.as_deref().and_then(|k| parse_object(k.get())) {
+                        answer.master_keys.push((user.clone(), k));
+                    }
+                    if let Some(k) = d.self_signing_key.as_deref().and_then(|k| parse_object(k.get())) {
+                        answer.self_signing_keys.push((user.clone(), k));
+                    }
+                }
+                Some(Err(f)) => answer.failure = Some(f.clone()),
+                None => {}
+            }
+        }
+    }
+    if direct.is_empty() {
+        return answer;
+    }
+    let query: Map<String, Value> = direct.iter().map(|(u, d)| ((*u).to_owned(), json!(d))).collect();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    match app.remote.federation.user_keys_query(dest, &Value::Object(query.clone()), remaining).await {
+        Ok(remote) => {
+            let pick = |field: &str| -> Vec<(String, KeyObject)> {
+                remote
+                    .get(field)
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(u, _)| query.contains_key(*u))
+                            .filter_map(|(u, k)| Some((u.clone(), parse_object(&k.to_string())?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if let Some(devices) = remote.get("device_keys").and_then(Value::as_object) {
+                for (user, devs) in devices.iter().filter(|(u, _)| query.contains_key(*u)) {
+                    let parsed: HashMap<_, _> = devs
+                        .as_object()
+                        .map(|m| m.iter().filter_map(|(d, k)| Some((d.clone(), parse_object(&k.to_string())?))).collect())
+                        .unwrap_or_default();
+                    answer.replaced_devices.push((user.clone(), parsed.into_iter().collect()));
+                }
+            }
+            answer.master_keys.extend(pick("master_keys"));
+            answer.self_signing_keys.extend(pick("self_signing_keys"));
+        }
+        Err(e) => answer.failure = Some(e.to_failure()),
+    }
+    answer
+}

@@ -1,0 +1,149 @@
+//! The device-lists writer ("master"), asked over Synapse's replication
+//! HTTP API to resync remote device lists; with a circuit breaker so that
+//! once it is unreachable, requests stop waiting for it for a while.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::header;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::value::RawValue;
+
+use crate::config::Config;
+use crate::config::synapse::InstanceLocation;
+
+#[derive(Debug)]
+pub struct Master {
+    http: reqwest::Client,
+    /// `http(s)://host:port`; `None` when no TCP writer is configured.
+    base: Option<String>,
+    secret: Option<String>,
+    pub timeout: Duration,
+    breaker_for: Duration,
+    open_until: Mutex<Option<Instant>>,
+}
+
+/// The writer's answer: per user, the result or `null`, plus its stream
+/// positions (`_INT_STREAM_POS`).
+pub struct MasterAnswer {
+    pub users: HashMap<String, Option<Box<RawValue>>>,
+    pub stream_pos: Option<Arc<RawValue>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("no device-lists writer configured")]
+    NotConfigured,
+    #[error("writer skipped: it was unreachable recently")]
+    BreakerOpen,
+    /// Refused, reset, no answer, or a proxy's 502/503/504: trips the breaker.
+    #[error("writer unreachable: {0}")]
+    Unreachable(String),
+    /// No answer in time, but its health endpoint answers: it is busy.
+    #[error("writer busy: no answer within {0:?}")]
+    Busy(Duration),
+    /// It answered, but not with a result.
+    #[error("writer answered {0}")]
+    Failed(String),
+}
+
+impl Master {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let base = match &config.synapse.device_lists_writer {
+            Some(InstanceLocation::Tcp { host, port, tls }) => {
+                let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+                Some(format!("{}://{host}:{port}", if *tls { "https" } else { "http" }))
+            }
+            Some(InstanceLocation::Unix { path }) => {
+                tracing::warn!(path = %path.display(), "the device-lists writer listens on a UNIX socket, which is not supported: resyncs go to remote servers directly");
+                None
+            }
+            None => {
+                tracing::warn!("no instance_map entry for the device-lists writer: resyncs go to remote servers directly");
+                None
+            }
+        };
+        let http = reqwest::Client::builder()
+            .user_agent(crate::federation::USER_AGENT)
+            .connect_timeout(Duration::from_millis(config.worker.master_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            secret: config.synapse.worker_replication_secret.clone(),
+            timeout: Duration::from_millis(config.worker.master_timeout_ms),
+            breaker_for: Duration::from_millis(config.worker.master_breaker_ms),
+            open_until: Mutex::new(None),
+        })
+    }
+
+    /// Whether the breaker is open (the writer is being skipped).
+    pub fn breaker_open(&self) -> bool {
+        self.open_until.lock().expect("breaker").is_some_and(|t| t > Instant::now())
+    }
+
+    fn trip(&self) {
+        *self.open_until.lock().expect("breaker") = Some(Instant::now() + self.breaker_for);
+    }
+
+    fn close(&self) {
+        *self.open_until.lock().expect("breaker") = None;
+    }
+
+    /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
+    /// of one destination.
+    pub async fn resync(&self, users: &[String]) -> Result<MasterAnswer, MasterError> {
+        let base = self.base.as_deref().ok_or(MasterError::NotConfigured)?;
+        if self.breaker_open() {
+            return Err(MasterError::BreakerOpen);
+        }
+        let txn: String = rand::rng().sample_iter(&Alphanumeric).take(16).map(char::from).collect();
+        let mut req = self
+            .http
+            .post(format!("{base}/_synapse/replication/multi_user_device_resync/{txn}"))
+            .json(&serde_json::json!({ "user_ids": users }));
+        if let Some(secret) = &self.secret {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {secret}"));
+        }
+        let result = match tokio::time::timeout(self.timeout, self.exchange(req)).await {
+            Ok(r) => r,
+            Err(_) if self.healthy(base).await => Err(MasterError::Busy(self.timeout)),
+            Err(_) => Err(MasterError::Unreachable(format!("no answer within {:?}", self.timeout))),
+        };
+        match &result {
+            Ok(_) => self.close(),
+            Err(MasterError::Unreachable(why)) => {
+                tracing::warn!(reason = %why, "device-lists writer unreachable; skipping it for {:?}", self.breaker_for);
+                self.trip();
+            }
+            Err(e) => tracing::warn!(error = %e, "resync through the device-lists writer failed"),
+        }
+        result
+    }
+
+    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<MasterAnswer, MasterError> {
+        let resp = req.send().await.map_err(|e| MasterError::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if matches!(status.as_u16(), 502..=504) {
+            return Err(MasterError::Unreachable(format!("HTTP {status}")));
+        }
+        let body = resp.bytes().await.map_err(|e| MasterError::Unreachable(e.to_string()))?;
+        if !status.is_success() {
+            let hint = if status.as_u16() == 500 { " (is worker_replication_secret right?)" } else { "" };
+            return Err(MasterError::Failed(format!("HTTP {status}{hint}: {}", String::from_utf8_lossy(&body))));
+        }
+        let mut map: HashMap<String, Option<Box<RawValue>>> =
+            serde_json::from_slice(&body).map_err(|e| MasterError::Failed(format!("invalid JSON: {e}")))?;
+        let stream_pos = map.remove("_INT_STREAM_POS").flatten().map(Arc::from);
+        Ok(MasterAnswer { users: map, stream_pos })
+    }
+
+    /// Whether the writer's listener answers `/health` quickly.
+    async fn healthy(&self, base: &str) -> bool {
+        let probe = self.http.get(format!("{base}/health")).timeout(Duration::from_millis(500)).send();
+        matches!(probe.await, Ok(r) if r.status().is_success())
+    }
+}

@@ -1,0 +1,168 @@
+//! The resync coordinator, one per process: brings stale remote device
+//! lists up to date, asking the device-lists writer first and the remote
+//! server directly only when the writer cannot be reached.
+//!
+//! - Concurrent requests for the same user share one in-flight resync: the
+//!   first caller starts it (as a task of its own, so it finishes even if
+//!   that caller goes away) and everyone waits on its result.
+//! - Results are kept in a bounded, TTL'd memory cache.
+//! - `null` from the writer means the remote failed: that is the answer
+//!   (the writer already tried and backs off); no direct attempt follows.
+//! - Results of direct resyncs live only in this memory cache.
+
+pub mod devices;
+pub mod master;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use moka::future::Cache;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+pub use devices::UserDevices;
+use master::{Master, MasterError};
+
+use crate::config::Config;
+use crate::federation::FederationClient;
+
+/// A user's resync result, or the `failures` entry for their server.
+pub type Outcome = Result<Arc<UserDevices>, Value>;
+
+type Slot = watch::Receiver<Option<Outcome>>;
+
+pub struct Coordinator {
+    pub master: Master,
+    federation: Arc<FederationClient>,
+    cache: Cache<String, Arc<UserDevices>>,
+    inflight: Mutex<HashMap<String, Slot>>,
+    /// Budget of one direct `GET /user/devices`.
+    direct_timeout: Duration,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("master", &self.master).finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    pub fn new(config: &Config, federation: Arc<FederationClient>) -> anyhow::Result<Self> {
+        let w = &config.worker;
+        Ok(Self {
+            master: Master::from_config(config)?,
+            federation,
+            cache: Cache::builder()
+                .max_capacity(w.resync_cache_max_users)
+                .time_to_live(Duration::from_millis(w.resync_cache_ttl_ms))
+                .build(),
+            inflight: Mutex::default(),
+            direct_timeout: Duration::from_millis(w.default_timeout_ms),
+            concurrency: w.federation_concurrency.max(1),
+        })
+    }
+
+    /// Resyncs `users` (all on `destination`), waiting until `deadline` at
+    /// most. Every user gets an outcome.
+    pub async fn resync(self: &Arc<Self>, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, Outcome> {
+        let mut out = HashMap::new();
+        let mut waits: Vec<(String, Slot)> = Vec::new();
+        let mut mine: Vec<(String, watch::Sender<Option<Outcome>>)> = Vec::new();
+        for user in users {
+            if let Some(hit) = self.cache.get(user).await {
+                out.insert(user.clone(), Ok(hit));
+            }
+        }
+        {
+            let mut inflight = self.inflight.lock().expect("inflight map");
+            for user in users.iter().filter(|u| !out.contains_key(*u)) {
+                let slot = inflight.entry(user.clone()).or_insert_with(|| {
+                    let (tx, rx) = watch::channel(None);
+                    mine.push((user.clone(), tx));
+                    rx
+                });
+                waits.push((user.clone(), slot.clone()));
+            }
+        }
+        if !mine.is_empty() {
+            let this = Arc::clone(self);
+            let destination = destination.to_owned();
+            tokio::spawn(async move { this.run(&destination, mine).await });
+        }
+        for (user, mut rx) in waits {
+            let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await;
+            let outcome = match waited {
+                Ok(Ok(v)) => v.clone().expect("waited for Some"),
+                Ok(Err(_)) => Err(json!({"status": 503, "message": "Device list resync was abandoned"})),
+                Err(_) => Err(json!({"status": 504, "message": "Timed out waiting for the device list resync"})),
+            };
+            out.insert(user, outcome);
+        }
+        out
+    }
+
+    /// Whether a resync result for `user` is held in memory.
+    pub async fn cached(&self, user: &str) -> Option<Arc<UserDevices>> {
+        self.cache.get(user).await
+    }
+
+    /// Forgets what is held about `user` (their devices changed).
+    pub async fn invalidate(&self, user: &str) {
+        self.cache.invalidate(user).await;
+    }
+
+    async fn run(&self, destination: &str, slots: Vec<(String, watch::Sender<Option<Outcome>>)>) {
+        let users: Vec<String> = slots.iter().map(|(u, _)| u.clone()).collect();
+        let mut outcomes = self.fetch(destination, &users).await;
+        for (user, tx) in slots {
+            let outcome = outcomes
+                .remove(&user)
+                .unwrap_or_else(|| Err(json!({"status": 503, "message": format!("Device resync failed for '{user}'")})));
+            if let Ok(devices) = &outcome {
+                self.cache.insert(user.clone(), Arc::clone(devices)).await;
+            }
+            let _ = tx.send(Some(outcome));
+            let mut inflight = self.inflight.lock().expect("inflight map");
+            if inflight.get(&user).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
+                inflight.remove(&user);
+            }
+        }
+    }
+
+    async fn fetch(&self, destination: &str, users: &[String]) -> HashMap<String, Outcome> {
+        match self.master.resync(users).await {
+            Ok(answer) => {
+                let mut raw = answer.users;
+                return users
+                    .iter()
+                    .map(|u| {
+                        let outcome = match raw.remove(u).flatten().and_then(|r| UserDevices::parse(r, answer.stream_pos.clone())) {
+                            Some(d) => Ok(Arc::new(d)),
+                            None => Err(json!({"status": 503, "message": format!("Device resync failed for '{u}'")})),
+                        };
+                        (u.clone(), outcome)
+                    })
+                    .collect();
+            }
+            Err(MasterError::NotConfigured | MasterError::BreakerOpen) => {}
+            Err(e) => tracing::info!(error = %e, destination, "resyncing directly with the remote server"),
+        }
+        let attempts = users.iter().cloned().map(|u| async move {
+            let outcome = self.direct(destination, &u).await;
+            (u, outcome)
+        });
+        futures::stream::iter(attempts).buffer_unordered(self.concurrency).collect().await
+    }
+
+    async fn direct(&self, destination: &str, user: &str) -> Outcome {
+        let answer = self.federation.user_devices(destination, user, self.direct_timeout).await.map_err(|e| e.to_failure())?;
+        let raw = RawValue::from_string(answer.to_string()).expect("JSON value serialises");
+        UserDevices::parse(raw, None)
+            .map(Arc::new)
+            .ok_or_else(|| json!({"status": 503, "message": "Invalid device list from remote server"}))
+    }
+}

@@ -1,0 +1,105 @@
+//! Remote users: which device lists Synapse has cached and still trusts,
+//! the cached devices themselves, who still shares a room with this
+//! server, and which destinations Synapse is backing off from.
+
+use super::{Store, json_list};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RemoteDeviceRow {
+    pub user_id: String,
+    pub device_id: String,
+    pub content: String,
+}
+
+// Cached: a non-empty stream_id in the extremities and no resync marker
+// (Synapse's get_users_whose_devices_are_cached).
+const CACHED_PG: &str = "
+    SELECT e.user_id FROM device_lists_remote_extremeties e
+    WHERE e.user_id = ANY($1) AND e.stream_id <> ''
+      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)";
+const CACHED_SQLITE: &str = "
+    SELECT e.user_id FROM device_lists_remote_extremeties e
+    WHERE e.user_id IN (SELECT value FROM json_each(?1)) AND e.stream_id <> ''
+      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)";
+
+const JOINED_PG: &str = "
+    SELECT DISTINCT state_key FROM current_state_events
+    WHERE type = 'm.room.member' AND membership = 'join' AND state_key = ANY($1)";
+const JOINED_SQLITE: &str = "
+    SELECT DISTINCT state_key FROM current_state_events
+    WHERE type = 'm.room.member' AND membership = 'join' AND state_key IN (SELECT value FROM json_each(?1))";
+
+const DEVICES_PG: &str = "
+    SELECT user_id, device_id, content FROM device_lists_remote_cache
+    WHERE user_id = ANY($1) OR (user_id, device_id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))";
+const DEVICES_SQLITE: &str = "
+    SELECT user_id, device_id, content FROM device_lists_remote_cache
+    WHERE user_id IN (SELECT value FROM json_each(?1))
+       OR (user_id, device_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?2))";
+
+// Synapse's filter_destinations_by_retry_limiter: a row with all three
+// timings set whose retry is not due within the grace period.
+const BACKOFF_PG: &str = "
+    SELECT destination FROM destinations
+    WHERE destination = ANY($1) AND retry_last_ts > 0 AND failure_ts > 0 AND retry_interval > 0
+      AND retry_last_ts + retry_interval > $2";
+const BACKOFF_SQLITE: &str = "
+    SELECT destination FROM destinations
+    WHERE destination IN (SELECT value FROM json_each(?1)) AND retry_last_ts > 0 AND failure_ts > 0
+      AND retry_interval > 0 AND retry_last_ts + retry_interval > ?2";
+
+impl Store {
+    /// Those of `users` whose device lists Synapse holds and trusts.
+    pub async fn remote_cached_users(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        self.user_list_query(CACHED_PG, CACHED_SQLITE, users).await
+    }
+
+    /// Those of `users` joined to a room this server is in.
+    pub async fn users_sharing_a_room(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        self.user_list_query(JOINED_PG, JOINED_SQLITE, users).await
+    }
+
+    async fn user_list_query(&self, pg: &'static str, lite: &'static str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => sqlx::query_scalar(pg).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_scalar(lite).bind(json_list(users)).fetch_all(p).await,
+        }
+    }
+
+    /// Cached devices of remote users: all of `all_devices_of`'s, and the
+    /// named (user, device) `pairs`.
+    pub async fn remote_cached_devices(
+        &self,
+        all_devices_of: &[&str],
+        pairs: &[(&str, &str)],
+    ) -> Result<Vec<RemoteDeviceRow>, sqlx::Error> {
+        if all_devices_of.is_empty() && pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => {
+                let (users, devices): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+                sqlx::query_as(DEVICES_PG).bind(all_devices_of).bind(users).bind(devices).fetch_all(p).await
+            }
+            Store::Sqlite(p) => {
+                sqlx::query_as(DEVICES_SQLITE).bind(json_list(all_devices_of)).bind(json_list(pairs)).fetch_all(p).await
+            }
+        }
+    }
+
+    /// Those of `destinations` Synapse will not retry before `not_before_ms`.
+    pub async fn destinations_in_backoff(&self, destinations: &[&str], not_before_ms: i64) -> Result<Vec<String>, sqlx::Error> {
+        if destinations.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => sqlx::query_scalar(BACKOFF_PG).bind(destinations).bind(not_before_ms).fetch_all(p).await,
+            Store::Sqlite(p) => {
+                sqlx::query_scalar(BACKOFF_SQLITE).bind(json_list(destinations)).bind(not_before_ms).fetch_all(p).await
+            }
+        }
+    }
+}
