@@ -14,6 +14,7 @@ pub mod devices;
 pub mod master;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ pub struct Coordinator {
     federation: Arc<FederationClient>,
     cache: Cache<String, Arc<UserDevices>>,
     inflight: Mutex<HashMap<String, Slot>>,
+    /// Callers currently waiting for a resync result.
+    waiting: AtomicUsize,
     /// Budget of one direct `GET /user/devices`.
     direct_timeout: Duration,
     concurrency: usize,
@@ -61,6 +64,7 @@ impl Coordinator {
                 .time_to_live(Duration::from_millis(w.resync_cache_ttl_ms))
                 .build(),
             inflight: Mutex::default(),
+            waiting: AtomicUsize::new(0),
             direct_timeout: Duration::from_millis(w.default_timeout_ms),
             concurrency: w.federation_concurrency.max(1),
         })
@@ -93,6 +97,7 @@ impl Coordinator {
             let destination = destination.to_owned();
             tokio::spawn(async move { this.run(&destination, mine).await });
         }
+        let _waiting = WaitGuard::new(&self.waiting, waits.len());
         for (user, mut rx) in waits {
             let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await;
             let outcome = match waited {
@@ -103,6 +108,11 @@ impl Coordinator {
             out.insert(user, outcome);
         }
         out
+    }
+
+    /// How many (caller, user) pairs are waiting for a resync right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// Whether a resync result for `user` is held in memory.
@@ -164,5 +174,21 @@ impl Coordinator {
         UserDevices::parse(raw, None)
             .map(Arc::new)
             .ok_or_else(|| json!({"status": 503, "message": "Invalid device list from remote server"}))
+    }
+}
+
+/// Counts waiters in and out, however the wait ends.
+struct WaitGuard<'a>(&'a AtomicUsize, usize);
+
+impl<'a> WaitGuard<'a> {
+    fn new(counter: &'a AtomicUsize, n: usize) -> Self {
+        counter.fetch_add(n, Ordering::SeqCst);
+        Self(counter, n)
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
     }
 }

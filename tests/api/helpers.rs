@@ -348,3 +348,12 @@ pub async fn assert_same(worker: &Worker, ask: &Ask) -> (StatusCode, Value) {
     );
     theirs
 }
+
+/// Polls `done` every few milliseconds until it holds; panics after `limit`.
+pub async fn poll_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

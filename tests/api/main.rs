@@ -5,5 +5,7 @@ mod differential;
 mod errors;
 mod fake_remote;
 mod helpers;
+mod master_proxy;
+mod remote;
 mod schema;
 mod sqlite;

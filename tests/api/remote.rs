@@ -1,0 +1,347 @@
+//! Remote users, with the real Synapse as the device-lists writer (and as
+//! the oracle) and a fake remote homeserver that checks X-Matrix signatures.
+//! "Master stopped" and "master hanging" point our service's `instance_map`
+//! at a closed port and at a listener that never answers; the real Synapse
+//! stays up for the other tests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use synapse_keys_worker::config::Config;
+use synapse_keys_worker::config::synapse::InstanceLocation;
+use tokio::net::TcpListener;
+
+use crate::fake_remote::{FakeRemote, Mode, Route};
+use crate::helpers::{Ask, Synapse, TestUser, TokenIn, assert_same, env, poll_until, spawn_worker, spawn_worker_with, unique};
+
+const OURS: &str = "synapse-keys-worker";
+
+fn base_config() -> Config {
+    Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap()
+}
+
+fn with_writer(mut config: Config, port: u16) -> Config {
+    config.synapse.device_lists_writer = Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port, tls: false });
+    config
+}
+
+/// A port nothing listens on: the writer is stopped.
+async fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+}
+
+/// A listener that accepts connections and never answers: the writer hangs.
+async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    (port, accepted)
+}
+
+/// The remote user joins a room this server is in (test fixture row).
+async fn share_a_room(user_id: &str) {
+    let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+    let id = unique("room");
+    sqlx::query(
+        "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",
+    )
+    .bind(format!("$ev-{id}"))
+    .bind(format!("!{id}:{}", env().server_name))
+    .bind(user_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+}
+
+fn our_calls(remote: &FakeRemote, route: Route) -> usize {
+    remote.calls(route).iter().filter(|c| c.user_agent.starts_with(OURS)).count()
+}
+
+fn synapse_calls(remote: &FakeRemote, route: Route) -> usize {
+    remote.calls(route).iter().filter(|c| c.user_agent.starts_with("Synapse")).count()
+}
+
+async fn query(worker_url: &str, who: &TestUser, users: Value, timeout_ms: Option<u64>) -> (StatusCode, Value, Duration) {
+    let mut ask = Ask::keys_query("v3", &who.session.token, TokenIn::Header, &json!({ "device_keys": users }));
+    if let Some(t) = timeout_ms {
+        ask.path.push_str(&format!("?timeout={t}"));
+    }
+    let started = Instant::now();
+    let (status, body) = ask.send(worker_url).await;
+    (status, body, started.elapsed())
+}
+
+struct Setup {
+    hs: Synapse,
+    me: TestUser,
+    remote: FakeRemote,
+}
+
+async fn setup() -> Setup {
+    let hs = Synapse::new();
+    let me = hs.register("asker").await;
+    let remote = FakeRemote::start_for_homeserver().await;
+    Setup { hs, me, remote }
+}
+
+impl Setup {
+    /// A remote user with two devices (one named) and cross-signing keys.
+    fn remote_user(&self, name: &str) -> String {
+        let user = self.remote.add_user(&unique(name)).user_id;
+        self.remote.add_device(&user, "PHONE", Some("Phone"));
+        self.remote.add_device(&user, "LAPTOP", None);
+        user
+    }
+}
+
+#[tokio::test]
+async fn cached_remote_user_is_served_from_synapse_cache() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    // Synapse resyncs bob on first sight and caches him.
+    let body = json!({"device_keys": {&bob: []}});
+    let (status, first) = Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body).send(&s.hs.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{first}");
+    let worker = spawn_worker().await;
+    for ask in [
+        Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body),
+        Ask::keys_query("r0", &s.me.session.token, TokenIn::Query, &json!({"device_keys": {&bob: ["PHONE"]}})),
+    ] {
+        let (_, answer) = assert_same(&worker, &ask).await;
+        assert!(answer["master_keys"][&bob].is_object(), "{answer}");
+    }
+    assert_eq!(our_calls(&s.remote, Route::UserDevices) + our_calls(&s.remote, Route::UserKeysQuery), 0);
+    // An unknown device of a cached user is simply absent (Synapse: 404).
+    let (status, answer, _) = query(&worker.url, &s.me, json!({&bob: ["NOPE"]}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["device_keys"][&bob], json!({}), "{answer}");
+}
+
+#[tokio::test]
+async fn stale_user_is_resynced_through_master() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    let worker = spawn_worker().await;
+    let (status, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let devices = answer["device_keys"][&bob].as_object().unwrap();
+    assert_eq!(devices.len(), 2, "{answer}");
+    assert!(answer["master_keys"][&bob].is_object() && answer["self_signing_keys"][&bob].is_object());
+    assert_eq!(answer["failures"], json!({}));
+    // The remote was asked by Synapse (the writer), never by us.
+    assert_eq!(synapse_calls(&s.remote, Route::UserDevices), 1);
+    assert_eq!(our_calls(&s.remote, Route::UserDevices) + our_calls(&s.remote, Route::UserKeysQuery), 0);
+    // Now cached in Synapse's tables: the next answers agree with Synapse's.
+    assert_same(&worker, &Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: []}}))).await;
+}
+
+#[tokio::test]
+async fn master_stopped_falls_back_to_the_remote_within_timeout() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    let worker = spawn_worker_with(with_writer(base_config(), closed_port().await)).await;
+    let (status, answer, took) = query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
+    assert_eq!(answer["failures"], json!({}));
+    let ours: Vec<_> = s.remote.calls(Route::UserDevices).into_iter().filter(|c| c.user_agent.starts_with(OURS)).collect();
+    assert_eq!(ours.len(), 1);
+    assert!(ours[0].verified, "our X-Matrix signature verifies");
+    assert!(took < Duration::from_millis(5_500), "answered in {took:?}");
+    assert!(worker.app.remote.coordinator.master.breaker_open());
+    println!("fallback latency with master stopped: {took:?}");
+    // The result is kept in memory: asking again does not call the remote.
+    query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
+    assert_eq!(our_calls(&s.remote, Route::UserDevices), 1);
+}
+
+#[tokio::test]
+async fn master_hanging_trips_the_breaker() {
+    let s = setup().await;
+    let (port, accepted) = hanging_listener().await;
+    let mut config = with_writer(base_config(), port);
+    config.worker.master_timeout_ms = 1_000;
+    let worker = spawn_worker_with(config).await;
+    let bob = s.remote_user("bob");
+    let carol = s.remote_user("carol");
+    share_a_room(&bob).await;
+    share_a_room(&carol).await;
+
+    let (status, answer, first) = query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
+    assert!(first < Duration::from_millis(5_500), "answered in {first:?}");
+    assert!(worker.app.remote.coordinator.master.breaker_open());
+    let calls_to_master = accepted.load(Ordering::SeqCst);
+    assert!(calls_to_master >= 1);
+
+    // The breaker is open: the next stale user does not wait for the writer.
+    let (_, answer, second) = query(&worker.url, &s.me, json!({&carol: []}), Some(5_000)).await;
+    assert_eq!(answer["device_keys"][&carol].as_object().map(|m| m.len()), Some(2), "{answer}");
+    assert_eq!(accepted.load(Ordering::SeqCst), calls_to_master, "no new connection to the hung writer");
+    assert!(second < Duration::from_millis(900), "second answer took {second:?}");
+    println!("fallback latency with master hanging: first {first:?}, with the breaker open {second:?}");
+}
+
+#[tokio::test]
+async fn concurrent_queries_for_one_stale_user_make_one_master_call() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    // Slow the remote down so the queries overlap the resync.
+    s.remote.set_mode(Route::UserDevices, Mode::Hang);
+    let proxy = crate::master_proxy::CountingProxy::start().await;
+    let mut config = with_writer(base_config(), proxy.port);
+    config.worker.master_timeout_ms = 20_000;
+    let worker = spawn_worker_with(config).await;
+    let url = worker.url.clone();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (url, token, bob) = (url.clone(), s.me.session.token.clone(), bob.clone());
+        tasks.push(tokio::spawn(async move {
+            let ask = Ask::keys_query("v3", &token, TokenIn::Header, &json!({"device_keys": {&bob: []}}));
+            ask.send(&url).await
+        }));
+    }
+    // Let the remote answer once every query is waiting on the resync.
+    let coordinator = worker.app.remote.coordinator.clone();
+    poll_until(Duration::from_secs(20), || coordinator.waiting() == 200).await;
+    assert_eq!(proxy.calls(), 1);
+    s.remote.set_mode(Route::UserDevices, Mode::Normal);
+    for t in tasks {
+        let (status, answer) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
+    }
+    println!("master calls for 200 concurrent queries: {}", proxy.calls());
+    assert_eq!(proxy.calls(), 1);
+    assert_eq!(synapse_calls(&s.remote, Route::UserDevices), 1);
+}
+
+#[tokio::test]
+async fn remote_down_keeps_serving_cached_devices() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    let body = json!({"device_keys": {&bob: []}});
+    let (_, first) = Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body).send(&s.hs.url).await;
+    assert_eq!(first["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{first}");
+    s.remote.set_mode(Route::UserDevices, Mode::Status(400));
+    s.remote.set_mode(Route::UserKeysQuery, Mode::Status(400));
+    let worker = spawn_worker().await;
+    let (_, answer) = assert_same(&worker, &Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body)).await;
+    // The same keys as first fetched (the cached rendering adds `unsigned`).
+    let without_unsigned = |v: &Value| -> Value {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().values_mut().for_each(|d| {
+            d.as_object_mut().unwrap().remove("unsigned");
+        });
+        v
+    };
+    assert_eq!(without_unsigned(&answer["device_keys"][&bob]), without_unsigned(&first["device_keys"][&bob]));
+    assert_eq!(answer["failures"], json!({}));
+}
+
+#[tokio::test]
+async fn destination_in_backoff_is_answered_at_once() {
+    let s = setup().await;
+    let dest = format!("{}.invalid", unique("down"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+    sqlx::query("INSERT INTO destinations (destination, retry_last_ts, retry_interval, failure_ts) VALUES ($1, $2, $3, $2)")
+        .bind(&dest)
+        .bind(now)
+        .bind(86_400_000i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let worker = spawn_worker().await;
+    let body = json!({"device_keys": {format!("@someone:{dest}"): []}});
+    let started = Instant::now();
+    let (_, answer) = assert_same(&worker, &Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body)).await;
+    assert_eq!(answer["failures"][&dest], json!({"status": 503, "message": "Not ready for retry"}));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn untracked_user_is_queried_over_federation_like_synapse() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    let worker = spawn_worker().await;
+    // No shared room: both Synapse and we ask the remote's /user/keys/query.
+    let body = json!({"device_keys": {&bob: ["PHONE"]}});
+    let (_, answer) = assert_same(&worker, &Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body)).await;
+    assert!(answer["device_keys"][&bob]["PHONE"].is_object(), "{answer}");
+    assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), 1);
+    assert!(s.remote.calls(Route::UserKeysQuery).iter().all(|c| c.verified));
+}
+
+#[tokio::test]
+async fn unreachable_remote_gives_a_failure_entry() {
+    let s = setup().await;
+    let worker = spawn_worker().await;
+    let dest = format!("{}.invalid", unique("nowhere"));
+    let (status, answer, took) = query(&worker.url, &s.me, json!({format!("@x:{dest}"): []}), Some(3_000)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["failures"][&dest]["status"], 503, "{answer}");
+    assert!(answer["device_keys"].get(format!("@x:{dest}")).is_none());
+    assert!(took < Duration::from_millis(3_500));
+}
+
+#[tokio::test]
+async fn blocked_remote_is_never_contacted() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    // Synapse's default blocklist (loopback blocked), writer stopped: the
+    // direct fallback must refuse 127.0.0.1.
+    let mut config = with_writer(base_config(), closed_port().await);
+    config.synapse.ip_range_blocklist = None;
+    config.synapse.ip_range_whitelist = Vec::new();
+    let worker = spawn_worker_with(config).await;
+    let carol = s.remote_user("carol");
+    let (status, answer, _) = query(&worker.url, &s.me, json!({&bob: [], &carol: ["PHONE"]}), Some(3_000)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
+    assert_eq!(our_calls(&s.remote, Route::UserDevices) + our_calls(&s.remote, Route::UserKeysQuery), 0);
+}
+
+#[tokio::test]
+async fn resync_rpc_needs_the_secret() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    let worker = spawn_worker().await;
+    let secret = worker.app.config.synapse.worker_replication_secret.clone().expect("harness sets a secret");
+    let url = format!("{}/_synapse/replication/multi_user_device_resync/t1", worker.url);
+    let body = json!({"user_ids": [&bob]});
+    let client = crate::helpers::http();
+    for auth in [None, Some("Bearer wrong".to_string())] {
+        let mut req = client.post(&url).json(&body);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        assert_eq!(req.send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(synapse_calls(&s.remote, Route::UserDevices), 0, "refused calls did nothing");
+    let resp = client.post(&url).bearer_auth(&secret).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer[&bob]["devices"].as_array().map(Vec::len), Some(2), "{answer}");
+    assert!(answer["_INT_STREAM_POS"].is_object(), "the writer's stream positions are passed on: {answer}");
+}
