@@ -345,3 +345,89 @@ async fn resync_rpc_needs_the_secret() {
     assert_eq!(answer[&bob]["devices"].as_array().map(Vec::len), Some(2), "{answer}");
     assert!(answer["_INT_STREAM_POS"].is_object(), "the writer's stream positions are passed on: {answer}");
 }
+
+#[tokio::test]
+async fn remote_errors_give_synapse_shaped_failures() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    let worker = spawn_worker().await;
+    s.remote.set_mode(Route::UserKeysQuery, Mode::Status(403));
+    let body = json!({"device_keys": {&bob: []}});
+    let (_, answer) = assert_same(&worker, &Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body)).await;
+    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 403, "{answer}");
+}
+
+#[tokio::test]
+async fn hanging_remote_cannot_hold_the_request_past_its_timeout() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    s.remote.set_mode(Route::UserKeysQuery, Mode::Hang);
+    let worker = spawn_worker().await;
+    let (status, answer, took) = query(&worker.url, &s.me, json!({&bob: []}), Some(1_500)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
+    assert!(took >= Duration::from_millis(1_400) && took < Duration::from_millis(2_000), "took {took:?}");
+}
+
+#[tokio::test]
+async fn garbage_oversized_and_untrusted_answers_are_failures() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    // Not JSON.
+    s.remote.set_mode(Route::UserKeysQuery, Mode::Garbage);
+    let worker = spawn_worker().await;
+    let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
+    s.remote.set_mode(Route::UserKeysQuery, Mode::Normal);
+
+    // Larger than the response cap.
+    let mut config = base_config();
+    config.worker.federation_max_response_bytes = 100;
+    let capped = spawn_worker_with(config).await;
+    let (_, answer, _) = query(&capped.url, &s.me, json!({&bob: []}), None).await;
+    let failure = &answer["failures"][&s.remote.server_name()];
+    assert!(failure["message"].as_str().unwrap_or("").contains("larger than"), "{answer}");
+
+    // Certificates checked (the fake's is self-signed): refused.
+    let mut config = base_config();
+    config.synapse.federation_verify_certificates = true;
+    let strict = spawn_worker_with(config).await;
+    let before = our_calls(&s.remote, Route::UserKeysQuery);
+    let (_, answer, _) = query(&strict.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
+    assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), before, "no request got through the TLS handshake");
+
+    // The worker that got garbage now backs off from that remote...
+    let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["failures"][&s.remote.server_name()], json!({"status": 503, "message": "Not ready for retry"}));
+    // ...while one with the normal settings gets the keys.
+    let fresh = spawn_worker().await;
+    let (_, answer, _) = query(&fresh.url, &s.me, json!({&bob: []}), None).await;
+    assert!(answer["device_keys"][&bob].is_object(), "{answer}");
+}
+
+#[tokio::test]
+async fn proxy_5xx_in_front_of_master_trips_the_breaker() {
+    let s = setup().await;
+    // A proxy in front of a dead writer answers 503.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { (StatusCode::SERVICE_UNAVAILABLE, "no upstream") }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let worker = spawn_worker_with(with_writer(base_config(), port)).await;
+    let bob = s.remote_user("bob");
+    let carol = s.remote_user("carol");
+    share_a_room(&bob).await;
+    share_a_room(&carol).await;
+    let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
+    assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
+    assert!(worker.app.remote.coordinator.master.breaker_open());
+    let (_, answer, _) = query(&worker.url, &s.me, json!({&carol: []}), Some(5_000)).await;
+    assert_eq!(answer["device_keys"][&carol].as_object().map(|m| m.len()), Some(2), "{answer}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the open breaker kept the second resync away from the writer");
+}
