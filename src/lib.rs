@@ -1,6 +1,7 @@
 //! synapse-keys-worker: serves Matrix `/keys/query` from a Synapse
 //! homeserver's own database. See ARCHITECTURE.md for the map.
 
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::cache::Caches;
 use crate::config::Config;
 use crate::federation::FederationClient;
 use crate::resync::Coordinator;
@@ -27,6 +29,7 @@ use crate::store::Store;
 pub struct App {
     pub config: Config,
     pub store: Store,
+    pub caches: Caches,
     pub remote: Remote,
 }
 
@@ -42,7 +45,8 @@ impl App {
     pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
         let federation = Arc::new(FederationClient::from_config(&config)?);
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
-        Ok(Arc::new(Self { config, store, remote: Remote { coordinator, federation } }))
+        let caches = Caches::new(&config.worker);
+        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation } }))
     }
 
     /// Opens the database named by the config (lazily: no connection yet).

@@ -51,6 +51,20 @@ pub struct WorkerConfig {
     pub federation_backoff_max_ms: u64,
     /// How long server-discovery results are kept, in ms.
     pub discovery_cache_ttl_ms: u64,
+    /// Use the memory caches (kept correct by the replication stream).
+    pub caches_enabled: bool,
+    /// Safety-net lifetime of any cached entry, in ms.
+    pub cache_ttl_ms: u64,
+    /// Bytes each data cache (device keys, cross-signing keys, signatures,
+    /// remote devices) may hold.
+    pub cache_max_bytes: u64,
+    /// Access tokens kept in memory.
+    pub token_cache_max_entries: u64,
+    /// Lifetime of what is cached about remote users, in ms (Synapse emits
+    /// no event when it marks a remote list stale, so keep this short).
+    pub remote_status_ttl_ms: u64,
+    /// With Redis disabled, how often the stream tables are polled, in ms.
+    pub poll_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -74,6 +88,12 @@ impl Default for WorkerConfig {
             federation_backoff_initial_ms: 30_000,
             federation_backoff_max_ms: 24 * 3600 * 1000,
             discovery_cache_ttl_ms: 3600 * 1000,
+            caches_enabled: true,
+            cache_ttl_ms: 300_000,
+            cache_max_bytes: 256 * 1024 * 1024,
+            token_cache_max_entries: 100_000,
+            remote_status_ttl_ms: 30_000,
+            poll_interval_ms: 500,
         }
     }
 }

@@ -5,6 +5,7 @@ use axum::http::{HeaderMap, header};
 
 use super::params::QueryParams;
 use crate::error::MatrixError;
+use crate::cache::Caches;
 use crate::store::Store;
 
 const INVALID_TOKEN: &str = "Invalid access token passed.";
@@ -50,6 +51,7 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
 /// puppeted user.
 pub async fn authenticate(
     store: &Store,
+    caches: &Caches,
     headers: &HeaderMap,
     params: &QueryParams,
     now_ms: i64,
@@ -57,7 +59,7 @@ pub async fn authenticate(
     let token = extract_token(headers, params)?;
     // Synapse then tries the token as a guest macaroon; for anything that
     // is not one, this is its answer.
-    let Some(row) = store.token_lookup(&token).await? else {
+    let Some(row) = caches.token(store, &token).await? else {
         return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     };
     if row.valid_until_ms.is_some_and(|until| until < now_ms) {
@@ -70,7 +72,7 @@ pub async fn authenticate(
     if row.deactivated {
         return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     }
-    Ok(Requester { user_id: row.user_id, device_id: row.device_id, is_guest: row.is_guest })
+    Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub async fn keys_query(
     })?;
     let params = QueryParams::parse(uri.query());
     let now = now_ms();
-    let requester = authenticate(&app.store, &headers, &params, now).await?;
+    let requester = authenticate(&app.store, &app.caches, &headers, &params, now).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));

@@ -1,10 +1,10 @@
 //! `/keys/query` assembly (Synapse's `E2eKeysHandler.query_devices`):
 //! local device keys with their owners' cross-signatures, and cross-signing
-//! keys with the requester's signatures. Three store round trips in all:
-//! device keys and cross-signing keys side by side, then the signatures
-//! both need.
+//! keys with the requester's signatures. Device keys, cross-signing keys and
+//! signatures are read side by side (one round trip when nothing is
+//! cached, none when everything is).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -27,42 +27,37 @@ pub struct KeysQueryResponse {
     pub user_signing_keys: BTreeMap<String, KeyObject>,
 }
 
-/// Answers `query` for `requester`: local users from the database, remote
-/// users through [`add_remote_users`] within `query.timeout`.
+/// Answers `query` for `requester`: local users from memory or the
+/// database, remote users through [`add_remote_users`] within
+/// `query.timeout`.
 pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i64) -> Result<KeysQueryResponse, sqlx::Error> {
     let deadline = Instant::now() + query.timeout;
-    let store = &app.store;
-    let mut all_devices_of: Vec<&str> = Vec::new();
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
-    let mut local_users: Vec<&str> = Vec::new();
-    let mut remote: Vec<(&str, &[String])> = Vec::new();
-    for (user_id, devices) in &query.users {
-        if domain_of(user_id) != app.config.synapse.server_name {
-            remote.push((user_id, devices));
-            continue;
-        }
-        local_users.push(user_id);
-        if devices.is_empty() {
-            all_devices_of.push(user_id);
-        } else {
-            pairs.extend(devices.iter().map(|d| (user_id.as_str(), d.as_str())));
-        }
-    }
+    let (store, caches) = (&app.store, &app.caches);
+    let server_name = app.config.synapse.server_name.as_str();
+    let (local, remote): (Vec<(&str, &[String])>, Vec<(&str, &[String])>) =
+        query.users.iter().map(|(u, d)| (u.as_str(), d.as_slice())).partition(|(u, _)| domain_of(u) == server_name);
+    let local_users: Vec<&str> = local.iter().map(|(u, _)| *u).collect();
     let queried: Vec<&str> = query.users.iter().map(|(u, _)| u.as_str()).collect();
+    // Owners sign their own devices; the requester's signatures on anyone's
+    // keys are shown to the requester.
+    let mut signers = local_users.clone();
+    signers.push(requester);
 
-    let (device_rows, key_rows) =
-        tokio::try_join!(store.device_keys(&all_devices_of, &pairs), store.cross_signing_keys(&queried))?;
+    let (device_map, key_map, sig_map) = tokio::try_join!(
+        caches.device_keys(store, &local_users),
+        caches.cross_signing_keys(store, &queried),
+        caches.signatures_by(store, &signers),
+    )?;
 
     let mut resp = KeysQueryResponse::default();
-    for user in &local_users {
+    let mut devices = Vec::new();
+    for (user, wanted) in &local {
         resp.device_keys.insert((*user).to_owned(), BTreeMap::new());
+        let rows = device_map.get(*user).map(|v| v.as_slice()).unwrap_or_default();
+        devices.extend(parse_devices(rows.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.device_id))));
     }
-    let devices = parse_devices(device_rows);
-    let keys = parse_cross_signing_keys(key_rows);
-
-    let owners: Vec<&str> = uniq(devices.iter().map(|d| d.user_id.as_str()));
-    let key_owners: Vec<&str> = uniq(keys.iter().map(|k| k.user_id.as_str()));
-    let sig_rows = store.cross_signatures(&owners, requester, &key_owners).await?;
+    let keys = parse_cross_signing_keys(queried.iter().filter_map(|u| key_map.get(*u)).flat_map(|v| v.iter()));
+    let sig_rows: Vec<&SignatureRow> = sig_map.values().flat_map(|v| v.iter()).collect();
 
     add_devices(&mut resp, devices, &sig_rows);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
@@ -85,28 +80,25 @@ struct CrossSigningKey {
     data: KeyObject,
 }
 
-fn parse_devices(rows: Vec<DeviceKeyRow>) -> Vec<Device> {
-    rows.into_iter()
-        .filter_map(|r| {
-            // Synapse skips rows whose key_json is empty.
-            let keys = parse_object(r.key_json.as_deref().filter(|j| !j.is_empty())?)?;
-            Some(Device { user_id: r.user_id, device_id: r.device_id, display_name: r.display_name, keys })
-        })
-        .collect()
+fn parse_devices<'a>(rows: impl Iterator<Item = &'a DeviceKeyRow>) -> impl Iterator<Item = Device> {
+    rows.filter_map(|r| {
+        // Synapse skips rows whose key_json is empty.
+        let keys = parse_object(r.key_json.as_deref().filter(|j| !j.is_empty())?)?;
+        Some(Device { user_id: r.user_id.clone(), device_id: r.device_id.clone(), display_name: r.display_name.clone(), keys })
+    })
 }
 
-fn parse_cross_signing_keys(rows: Vec<CrossSigningKeyRow>) -> Vec<CrossSigningKey> {
-    rows.into_iter()
-        .filter_map(|r| {
-            let data = parse_object(&r.keydata)?;
-            Some(CrossSigningKey { public_key: last_key_value(&data), user_id: r.user_id, keytype: r.keytype, data })
-        })
-        .collect()
+fn parse_cross_signing_keys<'a>(rows: impl Iterator<Item = &'a CrossSigningKeyRow>) -> Vec<CrossSigningKey> {
+    rows.filter_map(|r| {
+        let data = parse_object(&r.keydata)?;
+        Some(CrossSigningKey { public_key: last_key_value(&data), user_id: r.user_id.clone(), keytype: r.keytype.clone(), data })
+    })
+    .collect()
 }
 
 /// Each device gets its owner's cross-signatures merged into `signatures`
 /// and a fresh `unsigned` with its display name.
-fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[SignatureRow]) {
+fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[&SignatureRow]) {
     let mut by_target: HashMap<(&str, &str), Vec<(&str, &str)>> = HashMap::new();
     for s in sigs.iter().filter(|s| s.user_id == s.target_user_id) {
         by_target
@@ -127,7 +119,7 @@ fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[Signa
 fn add_cross_signing_keys(
     resp: &mut KeysQueryResponse,
     keys: Vec<CrossSigningKey>,
-    sigs: &[SignatureRow],
+    sigs: &[&SignatureRow],
     requester: &str,
 ) {
     // Synapse maps (user, public key) to one key type, the last one seen.
@@ -160,9 +152,4 @@ fn add_cross_signing_keys(
         };
         target.insert(user_id, data);
     }
-}
-
-fn uniq<'a>(it: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut seen = HashSet::new();
-    it.filter(|u| seen.insert(*u)).collect()
 }

@@ -39,18 +39,14 @@ pub async fn add_remote_users(
         return Ok(());
     }
     let users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
-    let all_of: Vec<&str> = remote.iter().filter(|(_, d)| d.is_empty()).map(|(u, _)| *u).collect();
-    let pairs: Vec<(&str, &str)> =
-        remote.iter().flat_map(|(u, ds)| ds.iter().map(move |d| (*u, d.as_str()))).collect();
-    let (cached, sharing, rows) = tokio::try_join!(
-        app.store.remote_cached_users(&users),
-        app.store.users_sharing_a_room(&users),
-        app.store.remote_cached_devices(&all_of, &pairs),
-    )?;
-    let sharing: HashSet<String> = sharing.into_iter().collect();
+    let known = app.caches.remote_users(&app.store, &users).await?;
+    let sharing: HashSet<&str> = users.iter().copied().filter(|u| known.get(*u).is_some_and(|k| k.shares_a_room)).collect();
     // Cached users the server no longer shares a room with are not trusted.
-    let cached: HashSet<&str> = cached.iter().map(String::as_str).filter(|u| sharing.contains(*u)).collect();
-    add_cached_devices(resp, &cached, rows);
+    let cached: HashSet<&str> = users.iter().copied().filter(|u| sharing.contains(u) && known[*u].cached).collect();
+    for (user, wanted) in remote.iter().filter(|(u, _)| cached.contains(u)) {
+        let rows = known[*user].devices.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.device_id));
+        add_cached_devices(resp, user, rows);
+    }
 
     // Not cached, or only one of master / self-signing key known: ask.
     let mut by_destination: BTreeMap<&str, Vec<(&str, &[String])>> = BTreeMap::new();
@@ -101,11 +97,9 @@ struct CachedContent {
 
 /// Synapse renders a cached device as its `keys` with `unsigned` set
 /// (kept if present) and the display name added when it is truthy.
-fn add_cached_devices(resp: &mut KeysQueryResponse, cached: &HashSet<&str>, rows: Vec<RemoteDeviceRow>) {
-    for user in cached {
-        resp.device_keys.entry((*user).to_owned()).or_default();
-    }
-    for row in rows.into_iter().filter(|r| cached.contains(r.user_id.as_str())) {
+fn add_cached_devices<'a>(resp: &mut KeysQueryResponse, user: &str, rows: impl Iterator<Item = &'a RemoteDeviceRow>) {
+    let entry = resp.device_keys.entry(user.to_owned()).or_default();
+    for row in rows {
         let Ok(content) = serde_json::from_str::<CachedContent>(&row.content) else { continue };
         let Some(mut keys) = content.keys.as_deref().and_then(|k| parse_object(k.get())) else { continue };
         if keys.is_empty() {
@@ -119,7 +113,7 @@ fn add_cached_devices(resp: &mut KeysQueryResponse, cached: &HashSet<&str>, rows
             unsigned.insert("device_display_name".into(), name);
         }
         keys.insert("unsigned".into(), serde_json::value::to_raw_value(&unsigned).expect("map serialises"));
-        resp.device_keys.entry(row.user_id).or_default().insert(row.device_id, keys);
+        entry.insert(row.device_id.clone(), keys);
     }
 }
 
@@ -171,7 +165,7 @@ async fn query_destination(
     app: &App,
     dest: &str,
     queries: Vec<(&str, &[String])>,
-    sharing: &HashSet<String>,
+    sharing: &HashSet<&str>,
     deadline: Instant,
 ) -> DestinationAnswer {
     let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };

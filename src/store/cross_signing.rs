@@ -37,15 +37,11 @@ const KEYS_SQLITE: &str = "
 
 const SIGS_PG: &str = "
     SELECT user_id, key_id, target_user_id, target_device_id, signature
-    FROM e2e_cross_signing_signatures
-    WHERE (user_id = target_user_id AND user_id = ANY($1))
-       OR (user_id = $2 AND target_user_id = ANY($3))";
+    FROM e2e_cross_signing_signatures WHERE user_id = ANY($1)";
 
 const SIGS_SQLITE: &str = "
     SELECT user_id, key_id, target_user_id, target_device_id, signature
-    FROM e2e_cross_signing_signatures
-    WHERE (user_id = target_user_id AND user_id IN (SELECT value FROM json_each(?1)))
-       OR (user_id = ?2 AND target_user_id IN (SELECT value FROM json_each(?3)))";
+    FROM e2e_cross_signing_signatures WHERE user_id IN (SELECT value FROM json_each(?1))";
 
 impl Store {
     /// The newest key of each type for each of `users`, ordered by user
@@ -60,31 +56,16 @@ impl Store {
         }
     }
 
-    /// Two kinds of signature rows in one round trip: those the owners in
-    /// `self_signed_by` made on their own devices and keys, and those
-    /// `requester` made on anything of the users in `signed_by_requester`.
-    /// The caller keeps the rows whose target it is answering with.
-    pub async fn cross_signatures(
-        &self,
-        self_signed_by: &[&str],
-        requester: &str,
-        signed_by_requester: &[&str],
-    ) -> Result<Vec<SignatureRow>, sqlx::Error> {
-        if self_signed_by.is_empty() && signed_by_requester.is_empty() {
+    /// Every cross-signing signature made by each of `signers` (on their
+    /// own devices and keys, and on other users' keys). The caller keeps
+    /// the rows whose target it is answering with.
+    pub async fn signatures_by(&self, signers: &[&str]) -> Result<Vec<SignatureRow>, sqlx::Error> {
+        if signers.is_empty() {
             return Ok(Vec::new());
         }
         match self {
-            Store::Postgres(p) => {
-                sqlx::query_as(SIGS_PG).bind(self_signed_by).bind(requester).bind(signed_by_requester).fetch_all(p).await
-            }
-            Store::Sqlite(p) => {
-                sqlx::query_as(SIGS_SQLITE)
-                    .bind(json_list(self_signed_by))
-                    .bind(requester)
-                    .bind(json_list(signed_by_requester))
-                    .fetch_all(p)
-                    .await
-            }
+            Store::Postgres(p) => sqlx::query_as(SIGS_PG).bind(signers).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(SIGS_SQLITE).bind(json_list(signers)).fetch_all(p).await,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Local device keys: `e2e_device_keys_json` joined to `devices`, skipping
-//! hidden rows (Synapse's `_get_e2e_device_keys`), for whole users and for
-//! named (user, device) pairs, in one query.
+//! hidden rows (Synapse's `_get_e2e_device_keys`), for whole users in one
+//! query. Requests for named devices are answered from the user's full list
+//! (which is what the cache holds).
 
 use super::{Store, json_list};
 
@@ -16,38 +17,23 @@ const SQL_PG: &str = "
     SELECT user_id, device_id, d.display_name, k.key_json
     FROM e2e_device_keys_json k
     INNER JOIN devices d USING (user_id, device_id)
-    WHERE (user_id = ANY($1)
-           OR (user_id, device_id) IN (SELECT * FROM UNNEST($2::text[], $3::text[])))
-      AND NOT d.hidden";
+    WHERE user_id = ANY($1) AND NOT d.hidden";
 
 const SQL_SQLITE: &str = "
     SELECT user_id, device_id, d.display_name, k.key_json
     FROM e2e_device_keys_json k
     INNER JOIN devices d USING (user_id, device_id)
-    WHERE (user_id IN (SELECT value FROM json_each(?1))
-           OR (user_id, device_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
-                                       FROM json_each(?2)))
-      AND NOT d.hidden";
+    WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT d.hidden";
 
 impl Store {
-    /// Devices with keys of `all_devices_of` (every device) and of the named
-    /// `pairs` (user, device).
-    pub async fn device_keys(
-        &self,
-        all_devices_of: &[&str],
-        pairs: &[(&str, &str)],
-    ) -> Result<Vec<DeviceKeyRow>, sqlx::Error> {
-        if all_devices_of.is_empty() && pairs.is_empty() {
+    /// Every device with keys of each of `users`.
+    pub async fn device_keys(&self, users: &[&str]) -> Result<Vec<DeviceKeyRow>, sqlx::Error> {
+        if users.is_empty() {
             return Ok(Vec::new());
         }
         match self {
-            Store::Postgres(p) => {
-                let (users, devices): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-                sqlx::query_as(SQL_PG).bind(all_devices_of).bind(users).bind(devices).fetch_all(p).await
-            }
-            Store::Sqlite(p) => {
-                sqlx::query_as(SQL_SQLITE).bind(json_list(all_devices_of)).bind(json_list(pairs)).fetch_all(p).await
-            }
+            Store::Postgres(p) => sqlx::query_as(SQL_PG).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(SQL_SQLITE).bind(json_list(users)).fetch_all(p).await,
         }
     }
 }

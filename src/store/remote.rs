@@ -31,11 +31,10 @@ const JOINED_SQLITE: &str = "
 
 const DEVICES_PG: &str = "
     SELECT user_id, device_id, content FROM device_lists_remote_cache
-    WHERE user_id = ANY($1) OR (user_id, device_id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))";
+    WHERE user_id = ANY($1)";
 const DEVICES_SQLITE: &str = "
     SELECT user_id, device_id, content FROM device_lists_remote_cache
-    WHERE user_id IN (SELECT value FROM json_each(?1))
-       OR (user_id, device_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?2))";
+    WHERE user_id IN (SELECT value FROM json_each(?1))";
 
 // Synapse's filter_destinations_by_retry_limiter: a row with all three
 // timings set whose retry is not due within the grace period.
@@ -69,24 +68,14 @@ impl Store {
         }
     }
 
-    /// Cached devices of remote users: all of `all_devices_of`'s, and the
-    /// named (user, device) `pairs`.
-    pub async fn remote_cached_devices(
-        &self,
-        all_devices_of: &[&str],
-        pairs: &[(&str, &str)],
-    ) -> Result<Vec<RemoteDeviceRow>, sqlx::Error> {
-        if all_devices_of.is_empty() && pairs.is_empty() {
+    /// Every cached device of each of `users`.
+    pub async fn remote_cached_devices(&self, users: &[&str]) -> Result<Vec<RemoteDeviceRow>, sqlx::Error> {
+        if users.is_empty() {
             return Ok(Vec::new());
         }
         match self {
-            Store::Postgres(p) => {
-                let (users, devices): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-                sqlx::query_as(DEVICES_PG).bind(all_devices_of).bind(users).bind(devices).fetch_all(p).await
-            }
-            Store::Sqlite(p) => {
-                sqlx::query_as(DEVICES_SQLITE).bind(json_list(all_devices_of)).bind(json_list(pairs)).fetch_all(p).await
-            }
+            Store::Postgres(p) => sqlx::query_as(DEVICES_PG).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(DEVICES_SQLITE).bind(json_list(users)).fetch_all(p).await,
         }
     }
 

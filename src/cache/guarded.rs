@@ -1,0 +1,223 @@
+//! A moka cache that never keeps a value read before an invalidation.
+//!
+//! moka does not cancel a load when its key is invalidated, so a database
+//! read that started before a change could otherwise be cached after the
+//! change's invalidation. Every key hashes to one of a fixed set of
+//! generation counters (plus a global epoch for "drop everything"): a
+//! loader takes a [`Ticket`] before reading, and its value is cached only if
+//! no invalidation touched that key's counter in between. Check-and-insert
+//! and bump-and-invalidate happen under one lock, so there is no gap.
+//!
+//! While the cache is not *trusted* (the replication stream is down or not
+//! caught up), reads miss and nothing is inserted.
+
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use moka::sync::Cache;
+
+const STRIPES: usize = 4096;
+
+/// Hit, miss and insert counts, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub inserts: AtomicU64,
+    pub stale_loads_dropped: AtomicU64,
+}
+
+/// Shared by all caches: whether their contents may be used.
+#[derive(Debug, Default)]
+pub struct Trust(AtomicBool);
+
+impl Trust {
+    pub fn set(&self, trusted: bool) {
+        self.0.store(trusted, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub struct GuardedCache<K, V> {
+    pub name: &'static str,
+    cache: Cache<K, V>,
+    state: Mutex<Generations>,
+    hasher: RandomState,
+    trust: Arc<Trust>,
+    pub counters: Counters,
+}
+
+struct Generations {
+    epoch: u64,
+    stripes: Vec<u64>,
+}
+
+/// Taken before a read: the generation the value will be checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    epoch: u64,
+    stripe: usize,
+    generation: u64,
+}
+
+impl<K, V> GuardedCache<K, V>
+where
+    K: Hash + Eq + Send + Sync + Clone + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// `weigher` gives each entry's weight (e.g. bytes); `capacity` bounds
+    /// their sum.
+    pub fn new(
+        name: &'static str,
+        capacity: u64,
+        ttl: Duration,
+        weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static,
+        trust: Arc<Trust>,
+    ) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(weigher)
+            .time_to_live(ttl)
+            .support_invalidation_closures()
+            .build();
+        Self {
+            name,
+            cache,
+            state: Mutex::new(Generations { epoch: 0, stripes: vec![0; STRIPES] }),
+            hasher: RandomState::new(),
+            trust,
+            counters: Counters::default(),
+        }
+    }
+
+    fn stripe(&self, key: &K) -> usize {
+        (self.hasher.hash_one(key) as usize) % STRIPES
+    }
+
+    pub fn get(&self, key: &K) -> Option<V> {
+        let hit = if self.trust.get() { self.cache.get(key) } else { None };
+        let counter = if hit.is_some() { &self.counters.hits } else { &self.counters.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// Take before reading the value from its source.
+    pub fn ticket(&self, key: &K) -> Ticket {
+        let stripe = self.stripe(key);
+        let g = self.state.lock().expect("generations");
+        Ticket { epoch: g.epoch, stripe, generation: g.stripes[stripe] }
+    }
+
+    /// Caches `value` unless `key` was invalidated since `ticket` was taken.
+    pub fn insert(&self, key: K, value: V, ticket: Ticket) {
+        if !self.trust.get() {
+            return;
+        }
+        let g = self.state.lock().expect("generations");
+        if g.epoch == ticket.epoch && g.stripes[ticket.stripe] == ticket.generation {
+            self.cache.insert(key, value);
+            self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.stale_loads_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn invalidate(&self, key: &K) {
+        let stripe = self.stripe(key);
+        let mut g = self.state.lock().expect("generations");
+        g.stripes[stripe] += 1;
+        self.cache.invalidate(key);
+    }
+
+    /// Drops the entries matching `predicate` (and voids every load in
+    /// flight, to be safe).
+    pub fn invalidate_if(&self, predicate: impl Fn(&K, &V) -> bool + Send + Sync + 'static) {
+        let mut g = self.state.lock().expect("generations");
+        g.epoch += 1;
+        let _ = self.cache.invalidate_entries_if(predicate);
+    }
+
+    pub fn invalidate_all(&self) {
+        let mut g = self.state.lock().expect("generations");
+        g.epoch += 1;
+        self.cache.invalidate_all();
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> GuardedCache<String, u32> {
+        let trust = Arc::new(Trust::default());
+        trust.set(true);
+        GuardedCache::new("test", 1000, Duration::from_secs(60), |_, _| 1, trust)
+    }
+
+    #[test]
+    fn caches_and_invalidates() {
+        let c = cache();
+        let t = c.ticket(&"a".into());
+        c.insert("a".into(), 1, t);
+        assert_eq!(c.get(&"a".into()), Some(1));
+        c.invalidate(&"a".into());
+        assert_eq!(c.get(&"a".into()), None);
+    }
+
+    /// The race: an invalidation lands while a load is in flight; the
+    /// loaded (stale) value must not be cached afterwards.
+    #[tokio::test]
+    async fn invalidation_during_a_load_wins() {
+        let c = Arc::new(cache());
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let loader = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let ticket = c.ticket(&"user".into());
+                let _ = started_tx.send(());
+                // The "database read" returns the old value after the change.
+                release_rx.await.unwrap();
+                c.insert("user".into(), 1, ticket);
+            })
+        };
+        started_rx.await.unwrap();
+        c.invalidate(&"user".into());
+        release_tx.send(()).unwrap();
+        loader.await.unwrap();
+        assert_eq!(c.get(&"user".into()), None, "the stale value was not cached");
+        assert_eq!(c.counters.stale_loads_dropped.load(Ordering::Relaxed), 1);
+        // A load that starts after the invalidation is cached.
+        let t = c.ticket(&"user".into());
+        c.insert("user".into(), 2, t);
+        assert_eq!(c.get(&"user".into()), Some(2));
+    }
+
+    #[test]
+    fn drop_everything_voids_loads_and_untrusted_bypasses() {
+        let c = cache();
+        let t = c.ticket(&"a".into());
+        c.invalidate_all();
+        c.insert("a".into(), 1, t);
+        assert_eq!(c.get(&"a".into()), None);
+        let t = c.ticket(&"a".into());
+        c.insert("a".into(), 1, t);
+        c.trust.set(false);
+        assert_eq!(c.get(&"a".into()), None, "untrusted: reads miss");
+        c.trust.set(true);
+        assert_eq!(c.get(&"a".into()), Some(1));
+        c.invalidate_if(|k, _| k == "a");
+        assert_eq!(c.get(&"a".into()), None);
+    }
+}

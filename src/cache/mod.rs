@@ -1,0 +1,234 @@
+//! The memory caches of the hot path and the cached reads that use them.
+//! Entries are per user (or per token); the replication listener keeps them
+//! correct by invalidating what changed (see `crate::replication`), and a
+//! TTL bounds any entry's life as a safety net.
+
+pub mod guarded;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use guarded::{GuardedCache, Trust};
+
+use crate::config::WorkerConfig;
+use crate::store::{CrossSigningKeyRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
+
+/// What Synapse's tables say about one remote user.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteUser {
+    /// Synapse holds and trusts their device list.
+    pub cached: bool,
+    /// They are joined to a room this server is in.
+    pub shares_a_room: bool,
+    pub devices: Vec<RemoteDeviceRow>,
+}
+
+type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
+
+pub struct Caches {
+    pub trust: Arc<Trust>,
+    pub tokens: GuardedCache<String, Arc<TokenRow>>,
+    pub devices: PerUser<DeviceKeyRow>,
+    pub cross_signing: PerUser<CrossSigningKeyRow>,
+    /// Keyed by the signing user.
+    pub signatures: PerUser<SignatureRow>,
+    pub remote: GuardedCache<String, Arc<RemoteUser>>,
+}
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches").field("trusted", &self.trust.get()).finish_non_exhaustive()
+    }
+}
+
+fn weight(strings: impl Iterator<Item = usize>) -> u32 {
+    u32::try_from(strings.sum::<usize>() + 64).unwrap_or(u32::MAX)
+}
+
+impl Caches {
+    pub fn new(w: &WorkerConfig) -> Self {
+        let trust = Arc::new(Trust::default());
+        let ttl = Duration::from_millis(w.cache_ttl_ms);
+        let bytes = w.cache_max_bytes;
+        Self {
+            tokens: GuardedCache::new("tokens", w.token_cache_max_entries, ttl, |_: &String, _: &Arc<TokenRow>| 1, trust.clone()),
+            devices: GuardedCache::new("device_keys", bytes, ttl, |k: &String, v: &Arc<Vec<DeviceKeyRow>>| {
+                weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
+                    r.device_id.len() + r.display_name.as_ref().map_or(0, String::len) + r.key_json.as_ref().map_or(0, String::len)
+                })))
+            }, trust.clone()),
+            cross_signing: GuardedCache::new("cross_signing_keys", bytes, ttl, |k: &String, v: &Arc<Vec<CrossSigningKeyRow>>| {
+                weight(std::iter::once(k.len()).chain(v.iter().map(|r| r.keytype.len() + r.keydata.len())))
+            }, trust.clone()),
+            signatures: GuardedCache::new("signatures", bytes, ttl, |k: &String, v: &Arc<Vec<SignatureRow>>| {
+                weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
+                    r.key_id.len() + r.target_user_id.len() + r.target_device_id.len() + r.signature.len()
+                })))
+            }, trust.clone()),
+            remote: GuardedCache::new(
+                "remote_devices",
+                bytes,
+                Duration::from_millis(w.remote_status_ttl_ms.min(w.cache_ttl_ms)),
+                |k: &String, v: &Arc<RemoteUser>| weight(std::iter::once(k.len()).chain(v.devices.iter().map(|d| d.device_id.len() + d.content.len()))),
+                trust.clone(),
+            ),
+            trust,
+        }
+    }
+
+    /// Everything held about `user` (their devices, keys, signatures).
+    pub fn invalidate_user(&self, user: &str) {
+        let key = user.to_owned();
+        self.devices.invalidate(&key);
+        self.cross_signing.invalidate(&key);
+        self.signatures.invalidate(&key);
+        self.remote.invalidate(&key);
+    }
+
+    pub fn invalidate_token(&self, token: &str) {
+        self.tokens.invalidate(&token.to_owned());
+    }
+
+    /// Every cached token acting as or owned by `user`.
+    pub fn invalidate_tokens_of(&self, user: &str) {
+        let user = user.to_owned();
+        self.tokens.invalidate_if(move |_, row| row.user_id == user || row.token_owner == user);
+    }
+
+    pub fn invalidate_all(&self) {
+        self.tokens.invalidate_all();
+        self.devices.invalidate_all();
+        self.cross_signing.invalidate_all();
+        self.signatures.invalidate_all();
+        self.remote.invalidate_all();
+    }
+
+    /// The access token's row, from memory or the database.
+    pub async fn token(&self, store: &Store, token: &str) -> Result<Option<Arc<TokenRow>>, sqlx::Error> {
+        let key = token.to_owned();
+        if let Some(hit) = self.tokens.get(&key) {
+            return Ok(Some(hit));
+        }
+        let ticket = self.tokens.ticket(&key);
+        let Some(row) = store.token_lookup(token).await? else { return Ok(None) };
+        let row = Arc::new(row);
+        self.tokens.insert(key, row.clone(), ticket);
+        Ok(Some(row))
+    }
+
+    pub async fn device_keys(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<Vec<DeviceKeyRow>>>, sqlx::Error> {
+        let mut lookup = Lookup::start(&self.devices, users);
+        if !lookup.misses.is_empty() {
+            let rows = store.device_keys(&lookup.misses).await?;
+            lookup.fill(&self.devices, rows, |r| &r.user_id);
+        }
+        Ok(lookup.found)
+    }
+
+    pub async fn cross_signing_keys(
+        &self,
+        store: &Store,
+        users: &[&str],
+    ) -> Result<HashMap<String, Arc<Vec<CrossSigningKeyRow>>>, sqlx::Error> {
+        let mut lookup = Lookup::start(&self.cross_signing, users);
+        if !lookup.misses.is_empty() {
+            let rows = store.cross_signing_keys(&lookup.misses).await?;
+            lookup.fill(&self.cross_signing, rows, |r| &r.user_id);
+        }
+        Ok(lookup.found)
+    }
+
+    pub async fn signatures_by(&self, store: &Store, signers: &[&str]) -> Result<HashMap<String, Arc<Vec<SignatureRow>>>, sqlx::Error> {
+        let mut lookup = Lookup::start(&self.signatures, signers);
+        if !lookup.misses.is_empty() {
+            let rows = store.signatures_by(&lookup.misses).await?;
+            lookup.fill(&self.signatures, rows, |r| &r.user_id);
+        }
+        Ok(lookup.found)
+    }
+
+    /// What Synapse's tables say about each of the remote `users`.
+    pub async fn remote_users(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<RemoteUser>>, sqlx::Error> {
+        let mut out = HashMap::new();
+        let mut misses = Vec::new();
+        for u in users {
+            match self.remote.get(&(*u).to_owned()) {
+                Some(hit) => {
+                    out.insert((*u).to_owned(), hit);
+                }
+                None => misses.push(*u),
+            }
+        }
+        if misses.is_empty() {
+            return Ok(out);
+        }
+        let tickets: Vec<_> = misses.iter().map(|u| self.remote.ticket(&(*u).to_owned())).collect();
+        let (cached, sharing, rows) = tokio::try_join!(
+            store.remote_cached_users(&misses),
+            store.users_sharing_a_room(&misses),
+            store.remote_cached_devices(&misses),
+        )?;
+        let cached: HashSet<String> = cached.into_iter().collect();
+        let sharing: HashSet<String> = sharing.into_iter().collect();
+        let mut loaded: HashMap<String, RemoteUser> = misses
+            .iter()
+            .map(|u| {
+                let u = (*u).to_owned();
+                let entry = RemoteUser { cached: cached.contains(&u), shares_a_room: sharing.contains(&u), devices: Vec::new() };
+                (u, entry)
+            })
+            .collect();
+        for row in rows {
+            if let Some(entry) = loaded.get_mut(&row.user_id) {
+                entry.devices.push(row);
+            }
+        }
+        for (u, ticket) in misses.iter().zip(tickets) {
+            let entry = Arc::new(loaded.remove(*u).unwrap_or_default());
+            self.remote.insert((*u).to_owned(), entry.clone(), ticket);
+            out.insert((*u).to_owned(), entry);
+        }
+        Ok(out)
+    }
+}
+
+/// A per-user read: hits from the cache, then one load for all misses,
+/// grouped by owner and cached (an empty list too) unless invalidated
+/// while loading.
+struct Lookup<'a, V> {
+    found: HashMap<String, Arc<Vec<V>>>,
+    misses: Vec<&'a str>,
+    tickets: Vec<guarded::Ticket>,
+}
+
+impl<'a, V: Clone + Send + Sync + 'static> Lookup<'a, V> {
+    fn start(cache: &PerUser<V>, users: &[&'a str]) -> Self {
+        let mut found = HashMap::with_capacity(users.len());
+        let mut misses = Vec::new();
+        let mut seen = HashSet::with_capacity(users.len());
+        for u in users.iter().copied().filter(|u| seen.insert(*u)) {
+            let key = u.to_owned();
+            match cache.get(&key) {
+                Some(hit) => {
+                    found.insert(key, hit);
+                }
+                None => misses.push(u),
+            }
+        }
+        let tickets = misses.iter().map(|u| cache.ticket(&(*u).to_owned())).collect();
+        Self { found, misses, tickets }
+    }
+
+    fn fill(&mut self, cache: &PerUser<V>, rows: Vec<V>, owner: impl Fn(&V) -> &String) {
+        let mut grouped: HashMap<String, Vec<V>> = HashMap::new();
+        for row in rows {
+            grouped.entry(owner(&row).clone()).or_default().push(row);
+        }
+        for (u, ticket) in self.misses.iter().zip(&self.tickets) {
+            let entry = Arc::new(grouped.remove(*u).unwrap_or_default());
+            cache.insert((*u).to_owned(), entry.clone(), *ticket);
+            self.found.insert((*u).to_owned(), entry);
+        }
+    }
+}
