@@ -9,6 +9,7 @@ pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod replication;
 pub mod resync;
 pub mod store;
 pub mod telemetry;
@@ -29,8 +30,9 @@ use crate::store::Store;
 pub struct App {
     pub config: Config,
     pub store: Store,
-    pub caches: Caches,
+    pub caches: Arc<Caches>,
     pub remote: Remote,
+    pub replication: replication::Status,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -45,8 +47,8 @@ impl App {
     pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
         let federation = Arc::new(FederationClient::from_config(&config)?);
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
-        let caches = Caches::new(&config.worker);
-        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation } }))
+        let caches = Arc::new(Caches::new(&config.worker));
+        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation }, replication: Default::default() }))
     }
 
     /// Opens the database named by the config (lazily: no connection yet).
@@ -54,6 +56,12 @@ impl App {
         let store = Store::connect(&config.synapse.database, &config.worker)?;
         Self::new(config, store)
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A bound server, ready to run.
@@ -74,8 +82,10 @@ impl Server {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Starts following Synapse's replication stream, then serves until
+    /// `shutdown` completes and in-flight requests have finished.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        replication::start(&self.app);
         axum::serve(self.listener, http::router(self.app)).with_graceful_shutdown(shutdown).await
     }
 }

@@ -3,8 +3,6 @@
 //! order: body too large, then auth, then `timeout`, then the body's shape.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -29,16 +27,11 @@ pub async fn keys_query(
         _ => MatrixError::bad_json("Error reading JSON content."),
     })?;
     let params = QueryParams::parse(uri.query());
-    let now = now_ms();
+    let now = crate::now_ms();
     let requester = authenticate(&app.store, &app.caches, &headers, &params, now).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
     let answer = query_keys(&app, &requester.user_id, &query, now).await?;
     Ok(json_response(StatusCode::OK, &answer))
-}
-
-fn now_ms() -> i64 {
-    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }

@@ -7,6 +7,7 @@ pub mod auth;
 mod health;
 mod keys_query;
 pub mod params;
+mod ready;
 mod resync_rpc;
 
 use std::sync::Arc;
@@ -34,7 +35,7 @@ pub const KEYS_QUERY_PATHS: [&str; 3] = [
 /// Every route: method, path, handler. The one list the router is built
 /// from and `openapi/openapi.yaml` is checked against.
 fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
-    let mut t = vec![(Method::GET, "/health", get(health::health))];
+    let mut t = vec![(Method::GET, "/health", get(health::health)), (Method::GET, "/ready", get(ready::ready))];
     for path in KEYS_QUERY_PATHS {
         t.push((Method::POST, path, post(keys_query::keys_query)));
     }

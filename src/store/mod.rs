@@ -11,11 +11,13 @@ mod connect;
 mod cross_signing;
 mod device_keys;
 mod remote;
+mod streams;
 
 pub use auth::TokenRow;
 pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
 pub use device_keys::DeviceKeyRow;
 pub use remote::RemoteDeviceRow;
+pub use streams::{CacheInvalidation, StreamUser};
 
 use sqlx::{PgPool, SqlitePool};
 

@@ -7,5 +7,7 @@ mod fake_remote;
 mod helpers;
 mod master_proxy;
 mod remote;
+mod replication;
 mod schema;
 mod sqlite;
+mod tcp_proxy;

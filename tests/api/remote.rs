@@ -29,7 +29,7 @@ fn with_writer(mut config: Config, port: u16) -> Config {
 }
 
 /// A port nothing listens on: the writer is stopped.
-async fn closed_port() -> u16 {
+pub async fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
 }
 

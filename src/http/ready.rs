@@ -1,0 +1,38 @@
+//! `GET /ready`: 200 only when the database answers; the body says how the
+//! database, the replication stream and the device-lists writer are doing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::json;
+
+use super::json_response;
+use crate::App;
+
+pub async fn ready(State(app): State<Arc<App>>) -> Response {
+    let db = tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await;
+    let (db_ok, db_error) = match db {
+        Ok(Ok(())) => (true, None),
+        Ok(Err(e)) => (false, Some(e.to_string())),
+        Err(_) => (false, Some("no answer within 2s".to_owned())),
+    };
+    let r = &app.replication;
+    let last = r.last_seen_ms.load(Ordering::Relaxed);
+    let body = json!({
+        "database": {"ok": db_ok, "backend": app.store.backend(), "error": db_error},
+        "replication": {
+            "mode": r.mode(),
+            "connected": r.connected.load(Ordering::SeqCst),
+            "caught_up": r.caught_up.load(Ordering::SeqCst),
+            "caches_trusted": app.caches.trust.get(),
+            "reconnects": r.reconnects.load(Ordering::Relaxed),
+            "last_seen_ms_ago": (last > 0).then(|| crate::now_ms() - last),
+        },
+        "master": {"breaker": if app.remote.coordinator.master.breaker_open() { "open" } else { "closed" }},
+    });
+    json_response(if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}

@@ -1,0 +1,57 @@
+//! What a replication row means for our caches.
+
+use std::sync::Arc;
+
+use crate::cache::Caches;
+use crate::resync::Coordinator;
+
+/// Applies Synapse's invalidations to our caches.
+pub struct Invalidator {
+    pub caches: Arc<Caches>,
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl Invalidator {
+    /// A user's devices, keys or signatures changed (a `device_lists` row).
+    pub async fn user_changed(&self, user: &str) {
+        self.caches.invalidate_user(user);
+        self.coordinator.invalidate(user).await;
+    }
+
+    /// One of Synapse's own cache invalidations (a `caches` row).
+    pub async fn synapse_cache(&self, func: &str, keys: Option<&[String]>) {
+        let first = keys.and_then(|k| k.first()).map(String::as_str);
+        match (func, first) {
+            ("get_user_by_access_token", Some(token)) => self.caches.invalidate_token(token),
+            ("get_user_by_access_token", None) => self.caches.tokens.invalidate_all(),
+            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", Some(user)) => {
+                self.caches.invalidate_tokens_of(user)
+            }
+            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", None) => {
+                self.caches.tokens.invalidate_all()
+            }
+            ("_get_bare_e2e_cross_signing_keys", Some(user)) => self.caches.cross_signing.invalidate(&user.to_owned()),
+            ("_get_bare_e2e_cross_signing_keys", None) => self.caches.cross_signing.invalidate_all(),
+            ("_get_e2e_cross_signing_signatures_for_device", Some(user)) => self.caches.signatures.invalidate(&user.to_owned()),
+            ("get_device" | "get_devices_by_user", Some(user)) => self.caches.devices.invalidate(&user.to_owned()),
+            // Room membership changed: [room_id, members...]; alone, the room.
+            ("cs_cache_fake", _) => match keys {
+                Some([_room, members @ ..]) if !members.is_empty() => {
+                    for m in members {
+                        self.caches.remote.invalidate(m);
+                    }
+                }
+                _ => self.caches.remote.invalidate_all(),
+            },
+            ("dr_cache_fake", _) => self.caches.remote.invalidate_all(),
+            (
+                "get_device_list_last_stream_id_for_remote" | "get_cached_devices_for_user" | "_get_cached_user_device",
+                Some(user),
+            ) => {
+                self.caches.remote.invalidate(&user.to_owned());
+                self.coordinator.invalidate(user).await;
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The Redis side: subscribe to the channel named after `server_name`,
+//! publish `REPLICATE` so every writer reports its position, apply `RDATA`
+//! rows as they come, and read rows we missed from the database. Reconnects
+//! with backoff; never crashes the process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::Invalidator;
+use super::protocol::{self, Command};
+use crate::App;
+use crate::config::synapse::RedisConfig;
+
+/// How long after `REPLICATE` we wait for the writers' positions.
+const SETTLE: Duration = Duration::from_secs(2);
+const PING_EVERY: Duration = Duration::from_secs(5);
+const STREAMS: [&str; 2] = ["device_lists", "caches"];
+
+pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
+    let password = match (&c.password, &c.password_path) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(path)) => Some(std::fs::read_to_string(path)?.trim().to_owned()),
+        _ => None,
+    };
+    let auth = password.map(|p| format!(":{}@", url::form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>())).unwrap_or_default();
+    let db = c.dbid.unwrap_or(0);
+    let url = match &c.path {
+        Some(path) => format!("redis+unix://{path}?db={db}"),
+        None => {
+            let scheme = if c.use_tls { "rediss" } else { "redis" };
+            let host = c.host.as_deref().unwrap_or("localhost");
+            format!("{scheme}://{auth}{host}:{}/{db}", c.port.unwrap_or(6379))
+        }
+    };
+    let mut client = redis::Client::open(url)?;
+    if c.path.is_some() && !auth.is_empty() {
+        // Unix-socket URLs carry no password: set it on the connection info.
+        let info = client.get_connection_info().clone();
+        let redis_info = info.redis_settings().clone().set_password(c.password.clone().unwrap_or_default());
+        client = redis::Client::open(info.set_redis_settings(redis_info))?;
+    }
+    Ok(client)
+}
+
+pub async fn run(app: Arc<App>, invalidator: Arc<Invalidator>, client: redis::Client) {
+    let mut positions: HashMap<(String, String), i64> = HashMap::new();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let connected_at = Instant::now();
+        if let Err(e) = session(&app, &invalidator, &client, &mut positions).await {
+            tracing::warn!(error = %e, "replication stream lost; caches off until it is back");
+        }
+        app.caches.trust.set(false);
+        app.replication.connected.store(false, Ordering::SeqCst);
+        app.replication.caught_up.store(false, Ordering::SeqCst);
+        app.replication.reconnects.fetch_add(1, Ordering::Relaxed);
+        if connected_at.elapsed() > Duration::from_secs(30) {
+            delay = Duration::from_millis(250);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    app: &App,
+    inv: &Invalidator,
+    client: &redis::Client,
+    positions: &mut HashMap<(String, String), i64>,
+) -> anyhow::Result<()> {
+    let channel = app.config.synapse.server_name.clone();
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&channel).await?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        anyhow::Ok((pubsub, conn))
+    };
+    let (pubsub, mut conn) = tokio::time::timeout(Duration::from_secs(5), connect).await??;
+    // Subscribed first, so nothing published from here on is missed; then
+    // ask every writer for its position.
+    let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("REPLICATE ").query_async(&mut conn).await?;
+    app.replication.connected.store(true, Ordering::SeqCst);
+    app.replication.touch();
+    tracing::info!(channel, "following Synapse's replication stream");
+
+    // Positions known before this session: a writer whose position we did
+    // not know may have written while we were away.
+    let reconnecting = !positions.is_empty();
+    let mut reported: Vec<&str> = Vec::new();
+    let settle_by = Instant::now() + SETTLE;
+    let mut settled = false;
+    let mut messages = pubsub.into_on_message();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            msg = messages.next() => {
+                let Some(msg) = msg else { anyhow::bail!("subscription closed") };
+                app.replication.touch();
+                let line: String = msg.get_payload().unwrap_or_default();
+                match protocol::parse(&line) {
+                    Command::Rdata { stream, instance, token, row } => {
+                        apply_row(inv, &stream, &row).await;
+                        if let (Some(t), true) = (token, STREAMS.contains(&stream.as_str())) {
+                            let p = positions.entry((stream, instance)).or_insert(t);
+                            *p = (*p).max(t);
+                        }
+                    }
+                    Command::Position { stream, instance, prev, new } if STREAMS.contains(&stream.as_str()) => {
+                        if !settled && !reported.contains(&stream_name(&stream)) {
+                            reported.push(stream_name(&stream));
+                        }
+                        position(app, inv, positions, stream, instance, prev, new, reconnecting).await;
+                    }
+                    _ => {}
+                }
+                if !settled && reported.len() == STREAMS.len() {
+                    settled = true;
+                    trust(app);
+                }
+            }
+            _ = tokio::time::sleep_until(settle_by), if !settled => {
+                settled = true;
+                if reconnecting && reported.len() < STREAMS.len() {
+                    // Some stream never reported: we cannot tell what we missed.
+                    tracing::warn!("not every stream reported its position; dropping all cached entries");
+                    app.caches.invalidate_all();
+                }
+                trust(app);
+            }
+            _ = ping.tick() => {
+                let pong: String = tokio::time::timeout(Duration::from_secs(3), redis::cmd("PING").query_async(&mut conn)).await??;
+                anyhow::ensure!(pong == "PONG", "unexpected PING answer {pong}");
+            }
+        }
+    }
+}
+
+fn stream_name(s: &str) -> &'static str {
+    if s == "caches" { "caches" } else { "device_lists" }
+}
+
+fn trust(app: &App) {
+    app.replication.caught_up.store(true, Ordering::SeqCst);
+    app.caches.trust.set(true);
+}
+
+async fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
+    match stream {
+        "device_lists" => {
+            if let Some(user) = protocol::device_list_user(row) {
+                inv.user_changed(user).await;
+            }
+        }
+        "caches" => {
+            if let Some((func, keys)) = protocol::cache_row(row) {
+                inv.synapse_cache(func, keys.as_deref()).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A writer's position: read what we missed from the database when its
+/// previous position is not the last one we saw.
+#[allow(clippy::too_many_arguments)]
+async fn position(
+    app: &App,
+    inv: &Invalidator,
+    positions: &mut HashMap<(String, String), i64>,
+    stream: String,
+    instance: String,
+    prev: i64,
+    new: i64,
+    reconnecting: bool,
+) {
+    let key = (stream, instance);
+    match positions.get(&key).copied() {
+        None if reconnecting => {
+            tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries");
+            app.caches.invalidate_all();
+        }
+        None => {}
+        Some(last) if new <= last => return,
+        Some(last) if prev != last => {
+            if let Err(e) = catch_up(app, inv, &key.0, &key.1, last, new).await {
+                tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries");
+                app.caches.invalidate_all();
+            }
+        }
+        Some(_) => {}
+    }
+    positions.insert(key, new);
+}
+
+/// Applies the rows of `stream` written by `instance` in `(after, upto]`.
+pub(super) async fn catch_up(app: &App, inv: &Invalidator, stream: &str, instance: &str, after: i64, upto: i64) -> Result<(), sqlx::Error> {
+    let n = match stream {
+        "device_lists" => {
+            let rows = app.store.device_list_changes(after, upto, Some(instance)).await?;
+            for r in &rows {
+                inv.user_changed(&r.user_id).await;
+            }
+            rows.len()
+        }
+        _ => {
+            let rows = app.store.cache_invalidations(after, upto, Some(instance)).await?;
+            for r in &rows {
+                inv.synapse_cache(&r.cache_func, r.keys.as_deref()).await;
+            }
+            rows.len()
+        }
+    };
+    tracing::info!(stream, instance, after, upto, rows = n, "caught up from the database");
+    app.replication.caught_up_rows.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(())
+}

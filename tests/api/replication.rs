@@ -1,0 +1,214 @@
+//! Caches that are never stale: changes made through Synapse reach our
+//! answers through the replication stream (on two replicas at once), tokens
+//! are revoked, a Redis outage turns the caches off and the rows missed
+//! meanwhile are caught up from the database. Redis outages are simulated
+//! with a TCP proxy in front of the real Redis, so Synapse and the other
+//! tests keep theirs.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use synapse_keys_worker::config::Config;
+
+use crate::helpers::{Ask, Session, Synapse, TokenIn, Worker, env, poll_until, spawn_worker_with};
+use crate::tcp_proxy::TcpProxy;
+
+fn config() -> Config {
+    Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap()
+}
+
+async fn ready_worker(config: Config) -> Worker {
+    let w = spawn_worker_with(config).await;
+    let app = w.app.clone();
+    poll_until(Duration::from_secs(10), || app.caches.trust.get()).await;
+    w
+}
+
+fn hits(w: &Worker) -> u64 {
+    let c = &w.app.caches;
+    [&c.devices.counters, &c.cross_signing.counters, &c.signatures.counters].iter().map(|k| k.hits.load(Ordering::Relaxed)).sum()
+}
+
+/// Polls until `worker` answers `body` for `who` exactly as Synapse does;
+/// returns how long that took.
+async fn converges(worker: &Worker, who: &Session, body: &Value) -> Duration {
+    let started = Instant::now();
+    let ask = Ask::keys_query("v3", &who.token, TokenIn::Header, body);
+    loop {
+        let theirs = ask.send(&env().synapse_url).await;
+        let ours = ask.send(&worker.url).await;
+        if ours == theirs {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no convergence:\nours:    {}\nSynapse: {}", ours.1, theirs.1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn changes_made_through_synapse_reach_both_replicas() {
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    let bob = hs.register("bob").await;
+    hs.upload_device_keys(&alice.session).await;
+    let (a, b) = (alice.user_id.clone(), bob.user_id.clone());
+    let body = json!({"device_keys": {&a: [], &b: []}});
+    let replicas = [ready_worker(config()).await, ready_worker(config()).await];
+    let mut delays = Vec::new();
+    for r in &replicas {
+        converges(r, &bob.session, &body).await;
+        let before = hits(r);
+        converges(r, &bob.session, &body).await;
+        assert!(hits(r) > before, "a repeated query is served from memory");
+    }
+
+    let mut step = async |what: &str| {
+        for r in &replicas {
+            for who in [&alice.session, &bob.session] {
+                let d = converges(r, who, &body).await;
+                println!("{what}: converged in {d:?}");
+                delays.push(d);
+            }
+        }
+    };
+    let phone = hs.login(&alice, Some("phone")).await;
+    let (phone_keys, _) = hs.upload_device_keys(&phone).await;
+    step("new device").await;
+    hs.delete_device(&alice, &phone.device_id).await;
+    step("device deleted").await;
+    let alice_cs = hs.setup_cross_signing(&alice.session).await;
+    step("cross-signing keys").await;
+    let laptop = hs.login(&alice, Some("laptop")).await;
+    let (laptop_keys, _) = hs.upload_device_keys(&laptop).await;
+    hs.sign_own_device(&alice.session, &alice_cs, &laptop_keys).await;
+    step("device cross-signed").await;
+    let bob_cs = hs.setup_cross_signing(&bob.session).await;
+    hs.sign_other_master(&bob.session, &bob_cs, &a).await;
+    step("bob signed alice's master key").await;
+    let _ = phone_keys;
+
+    delays.sort();
+    println!(
+        "change-to-answer delay over {} checks: median {:?}, max {:?}",
+        delays.len(),
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    // The caches stayed on throughout (a stream loss would have bypassed them).
+    for r in &replicas {
+        assert!(r.app.caches.trust.get());
+    }
+}
+
+#[tokio::test]
+async fn logout_revokes_a_cached_token() {
+    let hs = Synapse::new();
+    let user = hs.register("leaving").await;
+    let worker = ready_worker(config()).await;
+    let body = json!({"device_keys": {}});
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &body);
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    assert!(worker.app.caches.tokens.counters.hits.load(Ordering::Relaxed) >= 1, "the token was cached");
+    hs.post("/_matrix/client/v3/logout", &user.session.token, json!({})).await;
+    let started = Instant::now();
+    loop {
+        let (status, answer) = ask.send(&worker.url).await;
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(answer["errcode"], "M_UNKNOWN_TOKEN");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "token still accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("logout reached us in {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn redis_outage_bypasses_caches_and_catches_up() {
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    let carol = hs.register("carol").await;
+    hs.upload_device_keys(&alice.session).await;
+    hs.upload_device_keys(&carol.session).await;
+    let redis_url = url::Url::parse(&std::env::var("SKW_TEST_REDIS_URL").expect("harness sets SKW_TEST_REDIS_URL")).unwrap();
+    let proxy = TcpProxy::start(&format!("{}:{}", redis_url.host_str().unwrap(), redis_url.port().unwrap())).await;
+    let mut c = config();
+    c.synapse.redis.host = Some("127.0.0.1".into());
+    c.synapse.redis.port = Some(proxy.port);
+    let worker = ready_worker(c).await;
+    let (a, cu) = (alice.user_id.clone(), carol.user_id.clone());
+    let both = json!({"device_keys": {&a: [], &cu: []}});
+    let only_carol = json!({"device_keys": {&cu: []}});
+    converges(&worker, &carol.session, &both).await;
+
+    // Redis goes away: the service notices and stops trusting its caches.
+    proxy.set_open(false);
+    let app = worker.app.clone();
+    poll_until(Duration::from_secs(15), || !app.replication.connected.load(Ordering::SeqCst)).await;
+    assert!(!app.caches.trust.get());
+    // A change made meanwhile is visible at once (no cache in the way).
+    let phone = hs.login(&alice, Some("phone")).await;
+    hs.upload_device_keys(&phone).await;
+    let ask = Ask::keys_query("v3", &carol.session.token, TokenIn::Header, &both);
+    let (theirs, ours) = (ask.send(&env().synapse_url).await, ask.send(&worker.url).await);
+    assert_eq!(ours, theirs, "correct while Redis is down");
+    assert_eq!(ours.1["device_keys"][&a].as_object().unwrap().len(), 2);
+
+    // Redis is back: reconnect, catch up the rows missed, trust again.
+    let caught_before = app.replication.caught_up_rows.load(Ordering::Relaxed);
+    proxy.set_open(true);
+    poll_until(Duration::from_secs(30), || app.caches.trust.get()).await;
+    assert!(app.replication.reconnects.load(Ordering::Relaxed) >= 1);
+    assert!(app.replication.caught_up_rows.load(Ordering::Relaxed) > caught_before, "missed rows were read from the database");
+    converges(&worker, &carol.session, &both).await;
+    // Caching resumes: carol's entries (unchanged) are hits again.
+    let before = hits(&worker);
+    converges(&worker, &carol.session, &only_carol).await;
+    assert!(hits(&worker) > before, "cache hits rise again after the reconnect");
+}
+
+#[tokio::test]
+async fn without_redis_the_stream_tables_are_polled() {
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    hs.upload_device_keys(&alice.session).await;
+    let mut c = config();
+    c.synapse.redis.enabled = false;
+    let worker = ready_worker(c).await;
+    assert_eq!(worker.app.replication.mode(), "poll");
+    let body = json!({"device_keys": {&alice.user_id: []}});
+    converges(&worker, &alice.session, &body).await;
+    let phone = hs.login(&alice, None).await;
+    hs.upload_device_keys(&phone).await;
+    let d = converges(&worker, &alice.session, &body).await;
+    println!("polling: change reached us in {d:?}");
+}
+
+#[tokio::test]
+async fn ready_reports_database_stream_and_writer() {
+    let worker = ready_worker(config()).await;
+    let (status, body) = Ask { method: Method::GET, path: "/ready".into(), headers: vec![], body: None }.send(&worker.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["database"]["ok"], true);
+    assert_eq!(body["replication"]["mode"], "redis");
+    assert_eq!(body["replication"]["caught_up"], true);
+    assert_eq!(body["master"]["breaker"], "closed");
+
+    // A database that does not answer: 503, while /health stays 200.
+    let mut c = config();
+    c.synapse.database = synapse_keys_worker::config::DatabaseConfig::Postgres(synapse_keys_worker::config::database::PostgresArgs {
+        host: Some("127.0.0.1".into()),
+        port: Some(crate::remote::closed_port().await),
+        ..Default::default()
+    });
+    c.worker.db_acquire_timeout_ms = 500;
+    let broken = spawn_worker_with(c).await;
+    let (status, body) = Ask { method: Method::GET, path: "/ready".into(), headers: vec![], body: None }.send(&broken.url).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["database"]["ok"], false);
+    let (status, _) = Ask { method: Method::GET, path: "/health".into(), headers: vec![], body: None }.send(&broken.url).await;
+    assert_eq!(status, StatusCode::OK);
+}
