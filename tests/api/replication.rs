@@ -212,3 +212,40 @@ async fn ready_reports_database_stream_and_writer() {
     let (status, _) = Ask { method: Method::GET, path: "/health".into(), headers: vec![], body: None }.send(&broken.url).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn repeated_query_mix_is_served_from_memory() {
+    let hs = Synapse::new();
+    let mut users = Vec::new();
+    for i in 0..6 {
+        let u = hs.register(&format!("mix{i}")).await;
+        hs.upload_device_keys(&u.session).await;
+        if i % 2 == 0 {
+            hs.setup_cross_signing(&u.session).await;
+        }
+        users.push(u);
+    }
+    let worker = ready_worker(config()).await;
+    let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
+    let mix: Vec<Value> = (0..ids.len())
+        .map(|i| json!({"device_keys": {&ids[i]: [], &ids[(i + 1) % ids.len()]: [], &ids[(i + 3) % ids.len()]: []}}))
+        .collect();
+    let run = async || {
+        for (i, body) in mix.iter().enumerate() {
+            let (status, _) = Ask::keys_query("v3", &users[i].session.token, TokenIn::Header, body).send(&worker.url).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    };
+    run().await; // warm-up
+    let c = &worker.app.caches;
+    let all = [&c.tokens.counters, &c.devices.counters, &c.cross_signing.counters, &c.signatures.counters];
+    let count = |f: fn(&synapse_keys_worker::cache::guarded::Counters) -> u64| all.iter().map(|k| f(k)).sum::<u64>();
+    let (h0, m0) = (count(|k| k.hits.load(Ordering::Relaxed)), count(|k| k.misses.load(Ordering::Relaxed)));
+    for _ in 0..5 {
+        run().await;
+    }
+    let (hits, misses) = (count(|k| k.hits.load(Ordering::Relaxed)) - h0, count(|k| k.misses.load(Ordering::Relaxed)) - m0);
+    let ratio = hits as f64 / (hits + misses) as f64;
+    println!("cache hit ratio on the repeated query mix: {ratio:.3} ({hits} hits, {misses} misses)");
+    assert_eq!(misses, 0, "a warm repeated mix touches no database");
+}
