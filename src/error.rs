@@ -55,6 +55,11 @@ impl MatrixError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Request content is too large")
     }
 
+    /// 429 with `retry_after_ms` (and a `Retry-After` header).
+    pub fn limit_exceeded(retry_after_ms: u64) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many requests").with("retry_after_ms", retry_after_ms)
+    }
+
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
     }
@@ -110,6 +115,9 @@ impl IntoResponse for MatrixError {
         let mut resp = (self.status, self.body().to_string()).into_response();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(ms) = self.extra.get("retry_after_ms").and_then(Value::as_u64) {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+        }
         resp
     }
 }

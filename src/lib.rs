@@ -9,6 +9,7 @@ pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
 pub mod replication;
 pub mod resync;
 pub mod store;
@@ -32,7 +33,9 @@ pub struct App {
     pub store: Store,
     pub caches: Arc<Caches>,
     pub remote: Remote,
-    pub replication: replication::Status,
+    pub replication: Arc<replication::Status>,
+    pub metrics: metrics::Metrics,
+    pub limiter: http::limit::DeviceLimiter,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -48,7 +51,19 @@ impl App {
         let federation = Arc::new(FederationClient::from_config(&config)?);
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
         let caches = Arc::new(Caches::new(&config.worker));
-        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation }, replication: Default::default() }))
+        let replication = Arc::new(replication::Status::default());
+        let metrics = metrics::Metrics::new(metrics::Sources {
+            caches: Arc::clone(&caches),
+            coordinator: Arc::clone(&coordinator),
+            federation: Arc::clone(&federation),
+            replication: Arc::clone(&replication),
+            store: store.clone(),
+        });
+        let limiter = http::limit::DeviceLimiter::new(
+            config.worker.max_concurrent_queries_per_device,
+            std::time::Duration::from_millis(config.worker.queue_wait_ms),
+        );
+        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation }, replication, metrics, limiter }))
     }
 
     /// Opens the database named by the config (lazily: no connection yet).
@@ -83,10 +98,31 @@ impl Server {
     }
 
     /// Starts following Synapse's replication stream, then serves until
-    /// `shutdown` completes and in-flight requests have finished.
+    /// `shutdown` completes: from then on no new connections are accepted,
+    /// and in-flight requests get `shutdown_grace_ms` to finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         replication::start(&self.app);
-        axum::serve(self.listener, http::router(self.app)).with_graceful_shutdown(shutdown).await
+        let grace = std::time::Duration::from_millis(self.app.config.worker.shutdown_grace_ms);
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(self.listener, http::router(self.app)).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stopping_tx.send(());
+        });
+        let deadline = async move {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            done = serve => done,
+            () = deadline => {
+                tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+                Ok(())
+            }
+        }
     }
 }
 

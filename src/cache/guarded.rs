@@ -28,6 +28,19 @@ pub struct Counters {
     pub misses: AtomicU64,
     pub inserts: AtomicU64,
     pub stale_loads_dropped: AtomicU64,
+    /// Entries removed for size or age (not invalidations).
+    pub evictions: Arc<AtomicU64>,
+}
+
+/// A snapshot of one cache's counters.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub name: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub stale_loads_dropped: u64,
+    pub entries: u64,
 }
 
 /// Shared by all caches: whether their contents may be used.
@@ -80,11 +93,18 @@ where
         weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static,
         trust: Arc<Trust>,
     ) -> Self {
+        let counters = Counters::default();
+        let evictions = Arc::clone(&counters.evictions);
         let cache = Cache::builder()
             .max_capacity(capacity)
             .weigher(weigher)
             .time_to_live(ttl)
             .support_invalidation_closures()
+            .eviction_listener(move |_, _, cause| {
+                if cause.was_evicted() {
+                    evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         Self {
             name,
@@ -92,7 +112,7 @@ where
             state: Mutex::new(Generations { epoch: 0, stripes: vec![0; STRIPES] }),
             hasher: RandomState::new(),
             trust,
-            counters: Counters::default(),
+            counters,
         }
     }
 
@@ -149,9 +169,16 @@ where
         self.cache.invalidate_all();
     }
 
-    pub fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            name: self.name,
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            stale_loads_dropped: c.stale_loads_dropped.load(Ordering::Relaxed),
+            entries: self.cache.entry_count(),
+        }
     }
 }
 

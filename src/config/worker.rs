@@ -65,6 +65,14 @@ pub struct WorkerConfig {
     pub remote_status_ttl_ms: u64,
     /// With Redis disabled, how often the stream tables are polled, in ms.
     pub poll_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in ms.
+    pub shutdown_grace_ms: u64,
+    /// Concurrent `/keys/query` requests per (user, device), as Synapse's
+    /// linearizer allows.
+    pub max_concurrent_queries_per_device: usize,
+    /// How long a request over that limit may wait for a slot before it is
+    /// refused with 429, in ms.
+    pub queue_wait_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -94,6 +102,9 @@ impl Default for WorkerConfig {
             token_cache_max_entries: 100_000,
             remote_status_ttl_ms: 30_000,
             poll_interval_ms: 500,
+            shutdown_grace_ms: 10_000,
+            max_concurrent_queries_per_device: 10,
+            queue_wait_ms: 10_000,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `POST /_matrix/client/{r0,v3,unstable}/keys/query`: authenticate, parse,
-//! hand over to [`crate::keys`], serialise. Errors come out in Synapse's
-//! order: body too large, then auth, then `timeout`, then the body's shape.
+//! take one of the device's request slots, hand over to [`crate::keys`],
+//! serialise. Errors come out in Synapse's order: body too large, then
+//! auth, then `timeout`, then the body's shape.
 
 use std::sync::Arc;
 use axum::body::Bytes;
@@ -32,6 +33,7 @@ pub async fn keys_query(
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
+    let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
     let answer = query_keys(&app, &requester.user_id, &query, now).await?;
     Ok(json_response(StatusCode::OK, &answer))
 }

@@ -6,6 +6,8 @@
 pub mod auth;
 mod health;
 mod keys_query;
+pub mod limit;
+mod observe;
 pub mod params;
 mod ready;
 mod resync_rpc;
@@ -13,14 +15,13 @@ mod resync_rpc;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::App;
 use crate::error::MatrixError;
@@ -35,7 +36,11 @@ pub const KEYS_QUERY_PATHS: [&str; 3] = [
 /// Every route: method, path, handler. The one list the router is built
 /// from and `openapi/openapi.yaml` is checked against.
 fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
-    let mut t = vec![(Method::GET, "/health", get(health::health)), (Method::GET, "/ready", get(ready::ready))];
+    let mut t = vec![
+        (Method::GET, "/health", get(health::health)),
+        (Method::GET, "/ready", get(ready::ready)),
+        (Method::GET, "/metrics", get(metrics)),
+    ];
     for path in KEYS_QUERY_PATHS {
         t.push((Method::POST, path, post(keys_query::keys_query)));
     }
@@ -59,8 +64,18 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(cors))
         .layer(CatchPanicLayer::custom(|_| MatrixError::internal("handler panicked").into_response()))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), observe::observe))
         .with_state(app)
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics text).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let mut resp = app.metrics.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
 }
 
 /// Synapse answers `OPTIONS` on any path with 204 and sets CORS headers on

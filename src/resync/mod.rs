@@ -14,7 +14,7 @@ pub mod devices;
 pub mod master;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,7 @@ pub struct Coordinator {
     inflight: Mutex<HashMap<String, Slot>>,
     /// Callers currently waiting for a resync result.
     waiting: AtomicUsize,
+    outcomes: OutcomeCounters,
     /// Budget of one direct `GET /user/devices`.
     direct_timeout: Duration,
     concurrency: usize,
@@ -65,6 +66,7 @@ impl Coordinator {
                 .build(),
             inflight: Mutex::default(),
             waiting: AtomicUsize::new(0),
+            outcomes: OutcomeCounters::default(),
             direct_timeout: Duration::from_millis(w.default_timeout_ms),
             concurrency: w.federation_concurrency.max(1),
         })
@@ -108,6 +110,18 @@ impl Coordinator {
             out.insert(user, outcome);
         }
         out
+    }
+
+    /// How resyncs ended so far, per user.
+    pub fn outcomes(&self) -> Outcomes {
+        let o = &self.outcomes;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Outcomes {
+            master_ok: get(&o.master_ok),
+            master_null: get(&o.master_null),
+            fallback_ok: get(&o.fallback_ok),
+            fallback_failed: get(&o.fallback_failed),
+        }
     }
 
     /// How many (caller, user) pairs are waiting for a resync right now.
@@ -154,6 +168,8 @@ impl Coordinator {
                             Some(d) => Ok(Arc::new(d)),
                             None => Err(json!({"status": 503, "message": format!("Device resync failed for '{u}'")})),
                         };
+                        let counter = if outcome.is_ok() { &self.outcomes.master_ok } else { &self.outcomes.master_null };
+                        counter.fetch_add(1, Ordering::Relaxed);
                         (u.clone(), outcome)
                     })
                     .collect();
@@ -163,6 +179,8 @@ impl Coordinator {
         }
         let attempts = users.iter().cloned().map(|u| async move {
             let outcome = self.direct(destination, &u).await;
+            let counter = if outcome.is_ok() { &self.outcomes.fallback_ok } else { &self.outcomes.fallback_failed };
+            counter.fetch_add(1, Ordering::Relaxed);
             (u, outcome)
         });
         futures::stream::iter(attempts).buffer_unordered(self.concurrency).collect().await
@@ -191,4 +209,21 @@ impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(self.1, Ordering::SeqCst);
     }
+}
+
+#[derive(Debug, Default)]
+struct OutcomeCounters {
+    master_ok: AtomicU64,
+    master_null: AtomicU64,
+    fallback_ok: AtomicU64,
+    fallback_failed: AtomicU64,
+}
+
+/// Resync results by how they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcomes {
+    pub master_ok: u64,
+    pub master_null: u64,
+    pub fallback_ok: u64,
+    pub fallback_failed: u64,
 }

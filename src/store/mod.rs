@@ -39,6 +39,15 @@ impl Store {
         }
     }
 
+    /// (connections open, of which idle, most allowed), for metrics.
+    pub fn pool_state(&self) -> (u32, u32, u32) {
+        let idle = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        match self {
+            Store::Postgres(p) => (p.size(), idle(p.num_idle()), p.options().get_max_connections()),
+            Store::Sqlite(p) => (p.size(), idle(p.num_idle()), p.options().get_max_connections()),
+        }
+    }
+
     /// Cheapest possible round trip, for readiness checks.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         match self {

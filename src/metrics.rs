@@ -1,0 +1,155 @@
+//! Prometheus metrics, per `App` (no global registry, so several instances
+//! can live in one process). Request counts and latencies are recorded by
+//! the HTTP middleware; everything else is read from the components' own
+//! counters at scrape time. All names start with `synapse_keys_worker_`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::cache::Caches;
+use crate::federation::FederationClient;
+use crate::replication;
+use crate::resync::Coordinator;
+use crate::store::Store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route template (`/_matrix/client/v3/keys/query`), or `unmatched`.
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RequestLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The parts whose state is exported at scrape time.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub caches: Arc<Caches>,
+    pub coordinator: Arc<Coordinator>,
+    pub federation: Arc<FederationClient>,
+    pub replication: Arc<replication::Status>,
+    pub store: Store,
+}
+
+impl Metrics {
+    pub fn new(sources: Sources) -> Self {
+        let mut registry = Registry::with_prefix("synapse_keys_worker");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+        });
+        registry.register("http_requests", "HTTP requests served, by route, method and status", requests.clone());
+        registry.register("http_request_duration_seconds", "Time to answer HTTP requests", duration.clone());
+        registry.register_collector(Box::new(sources));
+        Self { registry, requests, duration }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(&[(&str, &str)], u64)]) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(0u64);
+    let mut m = e.encode_descriptor(name, help, None, c.metric_type())?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(&labels.to_vec())?)?;
+    }
+    Ok(())
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(&[(&str, &str)], i64)]) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(0i64);
+    let mut m = e.encode_descriptor(name, help, None, g.metric_type())?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(&labels.to_vec())?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.caches;
+        let caches = [
+            c.tokens.stats(),
+            c.devices.stats(),
+            c.cross_signing.stats(),
+            c.signatures.stats(),
+            c.remote.stats(),
+        ];
+        type Pick = fn(&crate::cache::guarded::Stats) -> u64;
+        let per_cache = |pick: Pick| -> Vec<([(&str, &str); 1], u64)> { caches.iter().map(|s| ([("cache", s.name)], pick(s))).collect() };
+        let metrics: [(&str, &str, Pick); 4] = [
+            ("cache_hits", "Cache lookups answered from memory", |s| s.hits),
+            ("cache_misses", "Cache lookups that went to the database", |s| s.misses),
+            ("cache_evictions", "Entries evicted for size or age", |s| s.evictions),
+            ("cache_stale_loads_dropped", "Loads not cached because an invalidation landed meanwhile", |s| s.stale_loads_dropped),
+        ];
+        for (name, help, pick) in metrics {
+            let rows = per_cache(pick);
+            let refs: Vec<(&[(&str, &str)], u64)> = rows.iter().map(|(l, n)| (&l[..], *n)).collect();
+            counter(&mut e, name, help, &refs)?;
+        }
+        let rows = per_cache(|s| s.entries);
+        let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
+        gauge(&mut e, "cache_entries", "Entries held per cache", &refs)?;
+        gauge(&mut e, "caches_trusted", "1 while the caches are in use (replication stream followed)", &[(&[], i64::from(c.trust.get()))])?;
+
+        let r = self.coordinator.outcomes();
+        counter(
+            &mut e,
+            "resyncs",
+            "Remote device-list resyncs, by outcome",
+            &[
+                (&[("outcome", "master_ok")], r.master_ok),
+                (&[("outcome", "master_null")], r.master_null),
+                (&[("outcome", "fallback_ok")], r.fallback_ok),
+                (&[("outcome", "fallback_failed")], r.fallback_failed),
+            ],
+        )?;
+        gauge(&mut e, "master_breaker_open", "1 while the device-lists writer is being skipped", &[(&[], i64::from(self.coordinator.master.breaker_open()))])?;
+        gauge(&mut e, "resync_waiters", "Callers waiting for a resync", &[(&[], self.coordinator.waiting() as i64)])?;
+        gauge(&mut e, "federation_destinations_backing_off", "Remote servers we are backing off from", &[(&[], self.federation.backoff.count() as i64)])?;
+
+        let s = &self.replication;
+        gauge(&mut e, "replication_connected", "1 while the replication stream is followed", &[(&[], i64::from(s.connected.load(Ordering::SeqCst)))])?;
+        gauge(&mut e, "replication_caught_up", "1 once the stream has caught up after (re)connecting", &[(&[], i64::from(s.caught_up.load(Ordering::SeqCst)))])?;
+        counter(&mut e, "replication_reconnects", "Times the replication stream was lost", &[(&[], s.reconnects.load(Ordering::Relaxed))])?;
+        counter(&mut e, "replication_caught_up_rows", "Rows read from the stream tables to catch up", &[(&[], s.caught_up_rows.load(Ordering::Relaxed))])?;
+        let last = s.last_seen_ms.load(Ordering::Relaxed);
+        let lag_ms = if last > 0 { crate::now_ms() - last } else { -1 };
+        gauge(&mut e, "replication_last_message_age_milliseconds", "Time since the last replication message or poll (-1: none yet)", &[(&[], lag_ms)])?;
+
+        let (size, idle, max) = self.store.pool_state();
+        gauge(
+            &mut e,
+            "db_pool_connections",
+            "Database connections, by state",
+            &[(&[("state", "in_use")], i64::from(size.saturating_sub(idle))), (&[("state", "idle")], i64::from(idle))],
+        )?;
+        gauge(&mut e, "db_pool_max_connections", "Largest database pool size", &[(&[], i64::from(max))])?;
+        Ok(())
+    }
+}

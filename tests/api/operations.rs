@@ -1,0 +1,227 @@
+//! What operators rely on: metrics, request IDs, logs without secrets,
+//! graceful shutdown, and Synapse's per-device request limit.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use synapse_keys_worker::config::Config;
+
+use crate::fake_remote::{FakeRemote, Mode, Route};
+use crate::helpers::{Ask, Synapse, TokenIn, env, http, poll_until, spawn_worker, spawn_worker_with};
+
+fn get(path: &str) -> Ask {
+    Ask { method: Method::GET, path: path.into(), headers: vec![], body: None }
+}
+
+#[tokio::test]
+async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
+    let hs = Synapse::new();
+    let user = hs.register("metered").await;
+    let worker = spawn_worker().await;
+    let body = json!({"device_keys": {&user.user_id: []}});
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &body);
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    let resp = http().get(format!("{}/metrics", worker.url)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains(r#"synapse_keys_worker_http_requests_total{route="/_matrix/client/v3/keys/query",method="POST",status="200"} 1"#),
+        "{text}"
+    );
+    for name in [
+        "synapse_keys_worker_http_request_duration_seconds_bucket",
+        r#"synapse_keys_worker_cache_hits_total{cache="device_keys"}"#,
+        r#"synapse_keys_worker_cache_misses_total{cache="tokens"}"#,
+        r#"synapse_keys_worker_cache_entries{cache="signatures"}"#,
+        r#"synapse_keys_worker_cache_evictions_total{cache="remote_devices"}"#,
+        r#"synapse_keys_worker_resyncs_total{outcome="fallback_failed"}"#,
+        "synapse_keys_worker_master_breaker_open 0",
+        "synapse_keys_worker_federation_destinations_backing_off 0",
+        "synapse_keys_worker_replication_connected",
+        "synapse_keys_worker_replication_reconnects_total",
+        "synapse_keys_worker_replication_last_message_age_milliseconds",
+        r#"synapse_keys_worker_db_pool_connections{state="in_use"}"#,
+        "synapse_keys_worker_db_pool_max_connections",
+        "# EOF",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn request_ids_are_honoured_or_made() {
+    let worker = spawn_worker().await;
+    let resp = http().get(format!("{}/health", worker.url)).header("X-Request-Id", "proxy-id-42").send().await.unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "proxy-id-42");
+    let resp = http().get(format!("{}/health", worker.url)).send().await.unwrap();
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made.len(), 16);
+    let again = http().get(format!("{}/health", worker.url)).send().await.unwrap();
+    assert_ne!(again.headers()["x-request-id"].to_str().unwrap(), made);
+}
+
+/// Everything every test logs, at debug level, in one buffer.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let make_writer = move || Sink(sink.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_writer(make_writer)
+            .with_ansi(false)
+            .try_init()
+            .expect("no other subscriber in the test binary");
+        buf
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_secrets_never_reach_the_logs() {
+    let logs = captured_logs();
+    let hs = Synapse::new();
+    let user = hs.register("quiet").await;
+    let worker = spawn_worker().await;
+    let secret = worker.app.config.synapse.worker_replication_secret.clone().unwrap();
+    let body = json!({"device_keys": {&user.user_id: []}});
+    for how in [TokenIn::Header, TokenIn::Query] {
+        let mut ask = Ask::keys_query("v3", &user.session.token, how, &body);
+        ask.headers.push(("X-Request-Id".into(), format!("logcheck-{how:?}")));
+        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    }
+    // A wrong token in the query string, a malformed body, and the RPC.
+    let bad = Ask::keys_query("v3", "syt_not_a_real_token_zz", TokenIn::Query, &body);
+    assert_eq!(bad.send(&worker.url).await.0, StatusCode::UNAUTHORIZED);
+    let rpc = http()
+        .post(format!("{}/_synapse/replication/multi_user_device_resync/t", worker.url))
+        .bearer_auth(&secret)
+        .json(&json!({"user_ids": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rpc.status(), StatusCode::OK);
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("logcheck-Query"), "our requests were logged (the capture works)");
+    for secret_value in [user.session.token.as_str(), "syt_not_a_real_token_zz", secret.as_str()] {
+        assert!(!text.contains(secret_value), "a secret reached the logs");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
+    let hs = Synapse::new();
+    let me = hs.register("draining").await;
+    let remote = FakeRemote::start_for_homeserver().await;
+    let bob = remote.add_user("bob").user_id;
+    remote.add_device(&bob, "D", None);
+    remote.set_mode(Route::UserKeysQuery, Mode::Hang);
+    let port = crate::remote::closed_port().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker"))
+        .arg("-c")
+        .arg(&env().homeserver_yaml)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while http().get(format!("{url}/health")).send().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20), "service did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A request that takes ~2 s (the remote hangs; timeout=2000).
+    let mut slow = Ask::keys_query("v3", &me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: ["D"]}}));
+    slow.path.push_str("?timeout=2000");
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { slow.send(&url).await }
+    });
+    poll_until(Duration::from_secs(10), || !remote.calls(Route::UserKeysQuery).is_empty()).await;
+    let killed = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(killed.success());
+    // New connections are refused soon...
+    let refused_by = Instant::now() + Duration::from_secs(5);
+    while http().get(format!("{url}/health")).send().await.is_ok() {
+        assert!(Instant::now() < refused_by, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while the request in flight is answered...
+    let (status, answer) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["failures"].get(remote.server_name()).is_some(), "{answer}");
+    // ...and the process exits 0.
+    let exit_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(Instant::now() < exit_by, "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn per_device_limit_queues_then_refuses_with_429() {
+    let hs = Synapse::new();
+    let me = hs.register("eager").await;
+    let remote = FakeRemote::start_for_homeserver().await;
+    let bob = remote.add_user("bob").user_id;
+    remote.set_mode(Route::UserKeysQuery, Mode::Hang);
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    config.worker.max_concurrent_queries_per_device = 2;
+    config.worker.queue_wait_ms = 300;
+    let worker = spawn_worker_with(config).await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let mut ask = Ask::keys_query("v3", &me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: ["D"]}}));
+        ask.path.push_str("?timeout=1500");
+        let url = worker.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = http().request(ask.method.clone(), format!("{url}{}", ask.path)).header("Authorization", &ask.headers[0].1).body(ask.body.clone().unwrap()).send().await.unwrap();
+            let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (resp.status(), retry_after, resp.json::<serde_json::Value>().await.unwrap())
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        let (status, retry_after, body) = t.await.unwrap();
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited += 1;
+                assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
+                assert!(body["retry_after_ms"].as_u64().is_some(), "{body}");
+                assert!(retry_after.is_some(), "Retry-After header");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((ok, limited), (2, 3));
+    // Another device of the same user is not held back.
+    let other = hs.login(&me, None).await;
+    let (status, _) = Ask::keys_query("v3", &other.token, TokenIn::Header, &json!({"device_keys": {}})).send(&worker.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(get("/health").send(&worker.url).await.0, StatusCode::OK);
+}
