@@ -34,6 +34,9 @@ pub async fn keys_query(
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
     let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
+    if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
+        query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?;
+    }
     let answer = query_keys(&app, &requester.user_id, &query, now).await?;
     Ok(json_response(StatusCode::OK, &answer))
 }

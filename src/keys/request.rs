@@ -1,11 +1,13 @@
 //! Parsing a `/keys/query` body exactly as Synapse's `KeyQueryServlet` does.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::MatrixError;
 use crate::ids::is_valid_user_id;
+use crate::store::Store;
 
 /// A parsed query: the valid user IDs (sorted; of duplicate keys the last
 /// wins, as in Synapse) with the devices asked for (empty = all).
@@ -45,6 +47,17 @@ impl KeysQuery {
         }
         let body_timeout_ms = obj.get("timeout").and_then(Value::as_u64);
         Ok(Self { users, body_timeout_ms, timeout: Duration::from_secs(10) })
+    }
+}
+
+impl KeysQuery {
+    /// MSC4263: drops the users who share no joined or invited room with
+    /// `requester` (the requester too, when in no room at all).
+    pub async fn keep_users_sharing_a_room_with(&mut self, store: &Store, requester: &str) -> Result<(), sqlx::Error> {
+        let users: Vec<&str> = self.users.iter().map(|(u, _)| u.as_str()).collect();
+        let allowed: HashSet<String> = store.users_sharing_a_room_with(requester, &users).await?.into_iter().collect();
+        self.users.retain(|(u, _)| allowed.contains(u));
+        Ok(())
     }
 }
 

@@ -36,6 +36,25 @@ const DEVICES_SQLITE: &str = "
     SELECT user_id, device_id, content FROM device_lists_remote_cache
     WHERE user_id IN (SELECT value FROM json_each(?1))";
 
+// MSC4263: users sharing a joined or invited room with the requester
+// (Synapse's do_users_share_a_room_joined_or_invited).
+const CO_MEMBERS_PG: &str = "
+    SELECT DISTINCT b.state_key FROM (
+        SELECT room_id FROM current_state_events
+        WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = $1
+    ) AS a INNER JOIN (
+        SELECT room_id, state_key FROM current_state_events
+        WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = ANY($2)
+    ) AS b USING (room_id)";
+const CO_MEMBERS_SQLITE: &str = "
+    SELECT DISTINCT b.state_key FROM (
+        SELECT room_id FROM current_state_events
+        WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = ?1
+    ) AS a INNER JOIN (
+        SELECT room_id, state_key FROM current_state_events
+        WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key IN (SELECT value FROM json_each(?2))
+    ) AS b USING (room_id)";
+
 // Synapse's filter_destinations_by_retry_limiter: a row with all three
 // timings set whose retry is not due within the grace period.
 const BACKOFF_PG: &str = "
@@ -76,6 +95,17 @@ impl Store {
         match self {
             Store::Postgres(p) => sqlx::query_as(DEVICES_PG).bind(users).fetch_all(p).await,
             Store::Sqlite(p) => sqlx::query_as(DEVICES_SQLITE).bind(json_list(users)).fetch_all(p).await,
+        }
+    }
+
+    /// Those of `users` who share a joined or invited room with `requester`.
+    pub async fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Postgres(p) => sqlx::query_scalar(CO_MEMBERS_PG).bind(requester).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_scalar(CO_MEMBERS_SQLITE).bind(requester).bind(json_list(users)).fetch_all(p).await,
         }
     }
 
