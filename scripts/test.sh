@@ -153,6 +153,7 @@ SERVER_NAME="${SKW_TEST_SERVER_NAME:-hs.test.invalid}"
 DIR="$(mktemp -d -t skw-test.XXXXXXXX)"
 chmod 711 "$DIR"   # the postgres user must be able to reach its subdirectories
 SYNAPSE_PID=""
+SYNAPSE2_PID=""
 REDIS_PORT=""
 PG_STARTED=0
 
@@ -175,7 +176,7 @@ synapse_pids() {
     for p in /proc/[0-9]*; do
         [ "${p#/proc/}" = "$SYNAPSE_PID" ] && continue
         [ "${p#/proc/}" = "$$" ] && continue
-        cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+        cmd="$(tr '\0' ' ' 2>/dev/null <"$p/cmdline")" || continue
         case "$cmd" in
             *synapse.app.*"$DIR/"*) echo "${p#/proc/}" ;;
         esac
@@ -213,9 +214,9 @@ cleanup() {
     if [ "$PG_STARTED" -eq 1 ]; then
         as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -m immediate -w stop >/dev/null 2>&1
     fi
-    if [ "$rc" -ne 0 ] && [ -s "$DIR/synapse.log" ]; then
-        echo "---- last 50 lines of synapse.log ----"
-        tail -n 50 "$DIR/synapse.log"
+    if [ "$rc" -ne 0 ] && [ -s "$DIR/homeserver.log" ]; then
+        echo "---- last 50 lines of homeserver.log (Synapse) ----"
+        tail -n 50 "$DIR/homeserver.log"
         echo "--------------------------------------"
     fi
     if [ "${SKW_KEEP_STATE:-0}" = "1" ]; then
@@ -230,11 +231,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Four distinct free loopback ports (all bound at once, then released).
-read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT <<<"$("$HOST_PY" - <<'EOF'
+# Six distinct free loopback ports (all bound at once, then released).
+read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT SYNAPSE2_PORT REPL2_PORT <<<"$("$HOST_PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(4):
+for _ in range(6):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -254,6 +255,8 @@ as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/postgres.log" -w -t 60 \
     start >/dev/null || { cat "$DIR/pg/postgres.log" 2>/dev/null; die "postgres did not start"; }
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
     "CREATE DATABASE synapse OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+"$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
+    "CREATE DATABASE synapse_msc4263 OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
 
 # ------------------------------------------------------------------- redis ---
 log "starting redis on port $REDIS_PORT"
@@ -280,7 +283,9 @@ secret() { "$HOST_PY" -c 'import secrets; print(secrets.token_hex(32))'; }
 REPL_SECRET="$(secret)"
 mkdir -p "$DIR/media"
 
-cat >"$DIR/log.yaml" <<EOF
+# write_log_yaml NAME: Synapse's log config, logging to $DIR/NAME.log only.
+write_log_yaml() {
+cat >"$DIR/$1-log.yaml" <<EOF
 version: 1
 formatters:
   precise:
@@ -289,7 +294,7 @@ handlers:
   file:
     class: logging.FileHandler
     formatter: precise
-    filename: $DIR/synapse.log
+    filename: $DIR/$1.log
     encoding: utf8
 loggers:
   synapse.storage.SQL:
@@ -299,14 +304,18 @@ root:
   handlers: [file]
 disable_existing_loggers: false
 EOF
+}
 
 RL='{per_second: 10000, burst_count: 100000}'
-cat >"$DIR/homeserver.yaml" <<EOF
-server_name: "$SERVER_NAME"
-pid_file: $DIR/homeserver.pid
+# write_homeserver_yaml NAME SERVER_NAME DATABASE PORT REPL_PORT [EXTRA_YAML]
+write_homeserver_yaml() {
+write_log_yaml "$1"
+cat >"$DIR/$1.yaml" <<EOF
+server_name: "$2"
+pid_file: $DIR/$1.pid
 report_stats: false
 signing_key_path: $DIR/signing.key
-log_config: $DIR/log.yaml
+log_config: $DIR/$1-log.yaml
 media_store_path: $DIR/media
 macaroon_secret_key: "$(secret)"
 form_secret: "$(secret)"
@@ -320,7 +329,7 @@ database:
   name: psycopg2
   args:
     user: synapse
-    database: synapse
+    database: $3
     host: 127.0.0.1
     port: $PG_PORT
     cp_min: 1
@@ -328,7 +337,7 @@ database:
 
 listeners:
   - type: http
-    port: $SYNAPSE_PORT
+    port: $4
     bind_addresses: ['127.0.0.1']
     tls: false
     x_forwarded: false
@@ -336,7 +345,7 @@ listeners:
       - names: [client, federation, keys]
         compress: false
   - type: http
-    port: $REPL_PORT
+    port: $5
     bind_addresses: ['127.0.0.1']
     tls: false
     resources:
@@ -346,7 +355,7 @@ worker_replication_secret: "$REPL_SECRET"
 instance_map:
   main:
     host: 127.0.0.1
-    port: $REPL_PORT
+    port: $5
 
 redis:
   enabled: true
@@ -401,7 +410,14 @@ rc_federation:
   reject_limit: 100000
   concurrent: 1000
 federation_rr_transactions_per_room_per_second: 10000
+${6:-}
 EOF
+}
+# The main Synapse, and a second one (own database and server name) with
+# MSC4263 on, for the tests of that flag.
+write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT"
+write_homeserver_yaml msc4263 "msc4263.$SERVER_NAME" synapse_msc4263 "$SYNAPSE2_PORT" "$REPL2_PORT" \
+    "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}"
 
 log "generating synapse signing key"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" --generate-keys \
@@ -411,6 +427,9 @@ log "generating synapse signing key"
 log "starting synapse $SYNAPSE_VERSION on port $SYNAPSE_PORT (replication $REPL_PORT)"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" >"$DIR/synapse.stdout.log" 2>&1 &
 SYNAPSE_PID=$!
+log "starting the MSC4263 synapse on port $SYNAPSE2_PORT"
+"$VPY" -m synapse.app.homeserver -c "$DIR/msc4263.yaml" >"$DIR/msc4263.stdout.log" 2>&1 &
+SYNAPSE2_PID=$!
 
 # While Synapse prepares its PostgreSQL schema, build the SQLite one.
 log "preparing synapse sqlite schema"
@@ -458,6 +477,26 @@ for url in urls:
         time.sleep(0.5)
 EOF
     { cat "$DIR/synapse.stdout.log" 2>/dev/null; die "synapse did not come up"; }
+"$HOST_PY" - "$SYNAPSE2_PID" "$SYNAPSE_START_TIMEOUT" "http://127.0.0.1:$SYNAPSE2_PORT/health" <<'EOF' ||
+import os, sys, time, urllib.request
+pid, timeout, url = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + timeout
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                break
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(f"the MSC4263 synapse (pid {pid}) exited during startup")
+    if time.monotonic() > deadline:
+        sys.exit(f"timed out waiting for {url}")
+    time.sleep(0.5)
+EOF
+    { tail -n 30 "$DIR/msc4263.log" 2>/dev/null; die "the MSC4263 synapse did not come up"; }
 log "synapse up after ${SECONDS}s"
 
 # ------------------------------------------------------------------- tests ---
@@ -473,6 +512,8 @@ export SKW_TEST_SYNAPSE_PYTHON="$VPY"
 export SKW_TEST_REPLICATION_URL="http://127.0.0.1:$REPL_PORT"
 export SKW_TEST_REPLICATION_SECRET="$REPL_SECRET"
 export SKW_TEST_VENV_BIN="$VENV/bin"
+export SKW_TEST_MSC4263_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE2_PORT"
+export SKW_TEST_MSC4263_HOMESERVER_YAML="$DIR/msc4263.yaml"
 
 rc=0
 if [ -n "${SKW_TEST_CMD:-}" ]; then

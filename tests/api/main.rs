@@ -6,6 +6,7 @@ mod errors;
 mod fake_remote;
 mod helpers;
 mod master_proxy;
+mod msc4263;
 mod operations;
 mod remote;
 mod replication;

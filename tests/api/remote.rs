@@ -208,6 +208,8 @@ async fn concurrent_queries_for_one_stale_user_make_one_master_call() {
     let proxy = crate::master_proxy::CountingProxy::start().await;
     let mut config = with_writer(base_config(), proxy.port);
     config.worker.master_timeout_ms = 20_000;
+    // All 200 come from one device: lift Synapse's per-device limit of 10.
+    config.worker.max_concurrent_queries_per_device = 200;
     let worker = spawn_worker_with(config).await;
     let url = worker.url.clone();
     let mut tasks = Vec::new();

@@ -402,6 +402,7 @@ async fn openapi_schemas_match_real_responses() {
         .await,
         observe("ready", Method::GET, "/ready", client.get(url("/ready"))).await,
         observe("health", Method::GET, "/health", client.get(url("/health"))).await,
+        observe("metrics", Method::GET, "/metrics", client.get(url("/metrics"))).await,
     ];
 
     // The answers are the ones the cases are about.
@@ -416,6 +417,7 @@ async fn openapi_schemas_match_real_responses() {
     expect("keys_query_401_unknown", StatusCode::UNAUTHORIZED, "application/json");
     expect("ready", StatusCode::OK, "application/json");
     expect("health", StatusCode::OK, "text/plain");
+    expect("metrics", StatusCode::OK, "application/openmetrics-text");
     let ok = &by_name("keys_query_200").body;
     assert!(ok["device_keys"][&user.user_id].as_object().is_some_and(|d| !d.is_empty()), "{ok}");
     assert!(ok["master_keys"][&user.user_id].is_object(), "{ok}");
