@@ -225,3 +225,28 @@ async fn per_device_limit_queues_then_refuses_with_429() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(get("/health").send(&worker.url).await.0, StatusCode::OK);
 }
+
+/// Start-up problems stop the binary with one line naming the problem.
+#[test]
+fn bad_config_stops_startup_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let db = "database: {name: sqlite3, args: {database: x.db}}\n";
+    let cases = [
+        (dir.path().join("missing.yaml"), "cannot read config file"),
+        (write("no-name.yaml", db), "`server_name` is missing"),
+        (write("typo.yaml", &format!("server_name: hs\n{db}keys_worker: {{lisen: 1}}\n")), "unknown field `lisen`"),
+        (write("bad.yaml", "server_name: [\n"), "not valid YAML"),
+    ];
+    for (path, expected) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker")).arg("-c").arg(&path).output().unwrap();
+        assert!(!out.status.success(), "{path:?} should not start");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(expected), "{expected} in {stderr}");
+    }
+}
