@@ -413,9 +413,23 @@ federation_rr_transactions_per_room_per_second: 10000
 ${6:-}
 EOF
 }
+# An application service (a bridge) registered with the main Synapse.
+AS_TOKEN="$(secret)"
+cat >"$DIR/appservice.yaml" <<EOF
+id: test-bridge
+url: null
+as_token: "$AS_TOKEN"
+hs_token: "$(secret)"
+sender_localpart: bridgebot
+namespaces:
+  users:
+    - regex: '@bridged_.*'
+      exclusive: true
+EOF
 # The main Synapse, and a second one (own database and server name) with
 # MSC4263 on, for the tests of that flag.
-write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT"
+write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT" \
+    "app_service_config_files: ['$DIR/appservice.yaml']"
 write_homeserver_yaml msc4263 "msc4263.$SERVER_NAME" synapse_msc4263 "$SYNAPSE2_PORT" "$REPL2_PORT" \
     "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}"
 
@@ -512,6 +526,7 @@ export SKW_TEST_SYNAPSE_PYTHON="$VPY"
 export SKW_TEST_REPLICATION_URL="http://127.0.0.1:$REPL_PORT"
 export SKW_TEST_REPLICATION_SECRET="$REPL_SECRET"
 export SKW_TEST_VENV_BIN="$VENV/bin"
+export SKW_TEST_AS_TOKEN="$AS_TOKEN"
 export SKW_TEST_MSC4263_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE2_PORT"
 export SKW_TEST_MSC4263_HOMESERVER_YAML="$DIR/msc4263.yaml"
 

@@ -104,7 +104,8 @@ impl Server {
         replication::start(&self.app);
         let grace = std::time::Duration::from_millis(self.app.config.worker.shutdown_grace_ms);
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = axum::serve(self.listener, http::router(self.app)).with_graceful_shutdown(async move {
+        let service = http::router(self.app).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(self.listener, service).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = stopping_tx.send(());

@@ -5,6 +5,7 @@
 //! keys are read by [`synapse`]; our own settings live in the `keys_worker`
 //! section ([`worker`]), where every key can also come from the environment.
 
+pub mod appservice;
 pub mod database;
 pub mod synapse;
 pub mod worker;

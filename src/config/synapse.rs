@@ -26,6 +26,8 @@ pub struct SynapseConfig {
     pub ip_range_blocklist: Option<Vec<String>>,
     pub ip_range_whitelist: Vec<String>,
     pub msc4263_limit_key_queries_to_users_who_share_rooms: bool,
+    /// Registrations from `app_service_config_files`.
+    pub app_services: Vec<super::appservice::AppService>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -81,7 +83,6 @@ impl SynapseConfig {
             _ => None,
         };
         Ok(Self {
-            server_name,
             database,
             redis,
             worker_replication_secret,
@@ -94,6 +95,12 @@ impl SynapseConfig {
                 Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
                 _ => false,
             },
+            app_services: string_list(m, "app_service_config_files")?
+                .unwrap_or_default()
+                .iter()
+                .map(|p| super::appservice::AppService::load(std::path::Path::new(p), &server_name))
+                .collect::<Result<_, _>>()?,
+            server_name,
         })
     }
 }

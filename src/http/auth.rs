@@ -5,7 +5,13 @@ use axum::http::{HeaderMap, header};
 
 use super::params::QueryParams;
 use crate::error::MatrixError;
-use crate::cache::Caches;
+use std::net::IpAddr;
+
+use axum::http::StatusCode;
+use subtle::ConstantTimeEq;
+
+use crate::App;
+use crate::config::appservice::AppService;
 use crate::store::Store;
 
 const INVALID_TOKEN: &str = "Invalid access token passed.";
@@ -46,17 +52,22 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
     }
 }
 
-/// The requester behind the token: unknown, expired (soft logout), locked
-/// and deactivated accounts are refused; a puppeted token acts as the
-/// puppeted user.
+/// The requester behind the token: an application service (acting as its
+/// sender or, with `?user_id=`, a user of its namespace), else a user's
+/// token, where unknown, expired (soft logout), locked and deactivated
+/// accounts are refused and a puppeted token acts as the puppeted user.
 pub async fn authenticate(
-    store: &Store,
-    caches: &Caches,
+    app: &App,
     headers: &HeaderMap,
     params: &QueryParams,
+    client_ip: Option<IpAddr>,
     now_ms: i64,
 ) -> Result<Requester, MatrixError> {
+    let (store, caches) = (&app.store, &app.caches);
     let token = extract_token(headers, params)?;
+    if let Some(service) = app_service_for(&app.config.synapse.app_services, &token, client_ip) {
+        return app_service_requester(store, service, params).await;
+    }
     // Synapse then tries the token as a guest macaroon; for anything that
     // is not one, this is its answer.
     let Some(row) = caches.token(store, &token).await? else {
@@ -73,6 +84,52 @@ pub async fn authenticate(
         return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     }
     Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
+}
+
+/// The registration whose `as_token` this is, if the client address is one
+/// it allows.
+fn app_service_for<'a>(services: &'a [AppService], token: &str, client_ip: Option<IpAddr>) -> Option<&'a AppService> {
+    let service = services.iter().find(|s| bool::from(s.as_token.as_bytes().ct_eq(token.as_bytes())))?;
+    match (&service.ip_range_whitelist, client_ip) {
+        (None, _) => Some(service),
+        (Some(ranges), Some(ip)) if ranges.iter().any(|r| r.contains(&ip)) => Some(service),
+        _ => None,
+    }
+}
+
+/// Synapse's `get_appservice_user`.
+async fn app_service_requester(store: &Store, service: &AppService, params: &QueryParams) -> Result<Requester, MatrixError> {
+    let user_id = match params.first("user_id") {
+        None => service.sender.clone(),
+        Some(uid) if uid == service.sender => uid.to_owned(),
+        Some(uid) if !service.is_interested_in_user(uid) => {
+            return Err(MatrixError::new(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                format!("Application service cannot masquerade as this user ({uid})."),
+            ));
+        }
+        Some(uid) if !store.user_exists(uid).await? => {
+            return Err(MatrixError::new(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                format!("Application service has not registered this user ({uid})"),
+            ));
+        }
+        Some(uid) => uid.to_owned(),
+    };
+    let device_id = match params.first("device_id") {
+        Some(d) if !store.device_exists(&user_id, d).await? => {
+            return Err(MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN_DEVICE",
+                format!("Application service trying to use a device that doesn't exist ('{d}' for {user_id})"),
+            ));
+        }
+        Some(d) => Some(d.to_owned()),
+        None => None,
+    };
+    Ok(Requester { user_id, device_id, is_guest: false })
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! serialise. Errors come out in Synapse's order: body too large, then
 //! auth, then `timeout`, then the body's shape.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
+use axum::Extension;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
@@ -19,6 +21,7 @@ use crate::keys::{KeysQuery, query_keys};
 
 pub async fn keys_query(
     State(app): State<Arc<App>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -29,7 +32,7 @@ pub async fn keys_query(
     })?;
     let params = QueryParams::parse(uri.query());
     let now = crate::now_ms();
-    let requester = authenticate(&app.store, &app.caches, &headers, &params, now).await?;
+    let requester = authenticate(&app, &headers, &params, client_ip(&headers, peer), now).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
@@ -39,4 +42,15 @@ pub async fn keys_query(
     }
     let answer = query_keys(&app, &requester.user_id, &query, now).await?;
     Ok(json_response(StatusCode::OK, &answer))
+}
+
+/// The client's address: the first `X-Forwarded-For` entry (the service
+/// runs behind a reverse proxy), else the peer.
+fn client_ip(headers: &HeaderMap, peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<IpAddr> {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .or(peer.map(|Extension(ConnectInfo(addr))| addr.ip()))
 }

@@ -135,6 +135,7 @@ async fn session(
             _ = ping.tick() => {
                 let pong: String = tokio::time::timeout(Duration::from_secs(3), redis::cmd("PING").query_async(&mut conn)).await??;
                 anyhow::ensure!(pong == "PONG", "unexpected PING answer {pong}");
+                app.replication.touch();
             }
         }
     }

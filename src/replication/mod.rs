@@ -31,7 +31,7 @@ pub struct Status {
     pub reconnects: AtomicU64,
     /// Rows invalidated through catch-up reads of the stream tables.
     pub caught_up_rows: AtomicU64,
-    /// Unix ms of the last message or poll.
+    /// Unix ms of the last message, keepalive answer or poll.
     pub last_seen_ms: AtomicI64,
 }
 

@@ -42,3 +42,28 @@ impl Store {
         }
     }
 }
+
+const USER_PG: &str = "SELECT name FROM users WHERE name = $1";
+const USER_SQLITE: &str = "SELECT name FROM users WHERE name = ?1";
+const DEVICE_PG: &str = "SELECT device_id FROM devices WHERE user_id = $1 AND device_id = $2 AND NOT hidden";
+const DEVICE_SQLITE: &str = "SELECT device_id FROM devices WHERE user_id = ?1 AND device_id = ?2 AND NOT hidden";
+
+impl Store {
+    /// Whether `user_id` is registered (Synapse's `get_user_by_id`).
+    pub async fn user_exists(&self, user_id: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<String> = match self {
+            Store::Postgres(p) => sqlx::query_scalar(USER_PG).bind(user_id).fetch_optional(p).await?,
+            Store::Sqlite(p) => sqlx::query_scalar(USER_SQLITE).bind(user_id).fetch_optional(p).await?,
+        };
+        Ok(found.is_some())
+    }
+
+    /// Whether the user has this (non-hidden) device (Synapse's `get_device`).
+    pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<String> = match self {
+            Store::Postgres(p) => sqlx::query_scalar(DEVICE_PG).bind(user_id).bind(device_id).fetch_optional(p).await?,
+            Store::Sqlite(p) => sqlx::query_scalar(DEVICE_SQLITE).bind(user_id).bind(device_id).fetch_optional(p).await?,
+        };
+        Ok(found.is_some())
+    }
+}

@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL and a real Synapse, set up by
 //! scripts/test.sh. One binary, one module per area.
 
+mod appservice;
 mod differential;
 mod errors;
 mod fake_remote;

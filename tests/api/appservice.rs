@@ -1,0 +1,72 @@
+//! Application services (bridges) authenticate with their `as_token` and
+//! may act as users of their namespace; asked of Synapse and of us.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{Ask, Session, Synapse, TokenIn, assert_same, env, http, spawn_worker, unique};
+
+fn as_token() -> String {
+    std::env::var("SKW_TEST_AS_TOKEN").expect("SKW_TEST_AS_TOKEN: run through `bash scripts/test.sh`")
+}
+
+/// Registers `@bridged_…` through the application-service API.
+async fn bridged_user() -> Session {
+    let resp = http()
+        .post(format!("{}/_matrix/client/v3/register", env().synapse_url))
+        .bearer_auth(as_token())
+        .json(&json!({"type": "m.login.application_service", "username": unique("bridged_")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let r: serde_json::Value = resp.json().await.unwrap();
+    Session {
+        user_id: r["user_id"].as_str().unwrap().into(),
+        device_id: r["device_id"].as_str().unwrap().into(),
+        token: r["access_token"].as_str().unwrap().into(),
+    }
+}
+
+fn ask(query: &str, body: &serde_json::Value) -> Ask {
+    let mut a = Ask::keys_query("v3", &as_token(), TokenIn::Header, body);
+    if !query.is_empty() {
+        a.path.push('?');
+        a.path.push_str(query);
+    }
+    a
+}
+
+fn q(user: &str) -> String {
+    url::form_urlencoded::byte_serialize(user.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn app_service_tokens_act_like_in_synapse() {
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    hs.upload_device_keys(&alice.session).await;
+    let bridged = bridged_user().await;
+    hs.upload_device_keys(&bridged).await;
+    let worker = spawn_worker().await;
+    let body = json!({"device_keys": {&alice.user_id: [], &bridged.user_id: []}});
+    let server = &env().server_name;
+    let cases = [
+        (String::new(), StatusCode::OK),
+        (format!("user_id={}", q(&bridged.user_id)), StatusCode::OK),
+        (format!("user_id={}", q(&format!("@bridgebot:{server}"))), StatusCode::OK),
+        (format!("user_id={}&device_id={}", q(&bridged.user_id), bridged.device_id), StatusCode::OK),
+        (format!("user_id={}", q(&format!("@bridged_nobody_{}:{server}", unique("x")))), StatusCode::FORBIDDEN),
+        (format!("user_id={}", q(&alice.user_id)), StatusCode::FORBIDDEN),
+        (format!("user_id={}&device_id=NOPE", q(&bridged.user_id)), StatusCode::BAD_REQUEST),
+    ];
+    for (query, expected) in cases {
+        let (status, answer) = assert_same(&worker, &ask(&query, &body)).await;
+        assert_eq!(status, expected, "{query}: {answer}");
+    }
+    // A wrong as_token is just an unknown token.
+    let mut wrong = ask("", &body);
+    wrong.headers[0].1 = "Bearer not-the-as-token".into();
+    let (status, _) = assert_same(&worker, &wrong).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
