@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
 use axum::Extension;
@@ -32,16 +33,26 @@ pub async fn keys_query(
     })?;
     let params = QueryParams::parse(uri.query());
     let now = crate::now_ms();
-    let requester = authenticate(&app, &headers, &params, client_ip(&headers, peer), now).await?;
+    // Nothing behind us may hold a request: the database gets its statement
+    // budget per step, the remote part the client's timeout on top.
+    let db_budget = Duration::from_millis(app.config.worker.db_statement_timeout_ms.max(1000));
+    let requester = within(db_budget, authenticate(&app, &headers, &params, client_ip(&headers, peer), now)).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
     let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
     if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
-        query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?;
+        within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?) }).await?;
     }
-    let answer = query_keys(&app, &requester.user_id, &query, now).await?;
+    let answer = within(query.timeout + db_budget, async { Ok(query_keys(&app, &requester.user_id, &query, now).await?) }).await?;
     Ok(json_response(StatusCode::OK, &answer))
+}
+
+/// `work`, or 503 if it has not finished within `budget`.
+async fn within<T>(budget: Duration, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
+    tokio::time::timeout(budget, work)
+        .await
+        .unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
 }
 
 /// The client's address: the first `X-Forwarded-For` entry (the service

@@ -250,3 +250,34 @@ fn bad_config_stops_startup_with_one_clear_line() {
         assert!(stderr.contains(expected), "{expected} in {stderr}");
     }
 }
+
+/// A database that hangs (connections open, no answer) costs a request its
+/// budget, not forever: 503, and the service recovers when it answers again.
+#[tokio::test]
+async fn hung_database_gives_503_within_budget() {
+    let hs = Synapse::new();
+    let user = hs.register("patient").await;
+    let pg = url::Url::parse(&env().pg_url).unwrap();
+    let proxy = crate::tcp_proxy::TcpProxy::start(&format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap())).await;
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("postgres") };
+    args.port = Some(proxy.port);
+    config.worker.caches_enabled = false;
+    config.worker.db_statement_timeout_ms = 1000;
+    let worker = spawn_worker_with(config).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    proxy.set_frozen(true);
+    let started = Instant::now();
+    let (status, body) = ask.send(&worker.url).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(took < Duration::from_secs(4), "answered in {took:?}");
+    assert_eq!(get("/health").send(&worker.url).await.0, StatusCode::OK);
+    proxy.set_frozen(false);
+    let recovered_by = Instant::now() + Duration::from_secs(20);
+    while ask.send(&worker.url).await.0 != StatusCode::OK {
+        assert!(Instant::now() < recovered_by, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
