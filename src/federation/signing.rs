@@ -50,10 +50,6 @@ impl RequestSigner {
         Ok(Self { origin, key })
     }
 
-    pub fn origin(&self) -> &str {
-        self.origin.as_str()
-    }
-
     /// The `Authorization` header for a request to `destination`.
     /// `path_and_query` is exactly what goes on the request line.
     pub fn authorization(

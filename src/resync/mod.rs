@@ -129,11 +129,6 @@ impl Coordinator {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    /// Whether a resync result for `user` is held in memory.
-    pub async fn cached(&self, user: &str) -> Option<Arc<UserDevices>> {
-        self.cache.get(user).await
-    }
-
     /// Forgets what is held about `user` (their devices changed).
     pub async fn invalidate(&self, user: &str) {
         self.cache.invalidate(user).await;
