@@ -100,13 +100,21 @@ impl std::fmt::Display for MatrixError {
 impl std::error::Error for MatrixError {}
 
 impl From<sqlx::Error> for MatrixError {
+    /// The database being away (connection lost or refused, pool exhausted,
+    /// statement cancelled or timed out, server shutting down) is a 503 the
+    /// client may retry; anything else is our bug: 500.
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::unavailable(e)
-            }
-            other => Self::internal(other),
-        }
+        let unavailable = match &e {
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),
+            sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::RowNotFound => false,
+            _ => true,
+        };
+        if unavailable { Self::unavailable(e) } else { Self::internal(e) }
     }
 }
 

@@ -281,3 +281,35 @@ async fn hung_database_gives_503_within_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The database restarts (connections dropped, then refused, then back):
+/// requests fail fast with 503 meanwhile and succeed again afterwards.
+#[tokio::test]
+async fn database_restart_is_survived() {
+    let hs = Synapse::new();
+    let user = hs.register("restart").await;
+    let pg = url::Url::parse(&env().pg_url).unwrap();
+    let proxy = crate::tcp_proxy::TcpProxy::start(&format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap())).await;
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("postgres") };
+    args.port = Some(proxy.port);
+    config.worker.caches_enabled = false;
+    config.worker.db_acquire_timeout_ms = 1000;
+    let worker = spawn_worker_with(config).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    proxy.set_open(false);
+    let started = Instant::now();
+    let (status, body) = ask.send(&worker.url).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "failed fast: {:?}", started.elapsed());
+    let (status, ready) = get("/ready").send(&worker.url).await;
+    assert_eq!((status, ready["database"]["ok"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!(false)));
+    proxy.set_open(true);
+    let recovered_by = Instant::now() + Duration::from_secs(20);
+    while ask.send(&worker.url).await.0 != StatusCode::OK {
+        assert!(Instant::now() < recovered_by, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/ready").send(&worker.url).await.0, StatusCode::OK);
+}

@@ -368,7 +368,7 @@ async fn hanging_remote_cannot_hold_the_request_past_its_timeout() {
     let (status, answer, took) = query(&worker.url, &s.me, json!({&bob: []}), Some(1_500)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
-    assert!(took >= Duration::from_millis(1_400) && took < Duration::from_millis(2_000), "took {took:?}");
+    assert!(took >= Duration::from_millis(1_400) && took < Duration::from_millis(3_000), "took {took:?}");
 }
 
 #[tokio::test]
