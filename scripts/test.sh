@@ -429,7 +429,8 @@ EOF
 # The main Synapse, and a second one (own database and server name) with
 # MSC4263 on, for the tests of that flag.
 write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT" \
-    "app_service_config_files: ['$DIR/appservice.yaml']"
+    "app_service_config_files: ['$DIR/appservice.yaml']
+allow_guest_access: true"
 write_homeserver_yaml msc4263 "msc4263.$SERVER_NAME" synapse_msc4263 "$SYNAPSE2_PORT" "$REPL2_PORT" \
     "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}"
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod federation;
+pub mod guest;
 pub mod http;
 pub mod ids;
 pub mod keys;

@@ -28,6 +28,10 @@ pub struct SynapseConfig {
     pub msc4263_limit_key_queries_to_users_who_share_rooms: bool,
     /// Registrations from `app_service_config_files`.
     pub app_services: Vec<super::appservice::AppService>,
+    /// The key guest-token macaroons are signed with, found as Synapse finds
+    /// it: `macaroon_secret_key(_path)`, else `registration_shared_secret`,
+    /// else the SHA-256 of the signing key's seed.
+    pub macaroon_secret: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -95,6 +99,7 @@ impl SynapseConfig {
                 Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
                 _ => false,
             },
+            macaroon_secret: macaroon_secret(m)?,
             app_services: string_list(m, "app_service_config_files")?
                 .unwrap_or_default()
                 .iter()
@@ -103,6 +108,31 @@ impl SynapseConfig {
             server_name,
         })
     }
+}
+
+fn macaroon_secret(m: &Mapping) -> Result<Option<Vec<u8>>, ConfigError> {
+    let read = |key: &str| -> Result<Option<String>, ConfigError> {
+        match str_key(m, key)? {
+            Some(path) => std::fs::read_to_string(&path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| ConfigError::new(format!("cannot read {key} {path}: {e}"))),
+            None => Ok(None),
+        }
+    };
+    let configured = match str_key(m, "macaroon_secret_key")?.filter(|s| !s.is_empty()) {
+        Some(s) => Some(s),
+        None => read("macaroon_secret_key_path")?,
+    };
+    let configured = configured.filter(|s| !s.is_empty()).or(str_key(m, "registration_shared_secret")?.filter(|s| !s.is_empty()));
+    if let Some(secret) = configured {
+        return Ok(Some(secret.into_bytes()));
+    }
+    // Synapse's last resort: derived from the signing key.
+    let Some(text) = read("signing_key_path").ok().flatten() else { return Ok(None) };
+    Ok(crate::federation::signing::first_key(&text).ok().map(|(_, seed)| {
+        use sha2::Digest;
+        sha2::Sha256::digest(seed).to_vec()
+    }))
 }
 
 fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigError> {

@@ -12,6 +12,22 @@ use ruma::signatures::Ed25519KeyPair;
 /// PKCS#8 v1 prefix of an ed25519 private key; the 32-byte seed follows.
 const PKCS8_ED25519_PREFIX: [u8; 16] = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
 
+/// The first key of a Synapse signing-key file (`ed25519 <version> <unpadded
+/// base64 seed>` per line; blank lines skipped): its version and seed.
+pub fn first_key(text: &str) -> anyhow::Result<(String, [u8; 32])> {
+    let line = text.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| anyhow::anyhow!("no key in the file"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [alg, version, seed_b64] = fields.as_slice() else {
+        anyhow::bail!("expected `ed25519 <version> <seed>`");
+    };
+    anyhow::ensure!(*alg == "ed25519", "unsupported key algorithm {alg}");
+    let seed = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(seed_b64.trim_end_matches('='))
+        .map_err(|e| anyhow::anyhow!("seed is not base64: {e}"))?;
+    let seed: [u8; 32] = seed.try_into().map_err(|_| anyhow::anyhow!("seed must be 32 bytes"))?;
+    Ok(((*version).to_owned(), seed))
+}
+
 pub struct RequestSigner {
     origin: OwnedServerName,
     key: Ed25519KeyPair,
@@ -33,19 +49,10 @@ impl RequestSigner {
     }
 
     pub fn from_key_text(origin: &str, text: &str) -> anyhow::Result<Self> {
-        let line = text.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| anyhow::anyhow!("no key in the file"))?;
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [alg, version, seed_b64] = fields.as_slice() else {
-            anyhow::bail!("expected `ed25519 <version> <seed>`");
-        };
-        anyhow::ensure!(*alg == "ed25519", "unsupported key algorithm {alg}");
-        let seed = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(seed_b64.trim_end_matches('='))
-            .map_err(|e| anyhow::anyhow!("seed is not base64: {e}"))?;
-        anyhow::ensure!(seed.len() == 32, "seed must be 32 bytes");
+        let (version, seed) = first_key(text)?;
         let mut der = PKCS8_ED25519_PREFIX.to_vec();
         der.extend_from_slice(&seed);
-        let key = Ed25519KeyPair::from_der(&der, (*version).to_owned()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key = Ed25519KeyPair::from_der(&der, version).map_err(|e| anyhow::anyhow!("{e}"))?;
         let origin = OwnedServerName::try_from(origin).map_err(|e| anyhow::anyhow!("server_name {origin}: {e}"))?;
         Ok(Self { origin, key })
     }

@@ -71,7 +71,7 @@ pub async fn authenticate(
     // Synapse then tries the token as a guest macaroon; for anything that
     // is not one, this is its answer.
     let Some(row) = caches.token(store, &token).await? else {
-        return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
+        return guest_requester(app, &token, now_ms).await;
     };
     if row.valid_until_ms.is_some_and(|until| until < now_ms) {
         return Err(MatrixError::unknown_token("Access token has expired", true));
@@ -84,6 +84,24 @@ pub async fn authenticate(
         return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
     }
     Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
+}
+
+/// A token not in the database may be a guest's macaroon (Synapse's
+/// `get_user_by_access_token`, second half).
+async fn guest_requester(app: &App, token: &str, now_ms: i64) -> Result<Requester, MatrixError> {
+    let user_id = app
+        .config
+        .synapse
+        .macaroon_secret
+        .as_deref()
+        .and_then(|secret| crate::guest::verify_guest_token(token, secret, now_ms))
+        .ok_or_else(|| MatrixError::unknown_token(INVALID_TOKEN, false))?;
+    match app.store.guest_status(&user_id).await? {
+        None => Err(MatrixError::unknown_token(format!("Unknown user_id {user_id}"), false)),
+        Some((false, _)) => Err(MatrixError::unknown_token("Guest access token used for regular user", false)),
+        Some((true, true)) => Err(MatrixError::user_locked()),
+        Some((true, false)) => Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true }),
+    }
 }
 
 /// The registration whose `as_token` this is, if the client address is one

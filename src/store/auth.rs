@@ -67,3 +67,16 @@ impl Store {
         Ok(found.is_some())
     }
 }
+
+const GUEST_PG: &str = "SELECT is_guest <> 0, COALESCE(locked, FALSE) FROM users WHERE name = $1";
+const GUEST_SQLITE: &str = "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0 FROM users WHERE name = ?1";
+
+impl Store {
+    /// (is a guest, is locked) for a registered user, `None` if unknown.
+    pub async fn guest_status(&self, user_id: &str) -> Result<Option<(bool, bool)>, sqlx::Error> {
+        match self {
+            Store::Postgres(p) => sqlx::query_as(GUEST_PG).bind(user_id).fetch_optional(p).await,
+            Store::Sqlite(p) => sqlx::query_as(GUEST_SQLITE).bind(user_id).fetch_optional(p).await,
+        }
+    }
+}

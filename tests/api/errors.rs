@@ -170,3 +170,32 @@ async fn oversized_body_is_413() {
     let (status, _) = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &small).send(&worker.url).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Guests hold macaroons Synapse never stores; they may query keys.
+#[tokio::test]
+async fn guest_tokens_match_synapse() {
+    let resp = crate::helpers::http()
+        .post(format!("{}/_matrix/client/v3/register?kind=guest", env().synapse_url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let guest: Value = resp.json().await.unwrap();
+    let token = guest["access_token"].as_str().unwrap().to_owned();
+    let worker = spawn_worker().await;
+    let hs = Synapse::new();
+    let user = hs.register("seen-by-guest").await;
+    hs.upload_device_keys(&user.session).await;
+    let body = json!({"device_keys": {&user.user_id: [], guest["user_id"].as_str().unwrap(): []}});
+    for how in [TokenIn::Header, TokenIn::Query] {
+        let (status, answer) = assert_same(&worker, &Ask::keys_query("v3", &token, how, &body)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    // Tampered: one character of the signature changed.
+    let mut bad: Vec<char> = token.chars().collect();
+    let i = bad.len() - 12;
+    bad[i] = if bad[i] == 'A' { 'B' } else { 'A' };
+    let bad: String = bad.into_iter().collect();
+    expect(&worker, Ask::keys_query("v3", &bad, TokenIn::Header, &body), 401, "M_UNKNOWN_TOKEN").await;
+}
