@@ -469,11 +469,11 @@ if missing:
     sys.exit(f"missing tables: {sorted(missing)}")
 EOF
 
-log "waiting for synapse (up to ${SYNAPSE_START_TIMEOUT}s)"
-"$HOST_PY" - "$SYNAPSE_PID" "$SYNAPSE_START_TIMEOUT" \
-    "http://127.0.0.1:$SYNAPSE_PORT/health" "http://127.0.0.1:$REPL_PORT/health" <<'EOF' ||
+# wait_for_synapse PID URL...: every URL answers /health, or PID died, or timeout.
+wait_for_synapse() {
+"$HOST_PY" - "$SYNAPSE_START_TIMEOUT" "$@" <<'EOF'
 import os, sys, time, urllib.request
-pid, timeout, urls = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+timeout, pid, urls = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 deadline = time.monotonic() + timeout
 for url in urls:
     while True:
@@ -491,26 +491,11 @@ for url in urls:
             sys.exit(f"timed out waiting for {url}")
         time.sleep(0.5)
 EOF
+}
+log "waiting for synapse (up to ${SYNAPSE_START_TIMEOUT}s)"
+wait_for_synapse "$SYNAPSE_PID" "http://127.0.0.1:$SYNAPSE_PORT/health" "http://127.0.0.1:$REPL_PORT/health" ||
     { cat "$DIR/synapse.stdout.log" 2>/dev/null; die "synapse did not come up"; }
-"$HOST_PY" - "$SYNAPSE2_PID" "$SYNAPSE_START_TIMEOUT" "http://127.0.0.1:$SYNAPSE2_PORT/health" <<'EOF' ||
-import os, sys, time, urllib.request
-pid, timeout, url = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + timeout
-while True:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            if r.status == 200:
-                break
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"the MSC4263 synapse (pid {pid}) exited during startup")
-    if time.monotonic() > deadline:
-        sys.exit(f"timed out waiting for {url}")
-    time.sleep(0.5)
-EOF
+wait_for_synapse "$SYNAPSE2_PID" "http://127.0.0.1:$SYNAPSE2_PORT/health" ||
     { tail -n 30 "$DIR/msc4263.log" 2>/dev/null; die "the MSC4263 synapse did not come up"; }
 log "synapse up after ${SECONDS}s"
 

@@ -255,18 +255,7 @@ fn bad_config_stops_startup_with_one_clear_line() {
 /// budget, not forever: 503, and the service recovers when it answers again.
 #[tokio::test]
 async fn hung_database_gives_503_within_budget() {
-    let hs = Synapse::new();
-    let user = hs.register("patient").await;
-    let pg = url::Url::parse(&env().pg_url).unwrap();
-    let proxy = crate::tcp_proxy::TcpProxy::start(&format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap())).await;
-    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
-    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("postgres") };
-    args.port = Some(proxy.port);
-    config.worker.caches_enabled = false;
-    config.worker.db_statement_timeout_ms = 1000;
-    let worker = spawn_worker_with(config).await;
-    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
-    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    let (proxy, worker, ask) = behind_a_database_proxy("patient", |w| w.db_statement_timeout_ms = 1000).await;
     proxy.set_frozen(true);
     let started = Instant::now();
     let (status, body) = ask.send(&worker.url).await;
@@ -286,18 +275,7 @@ async fn hung_database_gives_503_within_budget() {
 /// requests fail fast with 503 meanwhile and succeed again afterwards.
 #[tokio::test]
 async fn database_restart_is_survived() {
-    let hs = Synapse::new();
-    let user = hs.register("restart").await;
-    let pg = url::Url::parse(&env().pg_url).unwrap();
-    let proxy = crate::tcp_proxy::TcpProxy::start(&format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap())).await;
-    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
-    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("postgres") };
-    args.port = Some(proxy.port);
-    config.worker.caches_enabled = false;
-    config.worker.db_acquire_timeout_ms = 1000;
-    let worker = spawn_worker_with(config).await;
-    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
-    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    let (proxy, worker, ask) = behind_a_database_proxy("restart", |w| w.db_acquire_timeout_ms = 1000).await;
     proxy.set_open(false);
     let started = Instant::now();
     let (status, body) = ask.send(&worker.url).await;
@@ -312,4 +290,24 @@ async fn database_restart_is_survived() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get("/ready").send(&worker.url).await.0, StatusCode::OK);
+}
+
+/// A worker whose database link goes through a [`TcpProxy`] (caches off,
+/// so every request reads the database), and a query that works now.
+async fn behind_a_database_proxy(
+    name: &str,
+    tune: impl FnOnce(&mut synapse_keys_worker::config::WorkerConfig),
+) -> (crate::tcp_proxy::TcpProxy, crate::helpers::Worker, Ask) {
+    let user = Synapse::new().register(name).await;
+    let pg = url::Url::parse(&env().pg_url).unwrap();
+    let proxy = crate::tcp_proxy::TcpProxy::start(&format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap())).await;
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("postgres") };
+    args.port = Some(proxy.port);
+    config.worker.caches_enabled = false;
+    tune(&mut config.worker);
+    let worker = spawn_worker_with(config).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+    (proxy, worker, ask)
 }
