@@ -118,12 +118,7 @@ impl Caches {
     }
 
     pub async fn device_keys(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<Vec<DeviceKeyRow>>>, sqlx::Error> {
-        let mut lookup = Lookup::start(&self.devices, users);
-        if !lookup.misses.is_empty() {
-            let rows = store.device_keys(&lookup.misses).await?;
-            lookup.fill(&self.devices, rows, |r| &r.user_id);
-        }
-        Ok(lookup.found)
+        per_user(&self.devices, users, |m| async move { store.device_keys(&m).await }).await
     }
 
     pub async fn cross_signing_keys(
@@ -131,21 +126,11 @@ impl Caches {
         store: &Store,
         users: &[&str],
     ) -> Result<HashMap<String, Arc<Vec<CrossSigningKeyRow>>>, sqlx::Error> {
-        let mut lookup = Lookup::start(&self.cross_signing, users);
-        if !lookup.misses.is_empty() {
-            let rows = store.cross_signing_keys(&lookup.misses).await?;
-            lookup.fill(&self.cross_signing, rows, |r| &r.user_id);
-        }
-        Ok(lookup.found)
+        per_user(&self.cross_signing, users, |m| async move { store.cross_signing_keys(&m).await }).await
     }
 
     pub async fn signatures_by(&self, store: &Store, signers: &[&str]) -> Result<HashMap<String, Arc<Vec<SignatureRow>>>, sqlx::Error> {
-        let mut lookup = Lookup::start(&self.signatures, signers);
-        if !lookup.misses.is_empty() {
-            let rows = store.signatures_by(&lookup.misses).await?;
-            lookup.fill(&self.signatures, rows, |r| &r.user_id);
-        }
-        Ok(lookup.found)
+        per_user(&self.signatures, signers, |m| async move { store.signatures_by(&m).await }).await
     }
 
     /// What Synapse's tables say about each of the remote `users`.
@@ -193,42 +178,62 @@ impl Caches {
     }
 }
 
-/// A per-user read: hits from the cache, then one load for all misses,
-/// grouped by owner and cached (an empty list too) unless invalidated
-/// while loading.
-struct Lookup<'a, V> {
-    found: HashMap<String, Arc<Vec<V>>>,
-    misses: Vec<&'a str>,
-    tickets: Vec<guarded::Ticket>,
+/// Rows that belong to one user (the cache key).
+trait OwnedBy {
+    fn owner(&self) -> &str;
 }
 
-impl<'a, V: Clone + Send + Sync + 'static> Lookup<'a, V> {
-    fn start(cache: &PerUser<V>, users: &[&'a str]) -> Self {
-        let mut found = HashMap::with_capacity(users.len());
-        let mut misses = Vec::new();
-        let mut seen = HashSet::with_capacity(users.len());
-        for u in users.iter().copied().filter(|u| seen.insert(*u)) {
-            let key = u.to_owned();
-            match cache.get(&key) {
-                Some(hit) => {
-                    found.insert(key, hit);
-                }
-                None => misses.push(u),
-            }
-        }
-        let tickets = misses.iter().map(|u| cache.ticket(&(*u).to_owned())).collect();
-        Self { found, misses, tickets }
+impl OwnedBy for DeviceKeyRow {
+    fn owner(&self) -> &str {
+        &self.user_id
     }
+}
 
-    fn fill(&mut self, cache: &PerUser<V>, rows: Vec<V>, owner: impl Fn(&V) -> &String) {
-        let mut grouped: HashMap<String, Vec<V>> = HashMap::new();
-        for row in rows {
-            grouped.entry(owner(&row).clone()).or_default().push(row);
-        }
-        for (u, ticket) in self.misses.iter().zip(&self.tickets) {
-            let entry = Arc::new(grouped.remove(*u).unwrap_or_default());
-            cache.insert((*u).to_owned(), entry.clone(), *ticket);
-            self.found.insert((*u).to_owned(), entry);
+impl OwnedBy for CrossSigningKeyRow {
+    fn owner(&self) -> &str {
+        &self.user_id
+    }
+}
+
+impl OwnedBy for SignatureRow {
+    fn owner(&self) -> &str {
+        &self.user_id
+    }
+}
+
+/// A per-user read: hits from the cache, then one `load` of all misses,
+/// grouped by owner and cached (an empty list too) unless invalidated
+/// while loading.
+async fn per_user<'a, V, F, Fut>(cache: &PerUser<V>, users: &[&'a str], load: F) -> Result<HashMap<String, Arc<Vec<V>>>, sqlx::Error>
+where
+    V: OwnedBy + Clone + Send + Sync + 'static,
+    F: FnOnce(Vec<&'a str>) -> Fut,
+    Fut: Future<Output = Result<Vec<V>, sqlx::Error>>,
+{
+    let mut found = HashMap::with_capacity(users.len());
+    let mut misses = Vec::new();
+    let mut seen = HashSet::with_capacity(users.len());
+    for u in users.iter().copied().filter(|u| seen.insert(*u)) {
+        match cache.get(&u.to_owned()) {
+            Some(hit) => {
+                found.insert(u.to_owned(), hit);
+            }
+            None => misses.push(u),
         }
     }
+    if misses.is_empty() {
+        return Ok(found);
+    }
+    let tickets: Vec<_> = misses.iter().map(|u| cache.ticket(&(*u).to_owned())).collect();
+    let rows = load(misses.clone()).await?;
+    let mut grouped: HashMap<String, Vec<V>> = HashMap::new();
+    for row in rows {
+        grouped.entry(row.owner().to_owned()).or_default().push(row);
+    }
+    for (u, ticket) in misses.iter().zip(tickets) {
+        let entry = Arc::new(grouped.remove(*u).unwrap_or_default());
+        cache.insert((*u).to_owned(), entry.clone(), ticket);
+        found.insert((*u).to_owned(), entry);
+    }
+    Ok(found)
 }
