@@ -23,10 +23,7 @@ pub struct Demo {
 impl Demo {
     pub async fn create(worker: WorkerConfig) -> anyhow::Result<Self> {
         let db_path = std::env::temp_dir().join(format!("synapse-keys-worker-demo-{}.db", std::process::id()));
-        let token: String = format!(
-            "syt_demo_{}",
-            rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>()
-        );
+        let token: String = format!("syt_demo_{}", rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>());
         let seed = format!(
             "{SEED}\nINSERT INTO access_tokens (id, user_id, device_id, token) VALUES (1, '@alice:{SERVER_NAME}', 'ALICEDEV1', '{token}');\n"
         );

@@ -30,13 +30,11 @@ impl MatrixError {
 
     /// Synapse always sends `soft_logout` with `M_UNKNOWN_TOKEN`.
     pub fn unknown_token(message: impl Into<String>, soft_logout: bool) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", message)
-            .with("soft_logout", soft_logout)
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", message).with("soft_logout", soft_logout)
     }
 
     pub fn user_locked() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "M_USER_LOCKED", "User account has been locked")
-            .with("soft_logout", true)
+        Self::new(StatusCode::UNAUTHORIZED, "M_USER_LOCKED", "User account has been locked").with("soft_logout", true)
     }
 
     pub fn not_json() -> Self {
@@ -121,8 +119,7 @@ impl From<sqlx::Error> for MatrixError {
 impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, self.body().to_string()).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(ms) = self.extra.get("retry_after_ms").and_then(Value::as_u64) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
         }

@@ -28,10 +28,7 @@ pub fn verify_guest_token(token: &str, secret: &[u8], now_ms: i64) -> Option<Str
     let satisfied = |c: &String| match c.as_str() {
         "gen = 1" | "type = access" | "guest = true" => true,
         c if c.starts_with("user_id = ") || c.starts_with("nonce = ") => true,
-        c => c
-            .strip_prefix("time < ")
-            .and_then(|t| t.trim().parse::<i64>().ok())
-            .is_some_and(|expiry| now_ms < expiry),
+        c => c.strip_prefix("time < ").and_then(|t| t.trim().parse::<i64>().ok()).is_some_and(|expiry| now_ms < expiry),
     };
     if !m.caveats.iter().all(satisfied) {
         return None;

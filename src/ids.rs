@@ -42,10 +42,7 @@ pub fn is_valid_server_name(server_name: &str) -> bool {
             None => false,
         };
     }
-    !host.is_empty()
-        && host
-            .split('.')
-            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    !host.is_empty() && host.split('.').all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// Python's `int(str)` for the inputs that matter here: surrounding
@@ -81,7 +78,22 @@ mod tests {
         for ok in ["@a:hs", "@:hs", "@a:hs.example.org:8448", "@a:[::1]", "@a:[::1]:80", "@A b:hs", "@a:1.2.3.4", "@a:hs: 80"] {
             assert!(is_valid_user_id(ok), "{ok} should be valid");
         }
-        for bad in ["", "a:hs", "@a", "@a:", "@a:hs.", "@a:.hs", "@a:h_s", "@a:hs:x", "@a:b:c.d:8448", "@a:[::1", "@a:[]", "@a:[nope]", "#a:hs", "@a:hs:"] {
+        for bad in [
+            "",
+            "a:hs",
+            "@a",
+            "@a:",
+            "@a:hs.",
+            "@a:.hs",
+            "@a:h_s",
+            "@a:hs:x",
+            "@a:b:c.d:8448",
+            "@a:[::1",
+            "@a:[]",
+            "@a:[nope]",
+            "#a:hs",
+            "@a:hs:",
+        ] {
             assert!(!is_valid_user_id(bad), "{bad} should be invalid");
         }
     }

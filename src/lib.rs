@@ -88,9 +88,7 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(app: Arc<App>, addr: &str) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         Ok(Self { listener, app })
     }
 

@@ -54,9 +54,7 @@ impl Metrics {
     pub fn new(sources: Sources) -> Self {
         let mut registry = Registry::with_prefix("synapse_keys_worker");
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 17))
-        });
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 17)));
         registry.register("http_requests", "HTTP requests served, by route, method and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer HTTP requests", duration.clone());
         registry.register_collector(Box::new(sources));
@@ -92,13 +90,7 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(&[(&str, &s
 impl Collector for Sources {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.caches;
-        let caches = [
-            c.tokens.stats(),
-            c.devices.stats(),
-            c.cross_signing.stats(),
-            c.signatures.stats(),
-            c.remote.stats(),
-        ];
+        let caches = [c.tokens.stats(), c.devices.stats(), c.cross_signing.stats(), c.signatures.stats(), c.remote.stats()];
         type Pick = fn(&crate::cache::guarded::Stats) -> u64;
         let per_cache = |pick: Pick| -> Vec<([(&str, &str); 1], u64)> { caches.iter().map(|s| ([("cache", s.name)], pick(s))).collect() };
         let metrics: [(&str, &str, Pick); 4] = [
@@ -129,18 +121,48 @@ impl Collector for Sources {
                 (&[("outcome", "fallback_failed")], r.fallback_failed),
             ],
         )?;
-        gauge(&mut e, "master_breaker_open", "1 while the device-lists writer is being skipped", &[(&[], i64::from(self.coordinator.master.breaker_open()))])?;
+        gauge(
+            &mut e,
+            "master_breaker_open",
+            "1 while the device-lists writer is being skipped",
+            &[(&[], i64::from(self.coordinator.master.breaker_open()))],
+        )?;
         gauge(&mut e, "resync_waiters", "Callers waiting for a resync", &[(&[], self.coordinator.waiting() as i64)])?;
-        gauge(&mut e, "federation_destinations_backing_off", "Remote servers we are backing off from", &[(&[], self.federation.backoff.count() as i64)])?;
+        gauge(
+            &mut e,
+            "federation_destinations_backing_off",
+            "Remote servers we are backing off from",
+            &[(&[], self.federation.backoff.count() as i64)],
+        )?;
 
         let s = &self.replication;
-        gauge(&mut e, "replication_connected", "1 while the replication stream is followed", &[(&[], i64::from(s.connected.load(Ordering::SeqCst)))])?;
-        gauge(&mut e, "replication_caught_up", "1 once the stream has caught up after (re)connecting", &[(&[], i64::from(s.caught_up.load(Ordering::SeqCst)))])?;
+        gauge(
+            &mut e,
+            "replication_connected",
+            "1 while the replication stream is followed",
+            &[(&[], i64::from(s.connected.load(Ordering::SeqCst)))],
+        )?;
+        gauge(
+            &mut e,
+            "replication_caught_up",
+            "1 once the stream has caught up after (re)connecting",
+            &[(&[], i64::from(s.caught_up.load(Ordering::SeqCst)))],
+        )?;
         counter(&mut e, "replication_reconnects", "Times the replication stream was lost", &[(&[], s.reconnects.load(Ordering::Relaxed))])?;
-        counter(&mut e, "replication_caught_up_rows", "Rows read from the stream tables to catch up", &[(&[], s.caught_up_rows.load(Ordering::Relaxed))])?;
+        counter(
+            &mut e,
+            "replication_caught_up_rows",
+            "Rows read from the stream tables to catch up",
+            &[(&[], s.caught_up_rows.load(Ordering::Relaxed))],
+        )?;
         let last = s.last_seen_ms.load(Ordering::Relaxed);
         let lag_ms = if last > 0 { crate::now_ms() - last } else { -1 };
-        gauge(&mut e, "replication_last_message_age_milliseconds", "Time since the last replication message or poll (-1: none yet)", &[(&[], lag_ms)])?;
+        gauge(
+            &mut e,
+            "replication_last_message_age_milliseconds",
+            "Time since the last replication message or poll (-1: none yet)",
+            &[(&[], lag_ms)],
+        )?;
 
         let (size, idle, max) = self.store.pool_state();
         gauge(

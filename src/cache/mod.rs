@@ -53,24 +53,46 @@ impl Caches {
         let bytes = w.cache_max_bytes;
         Self {
             tokens: GuardedCache::new("tokens", w.token_cache_max_entries, ttl, |_: &String, _: &Arc<TokenRow>| 1, trust.clone()),
-            devices: GuardedCache::new("device_keys", bytes, ttl, |k: &String, v: &Arc<Vec<DeviceKeyRow>>| {
-                weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
-                    r.device_id.len() + r.display_name.as_ref().map_or(0, String::len) + r.key_json.as_ref().map_or(0, String::len)
-                })))
-            }, trust.clone()),
-            cross_signing: GuardedCache::new("cross_signing_keys", bytes, ttl, |k: &String, v: &Arc<Vec<CrossSigningKeyRow>>| {
-                weight(std::iter::once(k.len()).chain(v.iter().map(|r| r.keytype.len() + r.keydata.len())))
-            }, trust.clone()),
-            signatures: GuardedCache::new("signatures", bytes, ttl, |k: &String, v: &Arc<Vec<SignatureRow>>| {
-                weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
-                    r.key_id.len() + r.target_user_id.len() + r.target_device_id.len() + r.signature.len()
-                })))
-            }, trust.clone()),
+            devices: GuardedCache::new(
+                "device_keys",
+                bytes,
+                ttl,
+                |k: &String, v: &Arc<Vec<DeviceKeyRow>>| {
+                    weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
+                        r.device_id.len() + r.display_name.as_ref().map_or(0, String::len) + r.key_json.as_ref().map_or(0, String::len)
+                    })))
+                },
+                trust.clone(),
+            ),
+            cross_signing: GuardedCache::new(
+                "cross_signing_keys",
+                bytes,
+                ttl,
+                |k: &String, v: &Arc<Vec<CrossSigningKeyRow>>| {
+                    weight(std::iter::once(k.len()).chain(v.iter().map(|r| r.keytype.len() + r.keydata.len())))
+                },
+                trust.clone(),
+            ),
+            signatures: GuardedCache::new(
+                "signatures",
+                bytes,
+                ttl,
+                |k: &String, v: &Arc<Vec<SignatureRow>>| {
+                    weight(
+                        std::iter::once(k.len()).chain(
+                            v.iter().map(|r| r.key_id.len() + r.target_user_id.len() + r.target_device_id.len() + r.signature.len()),
+                        ),
+                    )
+                },
+                trust.clone(),
+            ),
             remote: GuardedCache::new(
                 "remote_devices",
                 bytes,
                 Duration::from_millis(w.remote_status_ttl_ms.min(w.cache_ttl_ms)),
-                |k: &String, v: &Arc<RemoteUser>| weight(std::iter::once(k.len()).chain(v.devices.iter().map(|d| d.device_id.len() + d.content.len()))),
+                |k: &String, v: &Arc<RemoteUser>| {
+                    weight(std::iter::once(k.len()).chain(v.devices.iter().map(|d| d.device_id.len() + d.content.len())))
+                },
                 trust.clone(),
             ),
             trust,

@@ -53,11 +53,7 @@ impl DatabaseConfig {
 /// With the multi-database form, the entry whose `data_stores` has `main`.
 fn main_store(dbs: &Mapping) -> Result<Value, ConfigError> {
     dbs.values()
-        .find(|db| {
-            db.get("data_stores")
-                .and_then(Value::as_sequence)
-                .is_some_and(|s| s.iter().any(|x| x.as_str() == Some("main")))
-        })
+        .find(|db| db.get("data_stores").and_then(Value::as_sequence).is_some_and(|s| s.iter().any(|x| x.as_str() == Some("main"))))
         .cloned()
         .ok_or_else(|| ConfigError::new("no entry of `databases` holds the `main` data store"))
 }
@@ -103,7 +99,8 @@ mod tests {
 
     #[test]
     fn psycopg2_args() {
-        let c = parse("database: {name: psycopg2, args: {user: u, password: p, dbname: d, host: /run/pg, port: '5433', cp_max: 7}}").unwrap();
+        let c =
+            parse("database: {name: psycopg2, args: {user: u, password: p, dbname: d, host: /run/pg, port: '5433', cp_max: 7}}").unwrap();
         let DatabaseConfig::Postgres(a) = c else { panic!("not postgres") };
         assert_eq!(a.user.as_deref(), Some("u"));
         assert_eq!(a.dbname.as_deref(), Some("d"));
@@ -114,7 +111,10 @@ mod tests {
 
     #[test]
     fn sqlite_and_multi_db() {
-        assert_eq!(parse("database: {name: sqlite3, args: {database: /x/h.db}}").unwrap(), DatabaseConfig::Sqlite { path: "/x/h.db".into() });
+        assert_eq!(
+            parse("database: {name: sqlite3, args: {database: /x/h.db}}").unwrap(),
+            DatabaseConfig::Sqlite { path: "/x/h.db".into() }
+        );
         let c = parse("databases: {state: {name: sqlite3, args: {database: s.db}, data_stores: [state]}, main: {name: sqlite3, args: {database: m.db}, data_stores: [main]}}").unwrap();
         assert_eq!(c, DatabaseConfig::Sqlite { path: "m.db".into() });
     }

@@ -39,10 +39,7 @@ impl ConfigError {
 impl Config {
     /// Reads and merges the files, then applies `SYNAPSE_KEYS_WORKER_*`
     /// variables from `env` to our section.
-    pub fn load(
-        paths: &[PathBuf],
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(paths: &[PathBuf], env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut merged = Mapping::new();
         for path in paths {
             for (k, v) in read_yaml_file(path)? {
@@ -52,10 +49,7 @@ impl Config {
         Self::from_mapping(merged, env)
     }
 
-    pub fn from_mapping(
-        mut merged: Mapping,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_mapping(mut merged: Mapping, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let section = merged.remove(SECTION).unwrap_or(Value::Null);
         let worker = WorkerConfig::from_section(section, env)?;
         let synapse = SynapseConfig::from_mapping(&merged)?;
@@ -64,15 +58,11 @@ impl Config {
 }
 
 fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", path.display())))?;
     match serde_yaml::from_str::<Value>(&text) {
         Ok(Value::Mapping(m)) => Ok(m),
         Ok(Value::Null) => Ok(Mapping::new()),
-        Ok(_) => Err(ConfigError::new(format!(
-            "config file {} must contain a YAML mapping at the top level",
-            path.display()
-        ))),
+        Ok(_) => Err(ConfigError::new(format!("config file {} must contain a YAML mapping at the top level", path.display()))),
         Err(e) => Err(ConfigError::new(format!("config file {} is not valid YAML: {e}", path.display()))),
     }
 }

@@ -73,8 +73,7 @@ impl SynapseConfig {
         let database = DatabaseConfig::from_mapping(m)?;
         let redis = match m.get("redis") {
             None | Some(Value::Null) => RedisConfig::default(),
-            Some(v) => serde_yaml::from_value(v.clone())
-                .map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
+            Some(v) => serde_yaml::from_value(v.clone()).map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
         };
         let worker_replication_secret = match (str_key(m, "worker_replication_secret")?, m.get("worker_replication_secret_path")) {
             (Some(s), _) => Some(s),
@@ -156,8 +155,8 @@ fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigEr
     let Some(entry) = aliases.iter().find_map(|a| map.get(*a)) else {
         return Ok(None);
     };
-    let e: InstanceEntry = serde_yaml::from_value(entry.clone())
-        .map_err(|e| ConfigError::new(format!("invalid `instance_map.{writer}`: {e}")))?;
+    let e: InstanceEntry =
+        serde_yaml::from_value(entry.clone()).map_err(|e| ConfigError::new(format!("invalid `instance_map.{writer}`: {e}")))?;
     match (e.path, e.host, e.port) {
         (Some(path), _, _) => Ok(Some(InstanceLocation::Unix { path })),
         (None, Some(host), Some(port)) => Ok(Some(InstanceLocation::Tcp { host, port, tls: e.tls })),
@@ -184,9 +183,7 @@ fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, ConfigError> 
 fn string_list(m: &Mapping, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_yaml::from_value(v.clone())
-            .map(Some)
-            .map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
+        Some(v) => serde_yaml::from_value(v.clone()).map(Some).map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
     }
 }
 

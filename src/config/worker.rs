@@ -116,10 +116,7 @@ impl WorkerConfig {
         std::time::Duration::from_millis(ms)
     }
 
-    pub fn from_section(
-        section: Value,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_section(section: Value, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut map = match section {
             Value::Null => Mapping::new(),
             Value::Mapping(m) => m,
@@ -167,9 +164,7 @@ mod tests {
         let section: Value = serde_yaml::from_str("listne: x").unwrap();
         let err = WorkerConfig::from_section(section, env(&[])).unwrap_err().to_string();
         assert!(err.contains("listne"), "{err}");
-        let err = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_BOGUS", "1")]))
-            .unwrap_err()
-            .to_string();
+        let err = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_BOGUS", "1")])).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
     }
 

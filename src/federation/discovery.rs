@@ -80,11 +80,7 @@ impl Discovery {
     async fn srv_or_default(&self, host: &str, host_header: String) -> Target {
         for prefix in ["_matrix-fed._tcp", "_matrix._tcp"] {
             if let Some((target, port)) = self.dns.srv(&format!("{prefix}.{host}")).await {
-                return Target {
-                    authority: format!("{host}:{port}"),
-                    host_header,
-                    connect_via: Some(target),
-                };
+                return Target { authority: format!("{host}:{port}"), host_header, connect_via: Some(target) };
             }
         }
         Target::direct(host, 8448, host_header)

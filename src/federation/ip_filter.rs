@@ -9,9 +9,24 @@ use ipnet::IpNet;
 
 /// Synapse's `DEFAULT_IP_RANGE_BLOCKLIST`.
 pub const DEFAULT_BLOCKLIST: &[&str] = &[
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "192.0.0.0/24",
-    "169.254.0.0/16", "192.88.99.0/24", "198.18.0.0/15", "192.0.2.0/24", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "::1/128", "fe80::/10", "fc00::/7", "2001:db8::/32", "ff00::/8",
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "169.254.0.0/16",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "::1/128",
+    "fe80::/10",
+    "fc00::/7",
+    "2001:db8::/32",
+    "ff00::/8",
     "fec0::/10",
 ];
 
@@ -49,9 +64,7 @@ impl IpFilter {
 fn parse_all<'a>(items: impl Iterator<Item = &'a str>) -> anyhow::Result<Vec<IpNet>> {
     items
         .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| anyhow::anyhow!("`{s}` is not an IP range"))
+            s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)).map_err(|_| anyhow::anyhow!("`{s}` is not an IP range"))
         })
         .collect()
 }

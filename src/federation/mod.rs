@@ -128,9 +128,7 @@ impl FederationClient {
             self.resolver.connect_via(host, via);
         }
         let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
-        let auth = signer
-            .authorization(&method, path, destination, bytes.as_deref())
-            .map_err(|e| FedError::Transport(e.to_string()))?;
+        let auth = signer.authorization(&method, path, destination, bytes.as_deref()).map_err(|e| FedError::Transport(e.to_string()))?;
         let host_header = HeaderValue::from_str(&target.host_header).map_err(|e| FedError::Transport(e.to_string()))?;
         let mut req = self
             .http

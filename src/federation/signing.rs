@@ -43,8 +43,7 @@ impl RequestSigner {
     /// Reads the first key of a Synapse signing-key file: lines of
     /// `ed25519 <version> <unpadded base64 seed>`.
     pub fn from_file(origin: &str, path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read signing key {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read signing key {}: {e}", path.display()))?;
         Self::from_key_text(origin, &text).map_err(|e| anyhow::anyhow!("signing key {}: {e}", path.display()))
     }
 
@@ -67,10 +66,7 @@ impl RequestSigner {
         body: Option<&[u8]>,
     ) -> anyhow::Result<HeaderValue> {
         let destination = OwnedServerName::try_from(destination).map_err(|e| anyhow::anyhow!("destination {destination}: {e}"))?;
-        let request = axum::http::Request::builder()
-            .method(method.clone())
-            .uri(path_and_query)
-            .body(body.unwrap_or_default().to_vec())?;
+        let request = axum::http::Request::builder().method(method.clone()).uri(path_and_query).body(body.unwrap_or_default().to_vec())?;
         let input = XMatrixSigningInput::new(self.origin.clone(), destination, &self.key);
         let scheme = XMatrix::sign_http_request(&request, input).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
         Ok(HeaderValue::from(&scheme))

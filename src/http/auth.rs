@@ -30,9 +30,7 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
     match auth_headers.next() {
         Some(first) => {
             if query_token.is_some() {
-                return Err(MatrixError::missing_token(
-                    "Mixing Authorization headers and access_token query parameters.",
-                ));
+                return Err(MatrixError::missing_token("Mixing Authorization headers and access_token query parameters."));
             }
             if auth_headers.next().is_some() {
                 return Err(MatrixError::missing_token("Too many Authorization headers."));
@@ -46,9 +44,7 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
                 _ => Err(MatrixError::missing_token("Invalid Authorization header.")),
             }
         }
-        None => query_token
-            .map(str::to_owned)
-            .ok_or_else(|| MatrixError::missing_token("Missing access token")),
+        None => query_token.map(str::to_owned).ok_or_else(|| MatrixError::missing_token("Missing access token")),
     }
 }
 

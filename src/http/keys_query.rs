@@ -3,19 +3,19 @@
 //! serialise. Errors come out in Synapse's order: body too large, then
 //! auth, then `timeout`, then the body's shape.
 
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::Extension;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::Response;
 
 use super::auth::authenticate;
-use super::params::QueryParams;
 use super::json_response;
+use super::params::QueryParams;
 use crate::App;
 use crate::error::MatrixError;
 use crate::keys::{KeysQuery, query_keys};
@@ -50,9 +50,7 @@ pub async fn keys_query(
 
 /// `work`, or 503 if it has not finished within `budget`.
 async fn within<T>(budget: Duration, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
-    tokio::time::timeout(budget, work)
-        .await
-        .unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
+    tokio::time::timeout(budget, work).await.unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
 }
 
 /// The client's address: the first `X-Forwarded-For` entry (the service

@@ -27,11 +27,8 @@ use crate::App;
 use crate::error::MatrixError;
 
 /// The client-API versions Synapse serves `/keys/query` under.
-pub const KEYS_QUERY_PATHS: [&str; 3] = [
-    "/_matrix/client/r0/keys/query",
-    "/_matrix/client/v3/keys/query",
-    "/_matrix/client/unstable/keys/query",
-];
+pub const KEYS_QUERY_PATHS: [&str; 3] =
+    ["/_matrix/client/r0/keys/query", "/_matrix/client/v3/keys/query", "/_matrix/client/unstable/keys/query"];
 
 /// Every route: method, path, handler. The one list the router is built
 /// from and `openapi/openapi.yaml` is checked against.
@@ -71,10 +68,7 @@ pub fn router(app: Arc<App>) -> Router {
 /// `GET /metrics`: Prometheus (OpenMetrics text).
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut resp = app.metrics.render().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     resp
 }
 
@@ -98,10 +92,7 @@ fn set_cors_headers(resp: &mut Response) {
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"));
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("X-Requested-With, Content-Type, Authorization, Date"),
-    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("X-Requested-With, Content-Type, Authorization, Date"));
     h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Synapse-Trace-Id, Server"));
 }
 

@@ -20,8 +20,7 @@ impl QueryParams {
     /// absent → `None`; not an integer or negative → 400 `M_INVALID_PARAM`.
     pub fn non_negative_int(&self, name: &str) -> Result<Option<u64>, MatrixError> {
         let Some(raw) = self.first(name) else { return Ok(None) };
-        let n = parse_python_int(raw)
-            .ok_or_else(|| MatrixError::invalid_param(format!("Query parameter {name} must be an integer")))?;
+        let n = parse_python_int(raw).ok_or_else(|| MatrixError::invalid_param(format!("Query parameter {name} must be an integer")))?;
         if n < 0 {
             return Err(MatrixError::invalid_param(format!("Query parameter {name} must be a positive integer.")));
         }

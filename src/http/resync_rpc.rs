@@ -65,10 +65,8 @@ fn check_secret(secret: Option<&str>, headers: &HeaderMap) -> Result<(), MatrixE
 /// `{"user_ids": [...]}`, all valid user IDs of one server.
 fn parse_user_ids(body: &[u8]) -> Result<Vec<String>, MatrixError> {
     let value: Value = serde_json::from_slice(body).map_err(|_| MatrixError::not_json())?;
-    let ids = value
-        .get("user_ids")
-        .and_then(Value::as_array)
-        .ok_or_else(|| MatrixError::bad_json("'user_ids' must be a list of user IDs"))?;
+    let ids =
+        value.get("user_ids").and_then(Value::as_array).ok_or_else(|| MatrixError::bad_json("'user_ids' must be a list of user IDs"))?;
     let users: Vec<String> = ids
         .iter()
         .map(|v| v.as_str().filter(|s| is_valid_user_id(s)).map(str::to_owned))

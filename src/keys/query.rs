@@ -101,10 +101,7 @@ fn parse_cross_signing_keys<'a>(rows: impl Iterator<Item = &'a CrossSigningKeyRo
 fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[&SignatureRow]) {
     let mut by_target: HashMap<(&str, &str), Vec<(&str, &str)>> = HashMap::new();
     for s in sigs.iter().filter(|s| s.user_id == s.target_user_id) {
-        by_target
-            .entry((&s.target_user_id, &s.target_device_id))
-            .or_default()
-            .push((&s.key_id, &s.signature));
+        by_target.entry((&s.target_user_id, &s.target_device_id)).or_default().push((&s.key_id, &s.signature));
     }
     for mut d in devices {
         let found = by_target.get(&(d.user_id.as_str(), d.device_id.as_str()));
@@ -116,12 +113,7 @@ fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[&Sign
 
 /// Master and self-signing keys for everyone, the user-signing key only to
 /// its owner; the requester's own signatures merged into each.
-fn add_cross_signing_keys(
-    resp: &mut KeysQueryResponse,
-    keys: Vec<CrossSigningKey>,
-    sigs: &[&SignatureRow],
-    requester: &str,
-) {
+fn add_cross_signing_keys(resp: &mut KeysQueryResponse, keys: Vec<CrossSigningKey>, sigs: &[&SignatureRow], requester: &str) {
     // Synapse maps (user, public key) to one key type, the last one seen.
     let mut index_of: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, k) in keys.iter().enumerate() {

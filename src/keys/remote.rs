@@ -105,10 +105,7 @@ fn add_cached_devices<'a>(resp: &mut KeysQueryResponse, user: &str, rows: impl I
         if keys.is_empty() {
             continue;
         }
-        let mut unsigned: Map<String, Value> = keys
-            .get("unsigned")
-            .and_then(|u| serde_json::from_str(u.get()).ok())
-            .unwrap_or_default();
+        let mut unsigned: Map<String, Value> = keys.get("unsigned").and_then(|u| serde_json::from_str(u.get()).ok()).unwrap_or_default();
         if let Some(name) = content.device_display_name.filter(is_truthy) {
             unsigned.insert("device_display_name".into(), name);
         }
@@ -169,17 +166,16 @@ async fn query_destination(
     deadline: Instant,
 ) -> DestinationAnswer {
     let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };
-    let (resync, direct): (Vec<_>, Vec<_>) =
-        queries.iter().partition(|(u, devices)| devices.is_empty() && sharing.contains(*u));
+    let (resync, direct): (Vec<_>, Vec<_>) = queries.iter().partition(|(u, devices)| devices.is_empty() && sharing.contains(*u));
     if !resync.is_empty() {
         let users: Vec<String> = resync.iter().map(|(u, _)| (*u).to_owned()).collect();
         let outcomes = app.remote.coordinator.resync(dest, &users, deadline).await;
         for user in users {
             match outcomes.get(&user) {
                 Some(Ok(d)) => {
-                    answer.merged_devices.extend(
-                        d.devices.iter().filter_map(|(id, k)| Some((user.clone(), id.clone(), parse_object(k.get())?))),
-                    );
+                    answer
+                        .merged_devices
+                        .extend(d.devices.iter().filter_map(|(id, k)| Some((user.clone(), id.clone(), parse_object(k.get())?))));
                     if let Some(k) = d.master_key.as_deref().and_then(|k| parse_object(k.get())) {
                         answer.master_keys.push((user.clone(), k));
                     }

@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn invalid_user_ids_dropped_and_timeout_read() {
-        let q = KeysQuery::parse(br#"{"device_keys": {"@a:hs": [], "bad": [], "@b:h_s": ["X"], "@c:hs": ["D1", "D2"]}, "timeout": 2500}"#).unwrap();
+        let q = KeysQuery::parse(br#"{"device_keys": {"@a:hs": [], "bad": [], "@b:h_s": ["X"], "@c:hs": ["D1", "D2"]}, "timeout": 2500}"#)
+            .unwrap();
         assert_eq!(q.users, vec![("@a:hs".to_string(), vec![]), ("@c:hs".to_string(), vec!["D1".to_string(), "D2".to_string()])]);
         assert_eq!(q.body_timeout_ms, Some(2500));
         let q = KeysQuery::parse(br#"{"device_keys": {}, "timeout": "soon"}"#).unwrap();

@@ -27,9 +27,7 @@ impl Invalidator {
             ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", Some(user)) => {
                 self.caches.invalidate_tokens_of(user)
             }
-            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", None) => {
-                self.caches.tokens.invalidate_all()
-            }
+            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", None) => self.caches.tokens.invalidate_all(),
             ("_get_bare_e2e_cross_signing_keys", Some(user)) => self.caches.cross_signing.invalidate(&user.to_owned()),
             ("_get_bare_e2e_cross_signing_keys", None) => self.caches.cross_signing.invalidate_all(),
             ("_get_e2e_cross_signing_signatures_for_device", Some(user)) => self.caches.signatures.invalidate(&user.to_owned()),
@@ -44,10 +42,7 @@ impl Invalidator {
                 _ => self.caches.remote.invalidate_all(),
             },
             ("dr_cache_fake", _) => self.caches.remote.invalidate_all(),
-            (
-                "get_device_list_last_stream_id_for_remote" | "get_cached_devices_for_user" | "_get_cached_user_device",
-                Some(user),
-            ) => {
+            ("get_device_list_last_stream_id_for_remote" | "get_cached_devices_for_user" | "_get_cached_user_device", Some(user)) => {
                 self.caches.remote.invalidate(&user.to_owned());
                 self.coordinator.invalidate(user).await;
             }

@@ -27,7 +27,8 @@ pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
         (None, Some(path)) => Some(std::fs::read_to_string(path)?.trim().to_owned()),
         _ => None,
     };
-    let auth = password.map(|p| format!(":{}@", url::form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>())).unwrap_or_default();
+    let auth =
+        password.map(|p| format!(":{}@", url::form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>())).unwrap_or_default();
     let db = c.dbid.unwrap_or(0);
     let url = match &c.path {
         Some(path) => format!("redis+unix://{path}?db={db}"),

@@ -82,11 +82,21 @@ mod tests {
     fn parses_rdata_and_position() {
         assert_eq!(
             parse(r#"RDATA device_lists master 6 ["@bob:hs",false,false]"#),
-            Command::Rdata { stream: "device_lists".into(), instance: "master".into(), token: Some(6), row: json!(["@bob:hs", false, false]) }
+            Command::Rdata {
+                stream: "device_lists".into(),
+                instance: "master".into(),
+                token: Some(6),
+                row: json!(["@bob:hs", false, false])
+            }
         );
         assert_eq!(
             parse(r#"RDATA caches master batch ["get_device",["@bob:hs","BOBDEV"],1795675889447]"#),
-            Command::Rdata { stream: "caches".into(), instance: "master".into(), token: None, row: json!(["get_device", ["@bob:hs", "BOBDEV"], 1795675889447u64]) }
+            Command::Rdata {
+                stream: "caches".into(),
+                instance: "master".into(),
+                token: None,
+                row: json!(["get_device", ["@bob:hs", "BOBDEV"], 1795675889447u64])
+            }
         );
         assert_eq!(
             parse("POSITION caches master 10 12"),
@@ -102,7 +112,10 @@ mod tests {
         assert_eq!(device_list_user(&json!(["@a:hs", false, false])), Some("@a:hs"));
         assert_eq!(device_list_user(&json!(["@a:hs", true])), Some("@a:hs"));
         assert_eq!(device_list_user(&json!(["@a:hs", false, true])), None);
-        assert_eq!(cache_row(&json!(["get_user_by_access_token", ["syt_x"], 1])), Some(("get_user_by_access_token", Some(vec!["syt_x".to_string()]))));
+        assert_eq!(
+            cache_row(&json!(["get_user_by_access_token", ["syt_x"], 1])),
+            Some(("get_user_by_access_token", Some(vec!["syt_x".to_string()])))
+        );
         assert_eq!(cache_row(&json!(["f", null, 1])), Some(("f", None)));
     }
 }

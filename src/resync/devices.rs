@@ -85,7 +85,9 @@ mod tests {
 
     #[test]
     fn bare_cached_shape() {
-        let d = UserDevices::parse(raw(r#"{"D1":{"device_id":"D1","keys":{"k":2},"device_display_name":"x"},"D2":{"deleted":true}}"#), None).unwrap();
+        let d =
+            UserDevices::parse(raw(r#"{"D1":{"device_id":"D1","keys":{"k":2},"device_display_name":"x"},"D2":{"deleted":true}}"#), None)
+                .unwrap();
         assert_eq!(d.devices.len(), 1);
         assert_eq!(d.devices[0].1.get(), r#"{"k":2}"#);
         assert!(d.master_key.is_none());

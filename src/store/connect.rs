@@ -26,10 +26,7 @@ impl Store {
                 Ok(Store::Postgres(pool))
             }
             DatabaseConfig::Sqlite { path } => {
-                let opts = SqliteConnectOptions::new()
-                    .filename(path)
-                    .read_only(true)
-                    .busy_timeout(acquire);
+                let opts = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(acquire);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(worker.db_max_connections.unwrap_or(4).max(1))
                     .acquire_timeout(acquire)

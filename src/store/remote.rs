@@ -116,9 +116,7 @@ impl Store {
         }
         match self {
             Store::Postgres(p) => sqlx::query_scalar(BACKOFF_PG).bind(destinations).bind(not_before_ms).fetch_all(p).await,
-            Store::Sqlite(p) => {
-                sqlx::query_scalar(BACKOFF_SQLITE).bind(json_list(destinations)).bind(not_before_ms).fetch_all(p).await
-            }
+            Store::Sqlite(p) => sqlx::query_scalar(BACKOFF_SQLITE).bind(json_list(destinations)).bind(not_before_ms).fetch_all(p).await,
         }
     }
 }

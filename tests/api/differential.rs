@@ -161,9 +161,7 @@ async fn puppet_token_acts_as_the_puppeted_user() {
     let (hs, world, worker) = setup().await;
     let admin = hs.register("admin").await;
     hs.make_admin(&admin).await;
-    let r = hs
-        .admin(Method::POST, &format!("/_synapse/admin/v1/users/{}/login", world.alice.user_id), &admin.session, json!({}))
-        .await;
+    let r = hs.admin(Method::POST, &format!("/_synapse/admin/v1/users/{}/login", world.alice.user_id), &admin.session, json!({})).await;
     let puppet_token = r["access_token"].as_str().unwrap();
     let body = &world.queries()[0];
     let (status, answer) = assert_same(&worker, &Ask::keys_query("v3", puppet_token, TokenIn::Header, body)).await;

@@ -60,11 +60,7 @@ async fn expired_locked_and_deactivated_match_synapse() {
     let user = hs.register("expiring").await;
     let fresh = hs.login(&user, None).await;
     let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
-    sqlx::query("UPDATE access_tokens SET valid_until_ms = 1000 WHERE token = $1")
-        .bind(&fresh.token)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query("UPDATE access_tokens SET valid_until_ms = 1000 WHERE token = $1").bind(&fresh.token).execute(&pool).await.unwrap();
     let expired = expect(&worker, Ask::keys_query("v3", &fresh.token, TokenIn::Header, &body), 401, "M_UNKNOWN_TOKEN").await;
     assert_eq!(expired["soft_logout"], true);
     // A token with a future expiry still works.
@@ -79,15 +75,13 @@ async fn expired_locked_and_deactivated_match_synapse() {
 
     // Locked through the admin API.
     let locked = hs.register("locked").await;
-    hs.admin(Method::PUT, &format!("/_synapse/admin/v2/users/{}", locked.user_id), &admin.session, json!({"locked": true}))
-        .await;
+    hs.admin(Method::PUT, &format!("/_synapse/admin/v2/users/{}", locked.user_id), &admin.session, json!({"locked": true})).await;
     let l = expect(&worker, Ask::keys_query("v3", &locked.session.token, TokenIn::Header, &body), 401, "M_USER_LOCKED").await;
     assert_eq!(l["soft_logout"], true);
 
     // Deactivated through the admin API.
     let gone = hs.register("gone").await;
-    hs.admin(Method::POST, &format!("/_synapse/admin/v1/deactivate/{}", gone.user_id), &admin.session, json!({}))
-        .await;
+    hs.admin(Method::POST, &format!("/_synapse/admin/v1/deactivate/{}", gone.user_id), &admin.session, json!({})).await;
     expect(&worker, Ask::keys_query("v3", &gone.session.token, TokenIn::Query, &body), 401, "M_UNKNOWN_TOKEN").await;
 }
 

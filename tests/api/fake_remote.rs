@@ -34,11 +34,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use axum::routing::{get, post};
 use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
 use ruma::serde::Base64;
@@ -148,12 +148,7 @@ impl FakeRemote {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_name = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
         let keys = PublicKeyMap::from([(origin.to_owned(), [(key_id.to_owned(), Base64::new(public_key.to_vec()))].into())]);
-        let shared = Arc::new(Shared {
-            server_name,
-            keys,
-            data: Mutex::new(Data::default()),
-            modes: watch::Sender::new(HashMap::new()),
-        });
+        let shared = Arc::new(Shared { server_name, keys, data: Mutex::new(Data::default()), modes: watch::Sender::new(HashMap::new()) });
         let app = Router::new()
             .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
             .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
@@ -206,9 +201,7 @@ impl FakeRemote {
     pub fn add_user(&self, localpart: &str) -> RemoteUser {
         let user_id = format!("@{localpart}:{}", self.shared.server_name);
         let (master, ssk) = (SigningKey::generate(None), SigningKey::generate(None));
-        let key = |usage: &str, k: &SigningKey| {
-            json!({"user_id": user_id, "usage": [usage], "keys": {format!("ed25519:{}", k.public): k.public}})
-        };
+        let key = |usage: &str, k: &SigningKey| json!({"user_id": user_id, "usage": [usage], "keys": {format!("ed25519:{}", k.public): k.public}});
         let master_key = key("master", &master);
         let self_signing_key = master.sign(&user_id, &key("self_signing", &ssk));
         let user = User {
@@ -396,11 +389,7 @@ fn x_matrix(method: &str, path: &str, body: &[u8], destination: &str, forge: boo
     }
     let pair = Ed25519KeyPair::new(ed25519_dalek::pkcs8::ALGORITHM_OID, &seed, None, version).unwrap();
     let req = axum::http::Request::builder().method(method).uri(path).body(body.to_vec()).unwrap();
-    let input = XMatrixSigningInput::new(
-        env().server_name.as_str().try_into().unwrap(),
-        destination.try_into().unwrap(),
-        &pair,
-    );
+    let input = XMatrixSigningInput::new(env().server_name.as_str().try_into().unwrap(), destination.try_into().unwrap(), &pair);
     XMatrix::sign_http_request(&req, input).unwrap().to_string()
 }
 

@@ -28,9 +28,7 @@ pub fn env() -> &'static TestEnv {
     static ENV: std::sync::OnceLock<TestEnv> = std::sync::OnceLock::new();
     ENV.get_or_init(|| {
         let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: run the integration tests through `bash scripts/test.sh`")
-            })
+            std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the integration tests through `bash scripts/test.sh`"))
         };
         TestEnv {
             synapse_url: var("SKW_TEST_SYNAPSE_URL"),
@@ -103,7 +101,6 @@ impl SigningKey {
         sign_json(signer, &self.pair, &mut obj).unwrap();
         serde_json::to_value(obj).unwrap()
     }
-
 }
 
 /// A logged-in device.
@@ -208,9 +205,7 @@ impl Synapse {
             self_signing: SigningKey::generate(None),
             user_signing: SigningKey::generate(None),
         };
-        let key = |usage: &str, k: &SigningKey| {
-            json!({"user_id": s.user_id, "usage": [usage], "keys": {format!("ed25519:{}", k.public): k.public}})
-        };
+        let key = |usage: &str, k: &SigningKey| json!({"user_id": s.user_id, "usage": [usage], "keys": {format!("ed25519:{}", k.public): k.public}});
         let master = key("master", &cs.master);
         let ssk = cs.master.sign(&s.user_id, &key("self_signing", &cs.self_signing));
         let usk = cs.master.sign(&s.user_id, &key("user_signing", &cs.user_signing));
@@ -227,16 +222,20 @@ impl Synapse {
     pub async fn sign_own_device(&self, s: &Session, cs: &CrossSigning, device_keys: &Value) {
         let device_id = str_of(device_keys, "device_id");
         let signed = cs.self_signing.sign(&s.user_id, &strip(device_keys));
-        self.post("/_matrix/client/v3/keys/signatures/upload", &s.token, json!({ (s.user_id.clone()): { device_id: signed } }))
-            .await;
+        self.post("/_matrix/client/v3/keys/signatures/upload", &s.token, json!({ (s.user_id.clone()): { device_id: signed } })).await;
     }
 
     /// Signs `s`'s own master key with the session's device key.
     pub async fn sign_own_master_with_device(&self, s: &Session, device_key: &SigningKey, cs: &CrossSigning) {
-        let master = json!({"user_id": s.user_id, "usage": ["master"], "keys": {format!("ed25519:{}", cs.master.public): cs.master.public}});
+        let master =
+            json!({"user_id": s.user_id, "usage": ["master"], "keys": {format!("ed25519:{}", cs.master.public): cs.master.public}});
         let signed = device_key.sign(&s.user_id, &master);
-        self.post("/_matrix/client/v3/keys/signatures/upload", &s.token, json!({ (s.user_id.clone()): { (cs.master.public.clone()): signed } }))
-            .await;
+        self.post(
+            "/_matrix/client/v3/keys/signatures/upload",
+            &s.token,
+            json!({ (s.user_id.clone()): { (cs.master.public.clone()): signed } }),
+        )
+        .await;
     }
 
     /// Signs `target`'s master key with `signer`'s user-signing key.
@@ -307,10 +306,9 @@ pub struct Ask {
 impl Ask {
     pub fn keys_query(prefix: &str, token: &str, how: TokenIn, body: &Value) -> Self {
         let (path, headers) = match how {
-            TokenIn::Header => (
-                format!("/_matrix/client/{prefix}/keys/query"),
-                vec![("Authorization".to_owned(), format!("Bearer {token}"))],
-            ),
+            TokenIn::Header => {
+                (format!("/_matrix/client/{prefix}/keys/query"), vec![("Authorization".to_owned(), format!("Bearer {token}"))])
+            }
             TokenIn::Query => (format!("/_matrix/client/{prefix}/keys/query?access_token={token}"), vec![]),
         };
         Self { method: Method::POST, path, headers, body: Some(body.to_string().into_bytes()) }

@@ -34,8 +34,19 @@ async fn call(url: &str, method: Method, path: &str, token: Option<&str>, body: 
 /// (user_id, token) of a new user with device keys.
 async fn user(url: &str, name: &str) -> (String, String) {
     let username = unique(name);
-    let r = call(url, Method::POST, "/_matrix/client/v3/register", None, json!({"username": username, "password": format!("pw-{username}"), "auth": {"type": "m.login.dummy"}})).await;
-    let (uid, tok, dev) = (r["user_id"].as_str().unwrap().to_owned(), r["access_token"].as_str().unwrap().to_owned(), r["device_id"].as_str().unwrap().to_owned());
+    let r = call(
+        url,
+        Method::POST,
+        "/_matrix/client/v3/register",
+        None,
+        json!({"username": username, "password": format!("pw-{username}"), "auth": {"type": "m.login.dummy"}}),
+    )
+    .await;
+    let (uid, tok, dev) = (
+        r["user_id"].as_str().unwrap().to_owned(),
+        r["access_token"].as_str().unwrap().to_owned(),
+        r["device_id"].as_str().unwrap().to_owned(),
+    );
     let keys = json!({"device_keys": {"user_id": uid, "device_id": dev, "algorithms": ["m.olm.v1.curve25519-aes-sha2"], "keys": {format!("ed25519:{dev}"): "AAAA", format!("curve25519:{dev}"): "BBBB"}, "signatures": {}}});
     call(url, Method::POST, "/_matrix/client/v3/keys/upload", Some(&tok), keys).await;
     (uid, tok)

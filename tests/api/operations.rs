@@ -198,7 +198,13 @@ async fn per_device_limit_queues_then_refuses_with_429() {
         ask.path.push_str("?timeout=1500");
         let url = worker.url.clone();
         tasks.push(tokio::spawn(async move {
-            let resp = http().request(ask.method.clone(), format!("{url}{}", ask.path)).header("Authorization", &ask.headers[0].1).body(ask.body.clone().unwrap()).send().await.unwrap();
+            let resp = http()
+                .request(ask.method.clone(), format!("{url}{}", ask.path))
+                .header("Authorization", &ask.headers[0].1)
+                .body(ask.body.clone().unwrap())
+                .send()
+                .await
+                .unwrap();
             let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
             (resp.status(), retry_after, resp.json::<serde_json::Value>().await.unwrap())
         }));

@@ -13,17 +13,11 @@ use crate::helpers::env;
 type Columns = BTreeMap<String, String>;
 
 async fn sqlite_tables(pool: &SqlitePool) -> BTreeMap<String, Columns> {
-    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(pool).await.unwrap();
     let mut out = BTreeMap::new();
     for name in names {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info(\"{name}\")"))).fetch_all(pool).await.unwrap();
-        let cols = rows
-            .iter()
-            .map(|r| (r.get::<String, _>("name"), r.get::<String, _>("type").to_ascii_uppercase()))
-            .collect();
+        let cols = rows.iter().map(|r| (r.get::<String, _>("name"), r.get::<String, _>("type").to_ascii_uppercase())).collect();
         out.insert(name, cols);
     }
     out

@@ -11,14 +11,8 @@ use synapse_keys_worker::config::Config;
 use crate::differential::World;
 use crate::helpers::{Ask, Synapse, TokenIn, assert_same, env, spawn_worker_with};
 
-const TABLES: [&str; 6] = [
-    "users",
-    "access_tokens",
-    "devices",
-    "e2e_device_keys_json",
-    "e2e_cross_signing_keys",
-    "e2e_cross_signing_signatures",
-];
+const TABLES: [&str; 6] =
+    ["users", "access_tokens", "devices", "e2e_device_keys_json", "e2e_cross_signing_keys", "e2e_cross_signing_signatures"];
 
 /// Copies `TABLES` from Synapse's PostgreSQL into a copy of the SQLite
 /// schema Synapse made. Test fixture only: Synapse's own database is read.
@@ -28,10 +22,8 @@ async fn copy_to_sqlite(path: &std::path::Path) {
     let opts = SqliteConnectOptions::new().filename(path).foreign_keys(false);
     let lite = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
     for table in TABLES {
-        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT row_to_json(t)::text FROM {table} t")))
-            .fetch_all(&pg)
-            .await
-            .unwrap();
+        let rows: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT row_to_json(t)::text FROM {table} t"))).fetch_all(&pg).await.unwrap();
         for row in rows {
             let Value::Object(obj) = serde_json::from_str(&row).unwrap() else { unreachable!() };
             let cols: Vec<&str> = obj.keys().map(String::as_str).collect();

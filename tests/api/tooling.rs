@@ -50,15 +50,10 @@ fn dockerfile_passes_hadolint() {
     let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     for (i, line) in lines.iter().enumerate() {
-        let Some(rules) = line.trim_start().strip_prefix('#').and_then(|c| c.trim().strip_prefix("hadolint ignore="))
-        else {
+        let Some(rules) = line.trim_start().strip_prefix('#').and_then(|c| c.trim().strip_prefix("hadolint ignore=")) else {
             continue;
         };
-        assert!(
-            rules.split(',').all(|r| r.trim() == "DL3008"),
-            "Dockerfile:{}: only DL3008 may be ignored: {line}",
-            i + 1
-        );
+        assert!(rules.split(',').all(|r| r.trim() == "DL3008"), "Dockerfile:{}: only DL3008 may be ignored: {line}", i + 1);
         let reason = i > 0 && lines[i - 1].trim_start().starts_with('#');
         assert!(reason, "Dockerfile:{}: say why DL3008 is ignored in a comment above", i + 1);
     }
@@ -179,11 +174,8 @@ fn dockerfile_builds_what_the_readme_builds() {
     assert!(stages.len() >= 2, "the Dockerfile should be multi-stage: {stages:#?}");
 
     // The build stage: official Rust image, new enough for Cargo.toml.
-    let (build_idx, build) = stages
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.image.starts_with("rust:"))
-        .expect("a `FROM rust:<version>...` build stage");
+    let (build_idx, build) =
+        stages.iter().enumerate().find(|(_, s)| s.image.starts_with("rust:")).expect("a `FROM rust:<version>...` build stage");
     let tag = build.image.trim_start_matches("rust:");
     let have = version_of(tag).unwrap_or_else(|| panic!("pin the Rust version in `FROM {}`", build.image));
     let want = cargo_rust_version();
@@ -393,13 +385,7 @@ async fn openapi_schemas_match_real_responses() {
         .await,
         observe("keys_query_400", Method::POST, keys_query, query(json!({})).bearer_auth(token)).await,
         observe("keys_query_401_missing", Method::POST, keys_query, query(json!({"device_keys": {}}))).await,
-        observe(
-            "keys_query_401_unknown",
-            Method::POST,
-            keys_query,
-            query(json!({"device_keys": {}})).bearer_auth("syt_not_a_token"),
-        )
-        .await,
+        observe("keys_query_401_unknown", Method::POST, keys_query, query(json!({"device_keys": {}})).bearer_auth("syt_not_a_token")).await,
         observe("ready", Method::GET, "/ready", client.get(url("/ready"))).await,
         observe("health", Method::GET, "/health", client.get(url("/health"))).await,
         observe("metrics", Method::GET, "/metrics", client.get(url("/metrics"))).await,
