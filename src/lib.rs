@@ -35,6 +35,10 @@ pub struct App {
     pub caches: Arc<Caches>,
     pub remote: Remote,
     pub replication: Arc<replication::Status>,
+    /// Applies Synapse's invalidations (from the stream and the barrier).
+    pub invalidator: Arc<replication::Invalidator>,
+    /// Waited on before the caches are read: see `replication::Barrier`.
+    pub barrier: Arc<replication::Barrier>,
     pub metrics: metrics::Metrics,
     pub limiter: http::limit::DeviceLimiter,
 }
@@ -53,18 +57,32 @@ impl App {
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
         let caches = Arc::new(Caches::new(&config.worker));
         let replication = Arc::new(replication::Status::default());
+        let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
+        let probe_db = store::ProbeConnection::new(store.clone(), std::time::Duration::from_millis(config.worker.db_acquire_timeout_ms));
+        let barrier = Arc::new(replication::Barrier::new(probe_db, Arc::clone(&invalidator), config.synapse.device_lists_writers.clone()));
         let metrics = metrics::Metrics::new(metrics::Sources {
             caches: Arc::clone(&caches),
             coordinator: Arc::clone(&coordinator),
             federation: Arc::clone(&federation),
             replication: Arc::clone(&replication),
+            barrier: Arc::clone(&barrier),
             store: store.clone(),
         });
         let limiter = http::limit::DeviceLimiter::new(
             config.worker.max_concurrent_queries_per_device,
             std::time::Duration::from_millis(config.worker.queue_wait_ms),
         );
-        Ok(Arc::new(Self { config, store, caches, remote: Remote { coordinator, federation }, replication, metrics, limiter }))
+        Ok(Arc::new(Self {
+            config,
+            store,
+            caches,
+            remote: Remote { coordinator, federation },
+            replication,
+            invalidator,
+            barrier,
+            metrics,
+            limiter,
+        }))
     }
 
     /// Opens the database named by the config (lazily: no connection yet).

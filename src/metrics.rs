@@ -47,6 +47,7 @@ pub struct Sources {
     pub coordinator: Arc<Coordinator>,
     pub federation: Arc<FederationClient>,
     pub replication: Arc<replication::Status>,
+    pub barrier: Arc<replication::Barrier>,
     pub store: Store,
 }
 
@@ -162,6 +163,21 @@ impl Collector for Sources {
             "replication_last_message_age_milliseconds",
             "Time since the last replication message or poll (-1: none yet)",
             &[(&[], lag_ms)],
+        )?;
+
+        let b = self.barrier.counters();
+        counter(&mut e, "read_barrier_probes", "Database probes run by the read barrier", &[(&[], b.probes.load(Ordering::Relaxed))])?;
+        counter(
+            &mut e,
+            "read_barrier_changes_applied",
+            "Device-list changes the barrier applied before the replication stream delivered them",
+            &[(&[], b.changes_applied.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            &mut e,
+            "read_barrier_resets",
+            "Times the barrier dropped every cached entry to catch up",
+            &[(&[], b.resets.load(Ordering::Relaxed))],
         )?;
 
         let (size, idle, max) = self.store.pool_state();

@@ -19,6 +19,9 @@ pub struct SynapseConfig {
     /// Where to send resync requests: `instance_map` entry of the first
     /// `stream_writers.device_lists` instance, else `main`.
     pub device_lists_writer: Option<InstanceLocation>,
+    /// The instances writing the device-list stream, named as Synapse names
+    /// them in its tables (`main` is `master`).
+    pub device_lists_writers: Vec<String>,
     pub signing_key_path: Option<PathBuf>,
     pub federation_verify_certificates: bool,
     /// `ip_range_blocklist` (or the older `ip_range_blacklist`); `None` means
@@ -68,7 +71,9 @@ impl SynapseConfig {
         let server_name = match m.get("server_name") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(_) => return Err(ConfigError::new("`server_name` must be a non-empty string")),
-            None => return Err(ConfigError::new("`server_name` is missing from the config files")),
+            None => {
+                return Err(ConfigError::new("`server_name` is missing from the config files"));
+            }
         };
         let database = DatabaseConfig::from_mapping(m)?;
         let redis = match m.get("redis") {
@@ -90,6 +95,7 @@ impl SynapseConfig {
             redis,
             worker_replication_secret,
             device_lists_writer: device_lists_writer(m)?,
+            device_lists_writers: writer_names(m),
             signing_key_path: str_key(m, "signing_key_path")?.map(PathBuf::from),
             federation_verify_certificates: bool_key(m, "federation_verify_certificates", true)?,
             ip_range_blocklist: string_list(m, "ip_range_blocklist")?.or(string_list(m, "ip_range_blacklist")?),
@@ -127,22 +133,32 @@ fn macaroon_secret(m: &Mapping) -> Result<Option<Vec<u8>>, ConfigError> {
         return Ok(Some(secret.into_bytes()));
     }
     // Synapse's last resort: derived from the signing key.
-    let Some(text) = read("signing_key_path").ok().flatten() else { return Ok(None) };
+    let Some(text) = read("signing_key_path").ok().flatten() else {
+        return Ok(None);
+    };
     Ok(crate::federation::signing::first_key(&text).ok().map(|(_, seed)| {
         use sha2::Digest;
         sha2::Sha256::digest(seed).to_vec()
     }))
 }
 
-fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigError> {
-    let writer = match m.get("stream_writers").and_then(|s| s.get("device_lists")) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Sequence(seq)) => match seq.first() {
-            Some(Value::String(s)) => s.clone(),
-            _ => "main".into(),
-        },
-        _ => "main".into(),
+/// `stream_writers.device_lists` (a name or a list), `main` when unset.
+fn configured_writers(m: &Mapping) -> Vec<String> {
+    let names: Vec<String> = match m.get("stream_writers").and_then(|s| s.get("device_lists")) {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Sequence(seq)) => seq.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
     };
+    if names.is_empty() { vec!["main".into()] } else { names }
+}
+
+/// The writers as Synapse's tables name them: `main` is `master` there.
+fn writer_names(m: &Mapping) -> Vec<String> {
+    configured_writers(m).into_iter().map(|w| if w == "main" { "master".into() } else { w }).collect()
+}
+
+fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigError> {
+    let writer = configured_writers(m).swap_remove(0);
     // Synapse renames `main` to `master` internally; accept either.
     let map = match m.get("instance_map") {
         Some(Value::Mapping(map)) => map,
@@ -209,6 +225,7 @@ mod tests {
         assert_eq!(c.device_lists_writer, Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port: 9093, tls: false }));
         assert!(c.federation_verify_certificates);
         assert_eq!(c.ip_range_blocklist, None);
+        assert_eq!(c.device_lists_writers, ["master"]);
     }
 
     #[test]
@@ -218,6 +235,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.device_lists_writer, Some(InstanceLocation::Unix { path: "/run/dl1.sock".into() }));
+        assert_eq!(c.device_lists_writers, ["dl1", "dl2"]);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub async fn resync_rpc(
     let body = body.map_err(|_| MatrixError::too_large())?;
     let users = parse_user_ids(&body)?;
     let deadline = Instant::now() + Duration::from_millis(app.config.worker.max_timeout_ms);
+    // Results cached before a change the caller may already know of are dropped first.
+    app.barrier.sync(&[]).await.map_err(MatrixError::unavailable)?;
     let mut out: Map<String, Value> = Map::new();
     let mut stream_pos: Option<Arc<RawValue>> = None;
     if let Some(first) = users.first() {
@@ -57,7 +59,9 @@ fn check_secret(secret: Option<&str>, headers: &HeaderMap) -> Result<(), MatrixE
     let denied = || MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Invalid or missing replication secret");
     let secret = secret.ok_or_else(denied)?;
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else { return Err(denied()) };
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(denied());
+    };
     let token = value.as_bytes().strip_prefix(b"Bearer ").ok_or_else(denied)?;
     if bool::from(token.ct_eq(secret.as_bytes())) { Ok(()) } else { Err(denied()) }
 }

@@ -7,4 +7,7 @@ pub mod remote;
 pub mod request;
 
 pub use query::{KeysQueryResponse, query_keys};
+
+/// One queried user and the devices asked for (empty: all).
+pub type UserQuery<'a> = (&'a str, &'a [String]);
 pub use request::KeysQuery;

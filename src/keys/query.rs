@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::UserQuery;
 use super::json::{KeyObject, last_key_value, merge_signatures, parse_object, set_unsigned_display_name};
 use super::remote::add_remote_users;
 use super::request::KeysQuery;
@@ -34,7 +35,7 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     let deadline = Instant::now() + query.timeout;
     let (store, caches) = (&app.store, &app.caches);
     let server_name = app.config.synapse.server_name.as_str();
-    let (local, remote): (Vec<(&str, &[String])>, Vec<(&str, &[String])>) =
+    let (local, remote): (Vec<UserQuery>, Vec<UserQuery>) =
         query.users.iter().map(|(u, d)| (u.as_str(), d.as_slice())).partition(|(u, _)| domain_of(u) == server_name);
     let local_users: Vec<&str> = local.iter().map(|(u, _)| *u).collect();
     let queried: Vec<&str> = query.users.iter().map(|(u, _)| u.as_str()).collect();
@@ -42,6 +43,9 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     // keys are shown to the requester.
     let mut signers = local_users.clone();
     signers.push(requester);
+    let remote_users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
+    // Nothing Synapse has announced may be older in our answer.
+    let stale_marks = app.barrier.sync(&remote_users).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
 
     let (device_map, key_map, sig_map) = tokio::try_join!(
         caches.device_keys(store, &local_users),
@@ -61,7 +65,7 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
 
     add_devices(&mut resp, devices, &sig_rows);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
-    add_remote_users(app, &mut resp, &remote, deadline, now_ms).await?;
+    add_remote_users(app, &mut resp, &remote, &stale_marks, deadline, now_ms).await?;
     Ok(resp)
 }
 

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
+use super::UserQuery;
 use super::json::{KeyObject, parse_object};
 use super::query::KeysQueryResponse;
 use crate::App;
@@ -31,7 +32,8 @@ fn not_ready() -> Value {
 pub async fn add_remote_users(
     app: &App,
     resp: &mut KeysQueryResponse,
-    remote: &[(&str, &[String])],
+    remote: &[UserQuery<'_>],
+    stale_marks: &HashSet<String>,
     deadline: Instant,
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
@@ -41,15 +43,17 @@ pub async fn add_remote_users(
     let users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
     let known = app.caches.remote_users(&app.store, &users).await?;
     let sharing: HashSet<&str> = users.iter().copied().filter(|u| known.get(*u).is_some_and(|k| k.shares_a_room)).collect();
-    // Cached users the server no longer shares a room with are not trusted.
-    let cached: HashSet<&str> = users.iter().copied().filter(|u| sharing.contains(u) && known[*u].cached).collect();
+    // Cached users the server no longer shares a room with are not trusted,
+    // nor those Synapse has marked stale since we read its tables.
+    let cached: HashSet<&str> =
+        users.iter().copied().filter(|u| sharing.contains(u) && known[*u].cached && !stale_marks.contains(*u)).collect();
     for (user, wanted) in remote.iter().filter(|(u, _)| cached.contains(u)) {
         let rows = known[*user].devices.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.device_id));
         add_cached_devices(resp, user, rows);
     }
 
     // Not cached, or only one of master / self-signing key known: ask.
-    let mut by_destination: BTreeMap<&str, Vec<(&str, &[String])>> = BTreeMap::new();
+    let mut by_destination: BTreeMap<&str, Vec<UserQuery>> = BTreeMap::new();
     for (user, devices) in remote {
         let half_keys = resp.master_keys.contains_key(*user) != resp.self_signing_keys.contains_key(*user);
         if !cached.contains(user) || half_keys {
@@ -62,7 +66,7 @@ pub async fn add_remote_users(
     let destinations: Vec<&str> = by_destination.keys().copied().collect();
     let synapse_backoff = app.store.destinations_in_backoff(&destinations, now_ms + RETRY_GRACE_MS).await?;
     let federation = &app.remote.federation;
-    let mut ask: Vec<(&str, Vec<(&str, &[String])>)> = Vec::new();
+    let mut ask: Vec<(&str, Vec<UserQuery>)> = Vec::new();
     for (dest, queries) in by_destination {
         if synapse_backoff.iter().any(|d| d == dest) || federation.backoff.in_backoff(dest) {
             resp.failures.insert(dest.to_owned(), not_ready());
@@ -100,8 +104,12 @@ struct CachedContent {
 fn add_cached_devices<'a>(resp: &mut KeysQueryResponse, user: &str, rows: impl Iterator<Item = &'a RemoteDeviceRow>) {
     let entry = resp.device_keys.entry(user.to_owned()).or_default();
     for row in rows {
-        let Ok(content) = serde_json::from_str::<CachedContent>(&row.content) else { continue };
-        let Some(mut keys) = content.keys.as_deref().and_then(|k| parse_object(k.get())) else { continue };
+        let Ok(content) = serde_json::from_str::<CachedContent>(&row.content) else {
+            continue;
+        };
+        let Some(mut keys) = content.keys.as_deref().and_then(|k| parse_object(k.get())) else {
+            continue;
+        };
         if keys.is_empty() {
             continue;
         }
@@ -161,7 +169,7 @@ impl DestinationAnswer {
 async fn query_destination(
     app: &App,
     dest: &str,
-    queries: Vec<(&str, &[String])>,
+    queries: Vec<UserQuery<'_>>,
     sharing: &HashSet<&str>,
     deadline: Instant,
 ) -> DestinationAnswer {

@@ -6,6 +6,7 @@ use crate::cache::Caches;
 use crate::resync::Coordinator;
 
 /// Applies Synapse's invalidations to our caches.
+#[derive(Debug)]
 pub struct Invalidator {
     pub caches: Arc<Caches>,
     pub coordinator: Arc<Coordinator>,
@@ -16,6 +17,12 @@ impl Invalidator {
     pub async fn user_changed(&self, user: &str) {
         self.caches.invalidate_user(user);
         self.coordinator.invalidate(user).await;
+    }
+
+    /// Everything held may be stale.
+    pub async fn everything(&self) {
+        self.caches.invalidate_all();
+        self.coordinator.invalidate_all();
     }
 
     /// One of Synapse's own cache invalidations (a `caches` row).

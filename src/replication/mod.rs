@@ -8,6 +8,7 @@
 //! database), or from a poller that is polling. Otherwise every read goes to
 //! the database.
 
+mod barrier;
 mod invalidate;
 mod listener;
 mod poller;
@@ -16,6 +17,7 @@ pub mod protocol;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
+pub use barrier::{Barrier, StaleMarks};
 pub use invalidate::Invalidator;
 
 use crate::App;
@@ -55,7 +57,7 @@ pub fn start(app: &Arc<App>) {
         let _ = status.mode.set("off");
         return;
     }
-    let invalidator = Arc::new(Invalidator { caches: Arc::clone(&app.caches), coordinator: Arc::clone(&app.remote.coordinator) });
+    let invalidator = Arc::clone(&app.invalidator);
     if config.synapse.redis.enabled {
         match listener::redis_client(&config.synapse.redis) {
             Ok(client) => {

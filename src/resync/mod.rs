@@ -134,6 +134,10 @@ impl Coordinator {
         self.cache.invalidate(user).await;
     }
 
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
     async fn run(&self, destination: &str, slots: Vec<(String, watch::Sender<Option<Outcome>>)>) {
         let users: Vec<String> = slots.iter().map(|(u, _)| u.clone()).collect();
         let mut outcomes = self.fetch(destination, &users).await;
@@ -170,7 +174,9 @@ impl Coordinator {
                     .collect();
             }
             Err(MasterError::NotConfigured | MasterError::BreakerOpen) => {}
-            Err(e) => tracing::info!(error = %e, destination, "resyncing directly with the remote server"),
+            Err(e) => {
+                tracing::info!(error = %e, destination, "resyncing directly with the remote server")
+            }
         }
         let attempts = users.iter().cloned().map(|u| async move {
             let outcome = self.direct(destination, &u).await;

@@ -17,7 +17,7 @@ pub use auth::TokenRow;
 pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
 pub use device_keys::DeviceKeyRow;
 pub use remote::RemoteDeviceRow;
-pub use streams::{CacheInvalidation, StreamUser};
+pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 
 use sqlx::{PgPool, SqlitePool};
 

@@ -25,3 +25,5 @@ CREATE INDEX current_state_events_member_index ON current_state_events (state_ke
 CREATE TABLE destinations( destination TEXT PRIMARY KEY, retry_last_ts BIGINT, retry_interval INTEGER, failure_ts BIGINT, last_successful_stream_ordering BIGINT );
 CREATE TABLE user_signature_stream ( stream_id BIGINT NOT NULL, from_user_id TEXT NOT NULL, user_ids TEXT NOT NULL, instance_name TEXT );
 CREATE UNIQUE INDEX user_signature_stream_idx ON user_signature_stream(stream_id);
+CREATE TABLE stream_positions ( stream_name TEXT NOT NULL, instance_name TEXT NOT NULL, stream_id BIGINT NOT NULL );
+CREATE UNIQUE INDEX stream_positions_idx ON stream_positions(stream_name, instance_name);

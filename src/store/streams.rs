@@ -2,6 +2,10 @@
 //! not seen live (a Redis outage, a gap shown by `POSITION`) and to poll when
 //! Redis is not used.
 
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+
 use super::Store;
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -33,11 +37,56 @@ const DEVICE_LISTS_SQLITE: &str = "
     SELECT stream_id, from_user_id AS user_id FROM user_signature_stream
     WHERE stream_id > ?1 AND stream_id <= ?2 AND (?3 IS NULL OR COALESCE(instance_name, 'master') = ?3)";
 
+/// One row of the read barrier's probe (see [`Store::barrier_probe`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ProbeRow {
+    pub kind: ProbeKind,
+    /// A stream id, a writer's position, or a mark's `added_ts`.
+    pub pos: i64,
+    /// A user ID, or a writer's instance name.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[repr(i32)]
+pub enum ProbeKind {
+    /// A device-list or signature change at `pos` for user `name`.
+    Change = 0,
+    /// Writer `name` has persisted everything of its own up to `pos`.
+    WriterPosition = 1,
+    /// Synapse marked remote user `name`'s device list stale.
+    StaleMark = 2,
+}
+
+// In one statement, so one snapshot: the changes after `$1` and the
+// writers' persisted positions (Synapse's stream_positions, which a writer
+// updates only after its rows committed); with remote users, also their
+// resync marks.
+const PROBE_PG: &str = "
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > $1
+    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > $1
+    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'";
+const PROBE_MARKS_PG: &str = "
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > $1
+    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > $1
+    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($2)";
+const PROBE_SQLITE: &str = "
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > ?1
+    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > ?1
+    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))";
+
 const CACHES_PG: &str = "
     SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance
     WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR instance_name = $3)";
 
-const MAX_DEVICE_LISTS: &str = "SELECT COALESCE(MAX(stream_id), 0) FROM device_lists_stream";
+// Device-list changes and signature uploads share one id sequence.
+const MAX_DEVICE_LISTS: &str = "
+    SELECT MAX(head) FROM (
+        SELECT COALESCE(MAX(stream_id), 0) AS head FROM device_lists_stream
+        UNION ALL SELECT COALESCE(MAX(stream_id), 0) FROM user_signature_stream
+    ) AS heads";
 const MAX_CACHES: &str = "SELECT COALESCE(MAX(stream_id), 0) FROM cache_invalidation_stream_by_instance";
 
 impl Store {
@@ -59,15 +108,76 @@ impl Store {
         }
     }
 
+    /// The read barrier's probe, one round trip: device-list and signature
+    /// changes after `after`, each writer's persisted position, and which
+    /// of `remote_users` Synapse has marked stale.
+    pub async fn barrier_probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
+        match self {
+            Store::Postgres(p) if remote_users.is_empty() => sqlx::query_as(PROBE_PG).bind(after).fetch_all(p).await,
+            Store::Postgres(p) => sqlx::query_as(PROBE_MARKS_PG).bind(after).bind(remote_users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(PROBE_SQLITE).bind(after).bind(super::json_list(remote_users)).fetch_all(p).await,
+        }
+    }
+
     /// The newest stream ids of the device-list and cache streams.
     pub async fn stream_heads(&self) -> Result<(i64, i64), sqlx::Error> {
+        let dl = self.device_lists_head().await?;
         match self {
-            Store::Postgres(p) => {
-                let dl: i64 = sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await?;
-                let caches: i64 = sqlx::query_scalar(MAX_CACHES).fetch_one(p).await?;
-                Ok((dl, caches))
-            }
-            Store::Sqlite(p) => Ok((sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await?, 0)),
+            Store::Postgres(p) => Ok((dl, sqlx::query_scalar(MAX_CACHES).fetch_one(p).await?)),
+            Store::Sqlite(_) => Ok((dl, 0)),
         }
+    }
+
+    /// The newest id of the device-list stream (changes and signatures).
+    pub async fn device_lists_head(&self) -> Result<i64, sqlx::Error> {
+        match self {
+            Store::Postgres(p) => sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await,
+            Store::Sqlite(p) => sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await,
+        }
+    }
+}
+
+/// The read barrier's own PostgreSQL connection, so that a probe costs one
+/// round trip (the pool pings a connection when it is taken and again when
+/// it is given back). Reopened after an error; SQLite uses the pool.
+pub struct ProbeConnection {
+    store: Store,
+    connect_timeout: Duration,
+    conn: tokio::sync::Mutex<Option<PgConnection>>,
+}
+
+impl ProbeConnection {
+    pub fn new(store: Store, connect_timeout: Duration) -> Self {
+        Self { store, connect_timeout, conn: tokio::sync::Mutex::new(None) }
+    }
+
+    /// [`Store::barrier_probe`] on this connection.
+    pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
+        let Store::Postgres(pool) = &self.store else { return self.store.barrier_probe(after, remote_users).await };
+        let mut slot = self.conn.lock().await;
+        let conn = match &mut *slot {
+            Some(c) => c,
+            None => {
+                let options = pool.connect_options();
+                let c = tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                slot.insert(c)
+            }
+        };
+        let rows = if remote_users.is_empty() {
+            sqlx::query_as(PROBE_PG).bind(after).fetch_all(&mut *conn).await
+        } else {
+            sqlx::query_as(PROBE_MARKS_PG).bind(after).bind(remote_users).fetch_all(&mut *conn).await
+        };
+        if rows.is_err() {
+            *slot = None;
+        }
+        rows
+    }
+
+    /// The newest id of the device-list stream.
+    pub async fn head(&self) -> Result<i64, sqlx::Error> {
+        self.store.device_lists_head().await
     }
 }

@@ -104,6 +104,7 @@ impl SigningKey {
 }
 
 /// A logged-in device.
+#[derive(Clone, Debug)]
 pub struct Session {
     pub user_id: String,
     pub device_id: String,
@@ -148,6 +149,24 @@ impl Synapse {
 
     pub async fn post(&self, path: &str, token: &str, body: Value) -> Value {
         self.call(Method::POST, path, Some(token), body).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Value {
+        let resp = self.client.get(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(status.is_success(), "Synapse GET {path} -> {status}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A room `owner` creates and `member` joins (so each sees the other's
+    /// device-list changes in `/sync`); returns its ID.
+    pub async fn share_a_room(&self, owner: &Session, member: &Session) -> String {
+        let room =
+            self.post("/_matrix/client/v3/createRoom", &owner.token, json!({"preset": "private_chat", "invite": [member.user_id]})).await;
+        let room_id = str_of(&room, "room_id");
+        self.post(&format!("/_matrix/client/v3/rooms/{room_id}/join"), &member.token, json!({})).await;
+        room_id
     }
 
     pub async fn register(&self, prefix: &str) -> TestUser {

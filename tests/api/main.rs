@@ -5,6 +5,7 @@ mod appservice;
 mod differential;
 mod errors;
 mod fake_remote;
+mod fresh_after_sync;
 mod helpers;
 mod master_proxy;
 mod msc4263;

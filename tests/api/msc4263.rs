@@ -55,7 +55,7 @@ async fn user(url: &str, name: &str) -> (String, String) {
 #[tokio::test]
 async fn only_users_sharing_a_room_are_answered_like_synapse() {
     let f = flagged();
-    let config = Config::load(&[f.yaml.clone()], Vec::new()).unwrap();
+    let config = Config::load(std::slice::from_ref(&f.yaml), Vec::new()).unwrap();
     assert!(config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms);
     let worker = spawn_worker_with(config).await;
     let (alice, alice_tok) = user(&f.url, "alice").await;
