@@ -48,6 +48,12 @@ pub struct Stats {
 pub struct Trust(AtomicBool);
 
 impl Trust {
+    /// A cache whose contents are always usable (its invalidations do not
+    /// depend on the replication stream).
+    pub fn trusted() -> Self {
+        Self(AtomicBool::new(true))
+    }
+
     pub fn set(&self, trusted: bool) {
         self.0.store(trusted, Ordering::SeqCst);
     }

@@ -1,12 +1,15 @@
-//! Per-destination exponential backoff with jitter, in memory. Synapse's
-//! own view (its `destinations` table) is read separately by the caller;
-//! this adds what our own direct requests learned.
+//! Per-destination exponential backoff with jitter, in memory, for our own
+//! direct requests: while it holds, the failure that started it is given
+//! again instead of retrying. Synapse's own view (its `destinations` table)
+//! is read separately by the caller.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+
+use super::FedError;
 
 #[derive(Debug)]
 pub struct Backoff {
@@ -15,10 +18,11 @@ pub struct Backoff {
     state: Mutex<HashMap<String, Entry>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     failures: u32,
     until: Instant,
+    last: FedError,
 }
 
 impl Backoff {
@@ -26,9 +30,10 @@ impl Backoff {
         Self { initial, max, state: Mutex::default() }
     }
 
-    pub fn in_backoff(&self, destination: &str) -> bool {
+    /// The failure that started the backoff, while it holds.
+    pub fn in_backoff(&self, destination: &str) -> Option<FedError> {
         let state = self.state.lock().expect("backoff state");
-        state.get(destination).is_some_and(|e| e.until > Instant::now())
+        state.get(destination).filter(|e| e.until > Instant::now()).map(|e| e.last.clone())
     }
 
     /// Destinations currently backed off.
@@ -37,11 +42,11 @@ impl Backoff {
         self.state.lock().expect("backoff state").values().filter(|e| e.until > now).count()
     }
 
-    pub fn record_failure(&self, destination: &str) {
+    pub fn record_failure(&self, destination: &str, error: &FedError) {
         let mut state = self.state.lock().expect("backoff state");
         let failures = state.get(destination).map_or(0, |e| e.failures) + 1;
         let delay = delay_for(self.initial, self.max, failures, rand::rng().random_range(0.8..1.2));
-        state.insert(destination.to_owned(), Entry { failures, until: Instant::now() + delay });
+        state.insert(destination.to_owned(), Entry { failures, until: Instant::now() + delay, last: error.clone() });
     }
 
     pub fn record_success(&self, destination: &str) {
@@ -72,11 +77,11 @@ mod tests {
     #[test]
     fn failure_then_success() {
         let b = Backoff::new(Duration::from_secs(60), Duration::from_secs(600));
-        assert!(!b.in_backoff("a.org"));
-        b.record_failure("a.org");
-        assert!(b.in_backoff("a.org"));
+        assert!(b.in_backoff("a.org").is_none());
+        b.record_failure("a.org", &FedError::Transport("ConnectError: refused".into()));
+        assert_eq!(b.in_backoff("a.org").map(|e| e.to_string()).as_deref(), Some("Failed to send request: ConnectError: refused"));
         assert_eq!(b.count(), 1);
         b.record_success("a.org");
-        assert!(!b.in_backoff("a.org"));
+        assert!(b.in_backoff("a.org").is_none());
     }
 }

@@ -6,15 +6,17 @@ use serde_json::{Value, json};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FedError {
-    /// The destination is backing off.
-    #[error("Not ready for retry")]
-    NotReady,
+    /// We are backing off from the destination: the failure that started
+    /// it, answered again instead of retrying.
+    #[error("{0}")]
+    BackingOff(Box<FedError>),
     /// No signing key configured.
     #[error("federation is not configured (no signing_key_path)")]
     Disabled,
     #[error("destination {0} resolves only to blocked IP addresses")]
     Blocked(String),
-    /// Could not connect, or no (complete) answer in time.
+    /// Could not connect, no (complete) answer in time, or (as Synapse
+    /// counts them) a 5xx or 429 answer: Synapse's `RequestSendFailed`.
     #[error("Failed to send request: {0}")]
     Transport(String),
     /// The remote answered with an error status.
@@ -41,11 +43,23 @@ impl FedError {
         }
     }
 
+    /// An error status. Synapse retries 5xx and 429 and reports them as a
+    /// failure to send (`HttpResponseException` inside `RequestSendFailed`);
+    /// other statuses are the remote's answer.
     pub fn http(status: StatusCode, body: &[u8]) -> Self {
+        let reason = status.canonical_reason().unwrap_or("Unknown");
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return FedError::Transport(format!("HttpResponseException: {}: {reason}", status.as_u16()));
+        }
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let errcode = parsed.as_ref().and_then(|v| v.get("errcode")).and_then(Value::as_str).map(str::to_owned);
-        let message = status.canonical_reason().unwrap_or("Unknown").to_owned();
-        FedError::Http { status: status.as_u16(), errcode, message }
+        FedError::Http { status: status.as_u16(), errcode, message: reason.to_owned() }
+    }
+
+    /// No answer within `timeout`, worded as Synapse's
+    /// `TimeoutError("Timed out after %gs")`.
+    pub fn timed_out(timeout: std::time::Duration) -> Self {
+        FedError::Transport(format!("TimeoutError: Timed out after {}s", python_g(timeout.as_secs_f64())))
     }
 
     /// Whether this failure says the destination is down (back off) rather
@@ -54,7 +68,7 @@ impl FedError {
         match self {
             FedError::Transport(_) | FedError::BadResponse(_) => true,
             FedError::Http { status, .. } => *status >= 500 || *status == 429,
-            FedError::NotReady | FedError::Disabled | FedError::Blocked(_) => false,
+            FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) => false,
         }
     }
 
@@ -64,10 +78,27 @@ impl FedError {
     /// remote's errcode is kept for logs only.
     pub fn to_failure(&self) -> Value {
         match self {
+            FedError::BackingOff(first) => first.to_failure(),
             FedError::Http { status, .. } => json!({"status": status, "message": self.to_string()}),
             other => json!({"status": 503, "message": other.to_string()}),
         }
     }
+}
+
+/// Python's `"%g" % x`: six significant digits, trailing zeros dropped,
+/// exponent form outside 1e-4 ..= 1e6.
+fn python_g(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    let exp = x.abs().log10().floor() as i32;
+    let trim = |s: String| if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_owned() } else { s };
+    if !(-4..6).contains(&exp) {
+        let mantissa = trim(format!("{:.5}", x / 10f64.powi(exp)));
+        return format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = usize::try_from(5 - exp).unwrap_or(0);
+    trim(format!("{x:.decimals$}"))
 }
 
 #[cfg(test)]
@@ -76,15 +107,39 @@ mod tests {
 
     #[test]
     fn failure_shapes() {
-        assert_eq!(FedError::NotReady.to_failure(), json!({"status": 503, "message": "Not ready for retry"}));
+        let t = FedError::timed_out(std::time::Duration::from_millis(1500));
+        assert_eq!(t.to_failure(), json!({"status": 503, "message": "Failed to send request: TimeoutError: Timed out after 1.5s"}));
+        assert_eq!(FedError::BackingOff(Box::new(t.clone())).to_failure(), t.to_failure());
+        assert!(!FedError::BackingOff(Box::new(t)).backs_off());
         let e = FedError::http(StatusCode::BAD_REQUEST, br#"{"errcode":"M_FORBIDDEN","error":"no"}"#);
         assert_eq!(e.to_failure(), json!({"status": 400, "message": "400: Bad Request"}));
         assert!(matches!(e, FedError::Http { errcode: Some(ref c), .. } if c == "M_FORBIDDEN"));
         assert!(!e.backs_off());
         let e = FedError::http(StatusCode::BAD_GATEWAY, b"<html>");
-        assert_eq!(e.to_failure(), json!({"status": 502, "message": "502: Bad Gateway"}));
+        assert_eq!(e.to_failure(), json!({"status": 503, "message": "Failed to send request: HttpResponseException: 502: Bad Gateway"}));
         assert!(e.backs_off());
+        let e = FedError::http(StatusCode::TOO_MANY_REQUESTS, b"{}");
+        assert_eq!(e.to_failure()["message"], "Failed to send request: HttpResponseException: 429: Too Many Requests");
         let t = FedError::Transport("ConnectError: refused".into());
         assert_eq!(t.to_failure()["message"], "Failed to send request: ConnectError: refused");
+    }
+}
+
+#[cfg(test)]
+mod g_tests {
+    #[test]
+    fn python_percent_g() {
+        for (x, want) in [
+            (10.0, "10"),
+            (1.5, "1.5"),
+            (0.001, "0.001"),
+            (60.0, "60"),
+            (123456.0, "123456"),
+            (1234567.0, "1.23457e+06"),
+            (0.00001, "1e-05"),
+            (2.25, "2.25"),
+        ] {
+            assert_eq!(super::python_g(x), want, "{x}");
+        }
     }
 }

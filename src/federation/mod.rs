@@ -88,10 +88,23 @@ impl FederationClient {
         self.request(Method::GET, destination, &path, None, timeout).await
     }
 
-    /// `POST /_matrix/federation/v1/user/keys/query`.
-    pub async fn user_keys_query(&self, destination: &str, device_keys: &Value, timeout: Duration) -> Result<Value, FedError> {
+    /// `POST /_matrix/federation/v1/user/keys/query`, waiting `timeout` (as
+    /// Synapse does) but never past `deadline`.
+    pub async fn user_keys_query(
+        &self,
+        destination: &str,
+        device_keys: &Value,
+        timeout: Duration,
+        deadline: std::time::Instant,
+    ) -> Result<Value, FedError> {
         let body = serde_json::json!({ "device_keys": device_keys });
-        self.request(Method::POST, destination, "/_matrix/federation/v1/user/keys/query", Some(&body), timeout).await
+        let path = "/_matrix/federation/v1/user/keys/query";
+        let bound = timeout.min(deadline.saturating_duration_since(std::time::Instant::now()));
+        self.request(Method::POST, destination, path, Some(&body), bound).await.map_err(|e| match e {
+            // Cut short by the deadline: worded with the timeout Synapse names.
+            FedError::Transport(m) if m.starts_with("TimeoutError") => FedError::timed_out(timeout),
+            other => other,
+        })
     }
 
     async fn request(
@@ -102,14 +115,14 @@ impl FederationClient {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value, FedError> {
-        if self.backoff.in_backoff(destination) {
-            return Err(FedError::NotReady);
+        if let Some(first) = self.backoff.in_backoff(destination) {
+            return Err(FedError::BackingOff(Box::new(first)));
         }
         let result = tokio::time::timeout(timeout, self.send(method, destination, path, body)).await;
-        let result = result.unwrap_or_else(|_| Err(FedError::Transport(format!("TimeoutError: no answer within {timeout:?}"))));
+        let result = result.unwrap_or_else(|_| Err(FedError::timed_out(timeout)));
         match &result {
             Ok(_) => self.backoff.record_success(destination),
-            Err(e) if e.backs_off() => self.backoff.record_failure(destination),
+            Err(e) if e.backs_off() => self.backoff.record_failure(destination, e),
             Err(_) => {}
         }
         result

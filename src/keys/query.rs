@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::UserQuery;
 use super::json::{KeyObject, last_key_value, merge_signatures, parse_object, set_unsigned_display_name};
-use super::remote::add_remote_users;
+use super::remote::{Budget, add_remote_users};
 use super::request::KeysQuery;
 use crate::App;
 use crate::ids::domain_of;
@@ -65,7 +65,8 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
 
     add_devices(&mut resp, devices, &sig_rows);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
-    add_remote_users(app, &mut resp, &remote, &stale_marks, deadline, now_ms).await?;
+    let budget = Budget { timeout: query.timeout, deadline };
+    add_remote_users(app, &mut resp, &remote, &stale_marks, budget, now_ms).await?;
     Ok(resp)
 }
 

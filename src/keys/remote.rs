@@ -17,8 +17,17 @@ use super::UserQuery;
 use super::json::{KeyObject, parse_object};
 use super::query::KeysQueryResponse;
 use crate::App;
+use crate::federation::FedError;
 use crate::ids::domain_of;
 use crate::store::RemoteDeviceRow;
+
+/// How long remote servers may take: the client's `timeout` (Synapse's
+/// wording of timeouts names it) and the instant it runs out.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub timeout: std::time::Duration,
+    pub deadline: Instant,
+}
 
 /// Synapse's grace period: destinations due for a retry within a minute are
 /// tried anyway.
@@ -34,7 +43,7 @@ pub async fn add_remote_users(
     resp: &mut KeysQueryResponse,
     remote: &[UserQuery<'_>],
     stale_marks: &HashSet<String>,
-    deadline: Instant,
+    budget: Budget,
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
     if remote.is_empty() {
@@ -64,24 +73,28 @@ pub async fn add_remote_users(
         return Ok(());
     }
     let destinations: Vec<&str> = by_destination.keys().copied().collect();
+    // Only Synapse's own view decides that a destination is skipped (our
+    // backoff covers our direct requests, in the federation client).
     let synapse_backoff = app.store.destinations_in_backoff(&destinations, now_ms + RETRY_GRACE_MS).await?;
-    let federation = &app.remote.federation;
     let mut ask: Vec<(&str, Vec<UserQuery>)> = Vec::new();
     for (dest, queries) in by_destination {
-        if synapse_backoff.iter().any(|d| d == dest) || federation.backoff.in_backoff(dest) {
+        if synapse_backoff.iter().any(|d| d == dest) {
             resp.failures.insert(dest.to_owned(), not_ready());
         } else {
             ask.push((dest, queries));
         }
     }
     let sharing = &sharing;
+    // The federation requests are bounded by the deadline themselves; this
+    // is the safety net for everything else a destination waits on.
+    let safety_net = budget.deadline + std::time::Duration::from_millis(50);
     let queries: Vec<_> = ask
         .into_iter()
         .map(|(dest, queries)| async move {
-            let work = query_destination(app, dest, queries, sharing, deadline);
-            match tokio::time::timeout_at(deadline.into(), work).await {
+            let work = query_destination(app, dest, queries, sharing, budget);
+            match tokio::time::timeout_at(safety_net.into(), work).await {
                 Ok(answer) => answer,
-                Err(_) => DestinationAnswer::failed(dest, json!({"status": 503, "message": "Timed out waiting for the remote server"})),
+                Err(_) => DestinationAnswer::failed(dest, FedError::timed_out(budget.timeout).to_failure()),
             }
         })
         .collect();
@@ -137,8 +150,9 @@ fn is_truthy(v: &Value) -> bool {
 #[derive(Default)]
 struct DestinationAnswer {
     destination: String,
-    /// Devices merged into what the user already has (resync results).
-    merged_devices: Vec<(String, String, KeyObject)>,
+    /// Resync results, merged into what the user already has (an entry is
+    /// made even with no devices).
+    resynced: Vec<(String, Vec<(String, KeyObject)>)>,
     /// Devices replacing the user's entry (federation `/user/keys/query`).
     replaced_devices: Vec<(String, BTreeMap<String, KeyObject>)>,
     master_keys: Vec<(String, KeyObject)>,
@@ -152,8 +166,8 @@ impl DestinationAnswer {
     }
 
     fn merge_into(self, resp: &mut KeysQueryResponse) {
-        for (user, device, keys) in self.merged_devices {
-            resp.device_keys.entry(user).or_default().insert(device, keys);
+        for (user, devices) in self.resynced {
+            resp.device_keys.entry(user).or_default().extend(devices);
         }
         for (user, devices) in self.replaced_devices {
             resp.device_keys.insert(user, devices);
@@ -166,42 +180,55 @@ impl DestinationAnswer {
     }
 }
 
+/// A cross-signing key from a resync result, when Synapse would take it
+/// (`if master_key:`: present and not empty).
+fn resync_key(raw: Option<&RawValue>) -> Option<KeyObject> {
+    raw.and_then(|k| parse_object(k.get())).filter(|k| !k.is_empty())
+}
+
+/// Synapse's `_query_devices_for_destination`: users asked for all their
+/// devices who share a room with us are resynced (through the writer);
+/// everyone not resynced, including users whose resync failed, goes to the
+/// destination's `/user/keys/query`. The last failure seen is reported.
 async fn query_destination(
     app: &App,
     dest: &str,
     queries: Vec<UserQuery<'_>>,
     sharing: &HashSet<&str>,
-    deadline: Instant,
+    budget: Budget,
 ) -> DestinationAnswer {
     let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };
-    let (resync, direct): (Vec<_>, Vec<_>) = queries.iter().partition(|(u, devices)| devices.is_empty() && sharing.contains(*u));
+    let resync: Vec<String> =
+        queries.iter().filter(|(u, devices)| devices.is_empty() && sharing.contains(*u)).map(|(u, _)| (*u).to_owned()).collect();
+    let mut updated: HashSet<String> = HashSet::new();
     if !resync.is_empty() {
-        let users: Vec<String> = resync.iter().map(|(u, _)| (*u).to_owned()).collect();
-        let outcomes = app.remote.coordinator.resync(dest, &users, deadline).await;
-        for user in users {
+        let outcomes = app.remote.coordinator.resync(dest, &resync, budget.deadline).await;
+        for user in resync {
             match outcomes.get(&user) {
-                Some(Ok(d)) => {
-                    answer
-                        .merged_devices
-                        .extend(d.devices.iter().filter_map(|(id, k)| Some((user.clone(), id.clone(), parse_object(k.get())?))));
-                    if let Some(k) = d.master_key.as_deref().and_then(|k| parse_object(k.get())) {
+                Some(Ok(d)) if d.is_resync_result => {
+                    let devices = d.devices.iter().filter_map(|(id, k)| Some((id.clone(), parse_object(k.get())?))).collect();
+                    answer.resynced.push((user.clone(), devices));
+                    if let Some(k) = resync_key(d.master_key.as_deref()) {
                         answer.master_keys.push((user.clone(), k));
                     }
-                    if let Some(k) = d.self_signing_key.as_deref().and_then(|k| parse_object(k.get())) {
+                    if let Some(k) = resync_key(d.self_signing_key.as_deref()) {
                         answer.self_signing_keys.push((user.clone(), k));
                     }
+                    updated.insert(user);
                 }
+                // The writer's bare `{device_id: content}` map (it had the
+                // user cached) is no resync result for Synapse either.
+                Some(Ok(_)) | None => {}
                 Some(Err(f)) => answer.failure = Some(f.clone()),
-                None => {}
             }
         }
     }
+    let direct: Vec<&UserQuery> = queries.iter().filter(|(u, _)| !updated.contains(*u)).collect();
     if direct.is_empty() {
         return answer;
     }
     let query: Map<String, Value> = direct.iter().map(|(u, d)| ((*u).to_owned(), json!(d))).collect();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    match app.remote.federation.user_keys_query(dest, &Value::Object(query.clone()), remaining).await {
+    match app.remote.federation.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
         Ok(remote) => {
             let pick = |field: &str| -> Vec<(String, KeyObject)> {
                 remote

@@ -16,7 +16,7 @@ impl Invalidator {
     /// A user's devices, keys or signatures changed (a `device_lists` row).
     pub async fn user_changed(&self, user: &str) {
         self.caches.invalidate_user(user);
-        self.coordinator.invalidate(user).await;
+        self.coordinator.invalidate(user);
     }
 
     /// Everything held may be stale.
@@ -37,7 +37,9 @@ impl Invalidator {
             ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", None) => self.caches.tokens.invalidate_all(),
             ("_get_bare_e2e_cross_signing_keys", Some(user)) => self.caches.cross_signing.invalidate(&user.to_owned()),
             ("_get_bare_e2e_cross_signing_keys", None) => self.caches.cross_signing.invalidate_all(),
-            ("_get_e2e_cross_signing_signatures_for_device", Some(user)) => self.caches.signatures.invalidate(&user.to_owned()),
+            ("_get_e2e_cross_signing_signatures_for_device", Some(key)) => {
+                self.caches.signatures.invalidate(&signature_cache_signer(key).into_owned())
+            }
             ("get_device" | "get_devices_by_user", Some(user)) => self.caches.devices.invalidate(&user.to_owned()),
             // Room membership changed: [room_id, members...]; alone, the room.
             ("cs_cache_fake", _) => match keys {
@@ -51,9 +53,29 @@ impl Invalidator {
             ("dr_cache_fake", _) => self.caches.remote.invalidate_all(),
             ("get_device_list_last_stream_id_for_remote" | "get_cached_devices_for_user" | "_get_cached_user_device", Some(user)) => {
                 self.caches.remote.invalidate(&user.to_owned());
-                self.coordinator.invalidate(user).await;
+                self.coordinator.invalidate(user);
             }
             _ => {}
         }
+    }
+}
+
+/// The signer in a `_get_e2e_cross_signing_signatures_for_device` key.
+/// Synapse sends the cache's one argument, `(user_id, device_id)`, as the
+/// JSON text `["@u:hs","DEV"]`; a bare user ID is taken as is.
+fn signature_cache_signer(key: &str) -> std::borrow::Cow<'_, str> {
+    match serde_json::from_str::<(String, String)>(key) {
+        Ok((user, _)) => user.into(),
+        Err(_) => key.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_keys_as_synapse_sends_them() {
+        assert_eq!(super::signature_cache_signer(r#"["@u:hs", "DEV"]"#), "@u:hs");
+        assert_eq!(super::signature_cache_signer(r#"["@u:hs","ed25519pubkey"]"#), "@u:hs");
+        assert_eq!(super::signature_cache_signer("@u:hs"), "@u:hs");
     }
 }

@@ -17,6 +17,10 @@ pub struct UserDevices {
     pub self_signing_key: Option<Box<RawValue>>,
     /// The writer's `_INT_STREAM_POS`, when the writer produced this.
     pub stream_pos: Option<Arc<RawValue>>,
+    /// The `{"devices": [...]}` shape of a real resync; false for the bare
+    /// `{device_id: content}` map the writer answers for a user it already
+    /// had cached, which Synapse's `/keys/query` does not take as a result.
+    pub is_resync_result: bool,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +40,7 @@ impl UserDevices {
     /// it already had cached. Devices without keys are left out.
     pub fn parse(raw: Box<RawValue>, stream_pos: Option<Arc<RawValue>>) -> Option<Self> {
         let mut top: BTreeMap<String, Box<RawValue>> = serde_json::from_str(raw.get()).ok()?;
+        let is_resync_result = top.contains_key("devices");
         let (devices, master_key, self_signing_key) = match top.remove("devices") {
             Some(list) => {
                 let entries: Vec<Entry> = serde_json::from_str(list.get()).ok()?;
@@ -53,7 +58,7 @@ impl UserDevices {
                 (devices, None, None)
             }
         };
-        Some(Self { raw, devices, master_key, self_signing_key, stream_pos })
+        Some(Self { raw, devices, master_key, self_signing_key, stream_pos, is_resync_result })
     }
 }
 
@@ -76,6 +81,7 @@ mod tests {
             None,
         )
         .unwrap();
+        assert!(d.is_resync_result);
         assert_eq!(d.devices.len(), 1);
         assert_eq!(d.devices[0].0, "D1");
         assert_eq!(d.devices[0].1.get(), r#"{"k":1}"#);
@@ -91,6 +97,7 @@ mod tests {
         assert_eq!(d.devices.len(), 1);
         assert_eq!(d.devices[0].1.get(), r#"{"k":2}"#);
         assert!(d.master_key.is_none());
+        assert!(!d.is_resync_result);
     }
 
     #[test]

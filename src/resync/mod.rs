@@ -5,9 +5,12 @@
 //! - Concurrent requests for the same user share one in-flight resync: the
 //!   first caller starts it (as a task of its own, so it finishes even if
 //!   that caller goes away) and everyone waits on its result.
-//! - Results are kept in a bounded, TTL'd memory cache.
+//! - Results are kept in a bounded, TTL'd memory cache that refuses a
+//!   result fetched before an invalidation of its user; an invalidation
+//!   also detaches the user's in-flight resync, so later callers start anew.
 //! - `null` from the writer means the remote failed: that is the answer
-//!   (the writer already tried and backs off); no direct attempt follows.
+//!   (the writer already tried and backs off); no direct resync follows
+//!   (the `/keys/query` path then asks `/user/keys/query`, as Synapse does).
 //! - Results of direct resyncs live only in this memory cache.
 
 pub mod devices;
@@ -19,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use moka::future::Cache;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 pub use devices::UserDevices;
 use master::{Master, MasterError};
 
+use crate::cache::guarded::{GuardedCache, Ticket, Trust};
 use crate::config::Config;
 use crate::federation::FederationClient;
 
@@ -38,7 +41,7 @@ type Slot = watch::Receiver<Option<Outcome>>;
 pub struct Coordinator {
     pub master: Master,
     federation: Arc<FederationClient>,
-    cache: Cache<String, Arc<UserDevices>>,
+    cache: GuardedCache<String, Arc<UserDevices>>,
     inflight: Mutex<HashMap<String, Slot>>,
     /// Callers currently waiting for a resync result.
     waiting: AtomicUsize,
@@ -60,10 +63,15 @@ impl Coordinator {
         Ok(Self {
             master: Master::from_config(config)?,
             federation,
-            cache: Cache::builder()
-                .max_capacity(w.resync_cache_max_users)
-                .time_to_live(Duration::from_millis(w.resync_cache_ttl_ms))
-                .build(),
+            cache: GuardedCache::new(
+                "resync_results",
+                w.resync_cache_max_users,
+                Duration::from_millis(w.resync_cache_ttl_ms),
+                |_, _| 1,
+                // Invalidated by the stream and the read barrier alike,
+                // which the data caches' trust does not cover.
+                Arc::new(Trust::trusted()),
+            ),
             inflight: Mutex::default(),
             waiting: AtomicUsize::new(0),
             outcomes: OutcomeCounters::default(),
@@ -77,9 +85,9 @@ impl Coordinator {
     pub async fn resync(self: &Arc<Self>, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, Outcome> {
         let mut out = HashMap::new();
         let mut waits: Vec<(String, Slot)> = Vec::new();
-        let mut mine: Vec<(String, watch::Sender<Option<Outcome>>)> = Vec::new();
+        let mut mine: Vec<(String, Ticket, watch::Sender<Option<Outcome>>)> = Vec::new();
         for user in users {
-            if let Some(hit) = self.cache.get(user).await {
+            if let Some(hit) = self.cache.get(user) {
                 out.insert(user.clone(), Ok(hit));
             }
         }
@@ -88,7 +96,7 @@ impl Coordinator {
             for user in users.iter().filter(|u| !out.contains_key(*u)) {
                 let slot = inflight.entry(user.clone()).or_insert_with(|| {
                     let (tx, rx) = watch::channel(None);
-                    mine.push((user.clone(), tx));
+                    mine.push((user.clone(), self.cache.ticket(user), tx));
                     rx
                 });
                 waits.push((user.clone(), slot.clone()));
@@ -129,24 +137,27 @@ impl Coordinator {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    /// Forgets what is held about `user` (their devices changed).
-    pub async fn invalidate(&self, user: &str) {
-        self.cache.invalidate(user).await;
+    /// Forgets what is held about `user` (their devices changed): the
+    /// cached result, and the in-flight resync for callers still to come.
+    pub fn invalidate(&self, user: &str) {
+        self.cache.invalidate(&user.to_owned());
+        self.inflight.lock().expect("inflight map").remove(user);
     }
 
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
+        self.inflight.lock().expect("inflight map").clear();
     }
 
-    async fn run(&self, destination: &str, slots: Vec<(String, watch::Sender<Option<Outcome>>)>) {
-        let users: Vec<String> = slots.iter().map(|(u, _)| u.clone()).collect();
+    async fn run(&self, destination: &str, slots: Vec<(String, Ticket, watch::Sender<Option<Outcome>>)>) {
+        let users: Vec<String> = slots.iter().map(|(u, _, _)| u.clone()).collect();
         let mut outcomes = self.fetch(destination, &users).await;
-        for (user, tx) in slots {
+        for (user, ticket, tx) in slots {
             let outcome = outcomes
                 .remove(&user)
                 .unwrap_or_else(|| Err(json!({"status": 503, "message": format!("Device resync failed for '{user}'")})));
             if let Ok(devices) = &outcome {
-                self.cache.insert(user.clone(), Arc::clone(devices)).await;
+                self.cache.insert(user.clone(), Arc::clone(devices), ticket);
             }
             let _ = tx.send(Some(outcome));
             let mut inflight = self.inflight.lock().expect("inflight map");

@@ -21,6 +21,7 @@
 //!                                           signed device keys (by the device key and the ssk)
 //! remote.remove_device(user_id, device_id) -> bool
 //!                                           (each change bumps that user's stream_id)
+//! remote.drop_self_signing_key(user_id)     answer with the master key only
 //! remote.set_mode(Route, Mode)              Mode::Normal | Status(u16) | Hang | Garbage
 //! remote.calls(Route) -> Vec<Call>          every request, rejected ones included
 //! remote.rejected() -> usize
@@ -88,7 +89,8 @@ pub struct RemoteUser {
 struct User {
     stream_id: u64,
     master_key: Value,
-    self_signing_key: Value,
+    /// `None`: the user has only a master key.
+    self_signing_key: Option<Value>,
     ssk: SigningKey,
     devices: BTreeMap<String, (Value, Option<String>)>,
 }
@@ -207,7 +209,7 @@ impl FakeRemote {
         let user = User {
             stream_id: 1,
             master_key: master_key.clone(),
-            self_signing_key: self_signing_key.clone(),
+            self_signing_key: Some(self_signing_key.clone()),
             ssk,
             devices: BTreeMap::new(),
         };
@@ -243,6 +245,14 @@ impl FakeRemote {
         let removed = user.devices.remove(device_id).is_some();
         user.stream_id += u64::from(removed);
         removed
+    }
+
+    /// From now on the user has a master key and no self-signing key.
+    pub fn drop_self_signing_key(&self, user_id: &str) {
+        let mut data = self.data();
+        let user = data.users.get_mut(user_id).unwrap_or_else(|| panic!("no fake user {user_id}"));
+        user.self_signing_key = None;
+        user.stream_id += 1;
     }
 
     pub fn set_mode(&self, route: Route, mode: Mode) {
@@ -340,13 +350,11 @@ async fn user_devices(State(s): State<Arc<Shared>>, Path(user_id): Path<String>,
             d
         })
         .collect();
-    ok(&json!({
-        "user_id": user_id,
-        "stream_id": user.stream_id,
-        "devices": devices,
-        "master_key": user.master_key,
-        "self_signing_key": user.self_signing_key,
-    }))
+    let mut answer = json!({"user_id": user_id, "stream_id": user.stream_id, "devices": devices, "master_key": user.master_key});
+    if let Some(ssk) = &user.self_signing_key {
+        answer["self_signing_key"] = ssk.clone();
+    }
+    ok(&answer)
 }
 
 async fn user_keys_query(State(s): State<Arc<Shared>>, req: Request) -> Response {
@@ -372,7 +380,9 @@ async fn user_keys_query(State(s): State<Arc<Shared>>, req: Request) -> Response
             }
         }
         master_keys[user_id] = user.master_key.clone();
-        self_signing_keys[user_id] = user.self_signing_key.clone();
+        if let Some(ssk) = &user.self_signing_key {
+            self_signing_keys[user_id] = ssk.clone();
+        }
     }
     ok(&json!({"device_keys": device_keys, "master_keys": master_keys, "self_signing_keys": self_signing_keys}))
 }

@@ -354,6 +354,19 @@ impl Ask {
 pub async fn assert_same(worker: &Worker, ask: &Ask) -> (StatusCode, Value) {
     let theirs = ask.send(&env().synapse_url).await;
     let ours = ask.send(&worker.url).await;
+    compare(ask, ours, theirs)
+}
+
+/// [`assert_same`], asking the worker first: for questions whose asking
+/// changes Synapse's state (its backoff after a failed remote, its device
+/// list cache after a resync).
+pub async fn assert_same_ours_first(worker: &Worker, ask: &Ask) -> (StatusCode, Value) {
+    let ours = ask.send(&worker.url).await;
+    let theirs = ask.send(&env().synapse_url).await;
+    compare(ask, ours, theirs)
+}
+
+fn compare(ask: &Ask, ours: (StatusCode, Value), theirs: (StatusCode, Value)) -> (StatusCode, Value) {
     assert_eq!(
         ours,
         theirs,

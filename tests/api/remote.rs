@@ -19,11 +19,11 @@ use crate::helpers::{Ask, Synapse, TestUser, TokenIn, assert_same, env, poll_unt
 
 const OURS: &str = "synapse-keys-worker";
 
-fn base_config() -> Config {
+pub fn base_config() -> Config {
     Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap()
 }
 
-fn with_writer(mut config: Config, port: u16) -> Config {
+pub fn with_writer(mut config: Config, port: u16) -> Config {
     config.synapse.device_lists_writer = Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port, tls: false });
     config
 }
@@ -50,7 +50,7 @@ async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
 }
 
 /// The remote user joins a room this server is in (test fixture row).
-async fn share_a_room(user_id: &str) {
+pub async fn share_a_room(user_id: &str) {
     let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
     let id = unique("room");
     sqlx::query(
@@ -64,15 +64,15 @@ async fn share_a_room(user_id: &str) {
     .unwrap();
 }
 
-fn our_calls(remote: &FakeRemote, route: Route) -> usize {
+pub fn our_calls(remote: &FakeRemote, route: Route) -> usize {
     remote.calls(route).iter().filter(|c| c.user_agent.starts_with(OURS)).count()
 }
 
-fn synapse_calls(remote: &FakeRemote, route: Route) -> usize {
+pub fn synapse_calls(remote: &FakeRemote, route: Route) -> usize {
     remote.calls(route).iter().filter(|c| c.user_agent.starts_with("Synapse")).count()
 }
 
-async fn query(worker_url: &str, who: &TestUser, users: Value, timeout_ms: Option<u64>) -> (StatusCode, Value, Duration) {
+pub async fn query(worker_url: &str, who: &TestUser, users: Value, timeout_ms: Option<u64>) -> (StatusCode, Value, Duration) {
     let mut ask = Ask::keys_query("v3", &who.session.token, TokenIn::Header, &json!({ "device_keys": users }));
     if let Some(t) = timeout_ms {
         ask.path.push_str(&format!("?timeout={t}"));
@@ -82,13 +82,13 @@ async fn query(worker_url: &str, who: &TestUser, users: Value, timeout_ms: Optio
     (status, body, started.elapsed())
 }
 
-struct Setup {
-    hs: Synapse,
-    me: TestUser,
-    remote: FakeRemote,
+pub struct Setup {
+    pub hs: Synapse,
+    pub me: TestUser,
+    pub remote: FakeRemote,
 }
 
-async fn setup() -> Setup {
+pub async fn setup() -> Setup {
     let hs = Synapse::new();
     let me = hs.register("asker").await;
     let remote = FakeRemote::start_for_homeserver().await;
@@ -97,7 +97,7 @@ async fn setup() -> Setup {
 
 impl Setup {
     /// A remote user with two devices (one named) and cross-signing keys.
-    fn remote_user(&self, name: &str) -> String {
+    pub fn remote_user(&self, name: &str) -> String {
         let user = self.remote.add_user(&unique(name)).user_id;
         self.remote.add_device(&user, "PHONE", Some("Phone"));
         self.remote.add_device(&user, "LAPTOP", None);
@@ -379,7 +379,8 @@ async fn garbage_oversized_and_untrusted_answers_are_failures() {
     s.remote.set_mode(Route::UserKeysQuery, Mode::Garbage);
     let worker = spawn_worker().await;
     let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
-    assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
+    let garbage = answer["failures"][&s.remote.server_name()].clone();
+    assert_eq!(garbage["status"], 503, "{answer}");
     s.remote.set_mode(Route::UserKeysQuery, Mode::Normal);
 
     // Larger than the response cap.
@@ -399,9 +400,13 @@ async fn garbage_oversized_and_untrusted_answers_are_failures() {
     assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
     assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), before, "no request got through the TLS handshake");
 
-    // The worker that got garbage now backs off from that remote...
+    // The worker that got garbage now backs off from that remote: it does
+    // not ask again, and answers with the failure it saw (not "Not ready
+    // for retry": Synapse's own table says nothing is wrong).
+    let asked = our_calls(&s.remote, Route::UserKeysQuery);
     let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
-    assert_eq!(answer["failures"][&s.remote.server_name()], json!({"status": 503, "message": "Not ready for retry"}));
+    assert_eq!(answer["failures"][&s.remote.server_name()], garbage);
+    assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), asked);
     // ...while one with the normal settings gets the keys.
     let fresh = spawn_worker().await;
     let (_, answer, _) = query(&fresh.url, &s.me, json!({&bob: []}), None).await;
