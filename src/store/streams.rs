@@ -37,7 +37,7 @@ const DEVICE_LISTS_SQLITE: &str = "
     SELECT stream_id, from_user_id AS user_id FROM user_signature_stream
     WHERE stream_id > ?1 AND stream_id <= ?2 AND (?3 IS NULL OR COALESCE(instance_name, 'master') = ?3)";
 
-/// One row of the read barrier's probe (see [`Store::barrier_probe`]).
+/// One row of the read barrier's probe (see [`ProbeConnection::probe`]).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ProbeRow {
     pub kind: ProbeKind,
@@ -108,17 +108,6 @@ impl Store {
         }
     }
 
-    /// The read barrier's probe, one round trip: device-list and signature
-    /// changes after `after`, each writer's persisted position, and which
-    /// of `remote_users` Synapse has marked stale.
-    pub async fn barrier_probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
-        match self {
-            Store::Postgres(p) if remote_users.is_empty() => sqlx::query_as(PROBE_PG).bind(after).fetch_all(p).await,
-            Store::Postgres(p) => sqlx::query_as(PROBE_MARKS_PG).bind(after).bind(remote_users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_as(PROBE_SQLITE).bind(after).bind(super::json_list(remote_users)).fetch_all(p).await,
-        }
-    }
-
     /// The newest stream ids of the device-list and cache streams.
     pub async fn stream_heads(&self) -> Result<(i64, i64), sqlx::Error> {
         let dl = self.device_lists_head().await?;
@@ -151,9 +140,14 @@ impl ProbeConnection {
         Self { store, connect_timeout, conn: tokio::sync::Mutex::new(None) }
     }
 
-    /// [`Store::barrier_probe`] on this connection.
+    /// The read barrier's probe, one round trip: device-list and signature
+    /// changes after `after`, each writer's persisted position, and which
+    /// of `remote_users` Synapse has marked stale.
     pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
-        let Store::Postgres(pool) = &self.store else { return self.store.barrier_probe(after, remote_users).await };
+        let pool = match &self.store {
+            Store::Postgres(pool) => pool,
+            Store::Sqlite(p) => return sqlx::query_as(PROBE_SQLITE).bind(after).bind(super::json_list(remote_users)).fetch_all(p).await,
+        };
         let mut slot = self.conn.lock().await;
         let conn = match &mut *slot {
             Some(c) => c,
