@@ -256,7 +256,7 @@ as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/postgres.log" -w -t 60 \
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
     "CREATE DATABASE synapse OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
-    "CREATE DATABASE synapse_msc4263 OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    "CREATE DATABASE synapse_variant OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
 
 # ------------------------------------------------------------------- redis ---
 log "starting redis on port $REDIS_PORT"
@@ -427,12 +427,15 @@ namespaces:
       exclusive: true
 EOF
 # The main Synapse, and a second one (own database and server name) with
-# MSC4263 on, for the tests of that flag.
+# settings the main one leaves at their defaults: MSC4263, a federation
+# domain whitelist, account validity.
 write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT" \
     "app_service_config_files: ['$DIR/appservice.yaml']
 allow_guest_access: true"
-write_homeserver_yaml msc4263 "msc4263.$SERVER_NAME" synapse_msc4263 "$SYNAPSE2_PORT" "$REPL2_PORT" \
-    "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}"
+write_homeserver_yaml variant "variant.$SERVER_NAME" synapse_variant "$SYNAPSE2_PORT" "$REPL2_PORT" \
+    "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}
+federation_domain_whitelist: ['allowed.test.invalid']
+account_validity: {enabled: true, period: 30d}"
 
 log "generating synapse signing key"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" --generate-keys \
@@ -442,8 +445,8 @@ log "generating synapse signing key"
 log "starting synapse $SYNAPSE_VERSION on port $SYNAPSE_PORT (replication $REPL_PORT)"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" >"$DIR/synapse.stdout.log" 2>&1 &
 SYNAPSE_PID=$!
-log "starting the MSC4263 synapse on port $SYNAPSE2_PORT"
-"$VPY" -m synapse.app.homeserver -c "$DIR/msc4263.yaml" >"$DIR/msc4263.stdout.log" 2>&1 &
+log "starting the variant synapse on port $SYNAPSE2_PORT"
+"$VPY" -m synapse.app.homeserver -c "$DIR/variant.yaml" >"$DIR/variant.stdout.log" 2>&1 &
 SYNAPSE2_PID=$!
 
 # While Synapse prepares its PostgreSQL schema, build the SQLite one.
@@ -496,7 +499,7 @@ log "waiting for synapse (up to ${SYNAPSE_START_TIMEOUT}s)"
 wait_for_synapse "$SYNAPSE_PID" "http://127.0.0.1:$SYNAPSE_PORT/health" "http://127.0.0.1:$REPL_PORT/health" ||
     { cat "$DIR/synapse.stdout.log" 2>/dev/null; die "synapse did not come up"; }
 wait_for_synapse "$SYNAPSE2_PID" "http://127.0.0.1:$SYNAPSE2_PORT/health" ||
-    { tail -n 30 "$DIR/msc4263.log" 2>/dev/null; die "the MSC4263 synapse did not come up"; }
+    { tail -n 30 "$DIR/variant.log" 2>/dev/null; die "the variant synapse did not come up"; }
 log "synapse up after ${SECONDS}s"
 
 # ------------------------------------------------------------------- tests ---
@@ -513,8 +516,8 @@ export SKW_TEST_REPLICATION_URL="http://127.0.0.1:$REPL_PORT"
 export SKW_TEST_REPLICATION_SECRET="$REPL_SECRET"
 export SKW_TEST_VENV_BIN="$VENV/bin"
 export SKW_TEST_AS_TOKEN="$AS_TOKEN"
-export SKW_TEST_MSC4263_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE2_PORT"
-export SKW_TEST_MSC4263_HOMESERVER_YAML="$DIR/msc4263.yaml"
+export SKW_TEST_VARIANT_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE2_PORT"
+export SKW_TEST_VARIANT_HOMESERVER_YAML="$DIR/variant.yaml"
 
 rc=0
 if [ -n "${SKW_TEST_CMD:-}" ]; then

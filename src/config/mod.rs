@@ -7,6 +7,7 @@
 
 pub mod appservice;
 pub mod database;
+pub mod federation;
 pub mod synapse;
 pub mod worker;
 

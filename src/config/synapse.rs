@@ -23,12 +23,11 @@ pub struct SynapseConfig {
     /// them in its tables (`main` is `master`).
     pub device_lists_writers: Vec<String>,
     pub signing_key_path: Option<PathBuf>,
-    pub federation_verify_certificates: bool,
-    /// `ip_range_blocklist` (or the older `ip_range_blacklist`); `None` means
-    /// Synapse's default list.
-    pub ip_range_blocklist: Option<Vec<String>>,
-    pub ip_range_whitelist: Vec<String>,
+    /// How outbound federation requests are made and where they may go.
+    pub federation: super::federation::FederationSettings,
     pub msc4263_limit_key_queries_to_users_who_share_rooms: bool,
+    /// `account_validity.enabled`: expired accounts are refused (403).
+    pub account_validity_enabled: bool,
     /// Registrations from `app_service_config_files`.
     pub app_services: Vec<super::appservice::AppService>,
     /// The key guest-token macaroons are signed with, found as Synapse finds
@@ -90,18 +89,21 @@ impl SynapseConfig {
             ),
             _ => None,
         };
+        let federation = super::federation::FederationSettings::from_mapping(m, worker_replication_secret.as_deref())?;
         Ok(Self {
             database,
             redis,
+            federation,
             worker_replication_secret,
             device_lists_writer: device_lists_writer(m)?,
             device_lists_writers: writer_names(m),
             signing_key_path: str_key(m, "signing_key_path")?.map(PathBuf::from),
-            federation_verify_certificates: bool_key(m, "federation_verify_certificates", true)?,
-            ip_range_blocklist: string_list(m, "ip_range_blocklist")?.or(string_list(m, "ip_range_blacklist")?),
-            ip_range_whitelist: string_list(m, "ip_range_whitelist")?.unwrap_or_default(),
             msc4263_limit_key_queries_to_users_who_share_rooms: match m.get("experimental_features") {
                 Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
+                _ => false,
+            },
+            account_validity_enabled: match m.get("account_validity") {
+                Some(Value::Mapping(x)) => bool_key(x, "enabled", false)?,
                 _ => false,
             },
             macaroon_secret: macaroon_secret(m)?,
@@ -171,16 +173,21 @@ fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigEr
     let Some(entry) = aliases.iter().find_map(|a| map.get(*a)) else {
         return Ok(None);
     };
+    instance_location(&writer, entry).map(Some)
+}
+
+/// One `instance_map` entry.
+pub(super) fn instance_location(name: &str, entry: &Value) -> Result<InstanceLocation, ConfigError> {
     let e: InstanceEntry =
-        serde_yaml::from_value(entry.clone()).map_err(|e| ConfigError::new(format!("invalid `instance_map.{writer}`: {e}")))?;
+        serde_yaml::from_value(entry.clone()).map_err(|e| ConfigError::new(format!("invalid `instance_map.{name}`: {e}")))?;
     match (e.path, e.host, e.port) {
-        (Some(path), _, _) => Ok(Some(InstanceLocation::Unix { path })),
-        (None, Some(host), Some(port)) => Ok(Some(InstanceLocation::Tcp { host, port, tls: e.tls })),
-        _ => Err(ConfigError::new(format!("`instance_map.{writer}` needs `host` and `port`, or `path`"))),
+        (Some(path), _, _) => Ok(InstanceLocation::Unix { path }),
+        (None, Some(host), Some(port)) => Ok(InstanceLocation::Tcp { host, port, tls: e.tls }),
+        _ => Err(ConfigError::new(format!("`instance_map.{name}` needs `host` and `port`, or `path`"))),
     }
 }
 
-fn str_key(m: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
+pub(super) fn str_key(m: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -188,7 +195,7 @@ fn str_key(m: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
     }
 }
 
-fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, ConfigError> {
+pub(super) fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -196,7 +203,7 @@ fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, ConfigError> 
     }
 }
 
-fn string_list(m: &Mapping, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+pub(super) fn string_list(m: &Mapping, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_yaml::from_value(v.clone()).map(Some).map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
@@ -223,8 +230,8 @@ mod tests {
     fn writer_defaults_to_main() {
         let c = parse(&format!("{DB}server_name: hs\ninstance_map: {{main: {{host: 127.0.0.1, port: 9093}}}}\n")).unwrap();
         assert_eq!(c.device_lists_writer, Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port: 9093, tls: false }));
-        assert!(c.federation_verify_certificates);
-        assert_eq!(c.ip_range_blocklist, None);
+        assert!(c.federation.verify_certificates);
+        assert_eq!(c.federation.ip_range_blocklist, None);
         assert_eq!(c.device_lists_writers, ["master"]);
     }
 
@@ -245,8 +252,8 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.worker_replication_secret.as_deref(), Some("s3"));
-        assert_eq!(c.ip_range_blocklist, Some(vec!["10.0.0.0/8".to_string()]));
-        assert!(!c.federation_verify_certificates);
+        assert_eq!(c.federation.ip_range_blocklist, Some(vec!["10.0.0.0/8".to_string()]));
+        assert!(!c.federation.verify_certificates);
         assert!(c.msc4263_limit_key_queries_to_users_who_share_rooms);
         assert!(c.redis.enabled);
         assert_eq!(c.redis.port, Some(7000));

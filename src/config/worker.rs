@@ -73,6 +73,10 @@ pub struct WorkerConfig {
     /// How long a request over that limit may wait for a slot before it is
     /// refused with 429, in ms.
     pub queue_wait_ms: u64,
+    /// Take the client's address from the first `X-Forwarded-For` entry, as
+    /// a Synapse listener with `x_forwarded: true` does. Only safe behind a
+    /// proxy that sets the header.
+    pub x_forwarded: bool,
 }
 
 impl Default for WorkerConfig {
@@ -105,6 +109,7 @@ impl Default for WorkerConfig {
             shutdown_grace_ms: 10_000,
             max_concurrent_queries_per_device: 10,
             queue_wait_ms: 10_000,
+            x_forwarded: false,
         }
     }
 }

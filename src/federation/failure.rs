@@ -13,6 +13,9 @@ pub enum FedError {
     /// No signing key configured.
     #[error("federation is not configured (no signing_key_path)")]
     Disabled,
+    /// Not in `federation_domain_whitelist`: Synapse's `FederationDeniedError`.
+    #[error("403: Federation denied with {0}.")]
+    Denied(String),
     #[error("destination {0} resolves only to blocked IP addresses")]
     Blocked(String),
     /// Could not connect, no (complete) answer in time, or (as Synapse
@@ -68,7 +71,7 @@ impl FedError {
         match self {
             FedError::Transport(_) | FedError::BadResponse(_) => true,
             FedError::Http { status, .. } => *status >= 500 || *status == 429,
-            FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) => false,
+            FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) | FedError::Denied(_) => false,
         }
     }
 
@@ -79,6 +82,7 @@ impl FedError {
     pub fn to_failure(&self) -> Value {
         match self {
             FedError::BackingOff(first) => first.to_failure(),
+            FedError::Denied(_) => json!({"status": 403, "errcode": "M_FORBIDDEN", "message": self.to_string()}),
             FedError::Http { status, .. } => json!({"status": status, "message": self.to_string()}),
             other => json!({"status": 503, "message": other.to_string()}),
         }
@@ -120,6 +124,10 @@ mod tests {
         assert!(e.backs_off());
         let e = FedError::http(StatusCode::TOO_MANY_REQUESTS, b"{}");
         assert_eq!(e.to_failure()["message"], "Failed to send request: HttpResponseException: 429: Too Many Requests");
+        assert_eq!(
+            FedError::Denied("x.org".into()).to_failure(),
+            json!({"status": 403, "errcode": "M_FORBIDDEN", "message": "403: Federation denied with x.org."})
+        );
         let t = FedError::Transport("ConnectError: refused".into());
         assert_eq!(t.to_failure()["message"], "Failed to send request: ConnectError: refused");
     }

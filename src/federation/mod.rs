@@ -9,6 +9,7 @@ pub mod dns;
 mod failure;
 pub mod ip_filter;
 pub mod signing;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,13 +25,16 @@ use self::discovery::{Discovery, WellKnown};
 use self::dns::{Dns, FilteringResolver, split_host_port};
 use self::ip_filter::IpFilter;
 use self::signing::RequestSigner;
+use self::tls::TlsClients;
 use crate::config::Config;
 
 pub const USER_AGENT: &str = concat!("synapse-keys-worker/", env!("CARGO_PKG_VERSION"));
 
 pub struct FederationClient {
     signer: Option<RequestSigner>,
-    http: reqwest::Client,
+    http: TlsClients,
+    /// `federation_domain_whitelist`, if set.
+    allowed: Option<std::collections::HashSet<String>>,
     resolver: FilteringResolver,
     discovery: Discovery,
     pub backoff: Backoff,
@@ -54,24 +58,26 @@ impl FederationClient {
                 None
             }
         };
-        let filter = Arc::new(IpFilter::new(s.ip_range_blocklist.as_deref(), &s.ip_range_whitelist)?);
+        let f = &s.federation;
+        let filter = Arc::new(IpFilter::new(f.ip_range_blocklist.as_deref(), &f.ip_range_whitelist)?);
         let resolver = FilteringResolver::new(filter);
-        let build = |redirects: reqwest::redirect::Policy| {
-            reqwest::Client::builder()
-                .user_agent(USER_AGENT)
-                .dns_resolver(Arc::new(resolver.clone()))
-                .danger_accept_invalid_certs(!s.federation_verify_certificates)
-                .redirect(redirects)
-                .connect_timeout(Duration::from_millis(w.federation_connect_timeout_ms))
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build()
+        let build = |redirects: fn() -> reqwest::redirect::Policy| {
+            TlsClients::build(f, || {
+                reqwest::Client::builder()
+                    .user_agent(USER_AGENT)
+                    .dns_resolver(Arc::new(resolver.clone()))
+                    .redirect(redirects())
+                    .connect_timeout(Duration::from_millis(w.federation_connect_timeout_ms))
+                    .pool_idle_timeout(Duration::from_secs(60))
+            })
         };
-        let http = build(reqwest::redirect::Policy::none())?;
-        let well_known = HttpWellKnown { http: build(reqwest::redirect::Policy::limited(5))?, filter: resolver.clone() };
+        let http = build(reqwest::redirect::Policy::none)?;
+        let well_known = HttpWellKnown { http: build(|| reqwest::redirect::Policy::limited(5))?, filter: resolver.clone() };
         let discovery = Discovery::new(Dns::system(), Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
         Ok(Self {
             signer,
             http,
+            allowed: f.domain_whitelist.clone(),
             resolver,
             discovery,
             backoff: Backoff::new(
@@ -115,6 +121,11 @@ impl FederationClient {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value, FedError> {
+        // Checked before the backoff, as Synapse does: never counted as a
+        // failure of the destination.
+        if self.allowed.as_ref().is_some_and(|a| !a.contains(destination)) {
+            return Err(FedError::Denied(destination.to_owned()));
+        }
         if let Some(first) = self.backoff.in_backoff(destination) {
             return Err(FedError::BackingOff(Box::new(first)));
         }
@@ -145,6 +156,7 @@ impl FederationClient {
         let host_header = HeaderValue::from_str(&target.host_header).map_err(|e| FedError::Transport(e.to_string()))?;
         let mut req = self
             .http
+            .for_host(host)
             .request(method, format!("https://{}{path}", target.authority))
             .header(header::AUTHORIZATION, auth)
             .header(header::HOST, host_header);
@@ -191,7 +203,7 @@ pub fn percent_encode(s: &str) -> String {
 /// `/.well-known/matrix/server` over HTTPS, size-capped, through the same
 /// filtering resolver.
 struct HttpWellKnown {
-    http: reqwest::Client,
+    http: TlsClients,
     filter: FilteringResolver,
 }
 
@@ -202,7 +214,7 @@ impl WellKnown for HttpWellKnown {
             if host.parse::<std::net::IpAddr>().is_ok_and(|ip| !self.filter.filter().allows(ip)) {
                 return None;
             }
-            let fut = self.http.get(format!("https://{host}/.well-known/matrix/server")).send();
+            let fut = self.http.for_host(&host).get(format!("https://{host}/.well-known/matrix/server")).send();
             let resp = tokio::time::timeout(Duration::from_secs(10), fut).await.ok()?.ok()?;
             if !resp.status().is_success() {
                 return None;

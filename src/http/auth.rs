@@ -50,8 +50,11 @@ pub fn extract_token(headers: &HeaderMap, params: &QueryParams) -> Result<String
 
 /// The requester behind the token: an application service (acting as its
 /// sender or, with `?user_id=`, a user of its namespace), else a user's
-/// token, where unknown, expired (soft logout), locked and deactivated
-/// accounts are refused and a puppeted token acts as the puppeted user.
+/// token, where unknown and expired tokens (soft logout), locked accounts
+/// and, with `account_validity` on, expired accounts are refused, and a
+/// puppeted token acts as the puppeted user. As in Synapse, deactivation
+/// itself is not checked: it deletes the user's own tokens, and an admin's
+/// puppet token for the user keeps working.
 pub async fn authenticate(
     app: &App,
     headers: &HeaderMap,
@@ -75,10 +78,7 @@ pub async fn authenticate(
     if row.locked {
         return Err(MatrixError::user_locked());
     }
-    // Synapse deletes a deactivated user's tokens; one left over is refused.
-    if row.deactivated {
-        return Err(MatrixError::unknown_token(INVALID_TOKEN, false));
-    }
+    check_account_validity(app, row.expiration_ts, now_ms)?;
     Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
 }
 
@@ -94,10 +94,22 @@ async fn guest_requester(app: &App, token: &str, now_ms: i64) -> Result<Requeste
         .ok_or_else(|| MatrixError::unknown_token(INVALID_TOKEN, false))?;
     match app.store.guest_status(&user_id).await? {
         None => Err(MatrixError::unknown_token(format!("Unknown user_id {user_id}"), false)),
-        Some((false, _)) => Err(MatrixError::unknown_token("Guest access token used for regular user", false)),
-        Some((true, true)) => Err(MatrixError::user_locked()),
-        Some((true, false)) => Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true }),
+        Some((false, _, _)) => Err(MatrixError::unknown_token("Guest access token used for regular user", false)),
+        Some((true, true, _)) => Err(MatrixError::user_locked()),
+        Some((true, false, expiration_ts)) => {
+            check_account_validity(app, expiration_ts, now_ms)?;
+            Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true })
+        }
     }
+}
+
+/// The legacy `account_validity` check (`is_account_expired`), done for
+/// users and guests, not application services.
+fn check_account_validity(app: &App, expiration_ts: Option<i64>, now_ms: i64) -> Result<(), MatrixError> {
+    if app.config.synapse.account_validity_enabled && expiration_ts.is_some_and(|ts| now_ms >= ts) {
+        return Err(MatrixError::new(StatusCode::FORBIDDEN, "ORG_MATRIX_EXPIRED_ACCOUNT", "User account has expired"));
+    }
+    Ok(())
 }
 
 /// The registration whose `as_token` this is, if the client address is one

@@ -36,7 +36,8 @@ pub async fn keys_query(
     // Nothing behind us may hold a request: the database gets its statement
     // budget per step, the remote part the client's timeout on top.
     let db_budget = Duration::from_millis(app.config.worker.db_statement_timeout_ms.max(1000));
-    let requester = within(db_budget, authenticate(&app, &headers, &params, client_ip(&headers, peer), now)).await?;
+    let requester =
+        within(db_budget, authenticate(&app, &headers, &params, client_ip(&headers, peer, app.config.worker.x_forwarded), now)).await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
@@ -53,13 +54,13 @@ async fn within<T>(budget: Duration, work: impl Future<Output = Result<T, Matrix
     tokio::time::timeout(budget, work).await.unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
 }
 
-/// The client's address: the first `X-Forwarded-For` entry (the service
-/// runs behind a reverse proxy), else the peer.
-fn client_ip(headers: &HeaderMap, peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<IpAddr> {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .or(peer.map(|Extension(ConnectInfo(addr))| addr.ip()))
+/// The client's address: with `x_forwarded` on, the first `X-Forwarded-For`
+/// entry when there is one (as Synapse's `XForwardedForRequest`), else the
+/// peer.
+fn client_ip(headers: &HeaderMap, peer: Option<Extension<ConnectInfo<SocketAddr>>>, x_forwarded: bool) -> Option<IpAddr> {
+    let forwarded = || {
+        let first = headers.get("x-forwarded-for")?.to_str().ok()?.split(',').next()?;
+        first.trim().parse().ok()
+    };
+    x_forwarded.then(forwarded).flatten().or(peer.map(|Extension(ConnectInfo(addr))| addr.ip()))
 }

@@ -31,10 +31,13 @@ impl Invalidator {
         match (func, first) {
             ("get_user_by_access_token", Some(token)) => self.caches.invalidate_token(token),
             ("get_user_by_access_token", None) => self.caches.tokens.invalidate_all(),
-            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", Some(user)) => {
+            // What the token cache holds about a user besides the token.
+            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status" | "get_expiration_ts_for_user", Some(user)) => {
                 self.caches.invalidate_tokens_of(user)
             }
-            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status", None) => self.caches.tokens.invalidate_all(),
+            ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status" | "get_expiration_ts_for_user", None) => {
+                self.caches.tokens.invalidate_all()
+            }
             ("_get_bare_e2e_cross_signing_keys", Some(user)) => self.caches.cross_signing.invalidate(&user.to_owned()),
             ("_get_bare_e2e_cross_signing_keys", None) => self.caches.cross_signing.invalidate_all(),
             ("_get_e2e_cross_signing_signatures_for_device", Some(key)) => {

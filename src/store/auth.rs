@@ -1,5 +1,6 @@
 //! Access-token lookup, as Synapse's `RegistrationWorkerStore._query_for_auth`
-//! plus the `users.locked` flag it checks right after.
+//! plus what `get_user_by_req` checks right after: the `users.locked` flag
+//! and the legacy account validity's expiry (`get_expiration_ts_for_user`).
 
 use super::Store;
 
@@ -13,25 +14,28 @@ pub struct TokenRow {
     /// Whose token it is (differs from `user_id` for puppeted tokens).
     pub token_owner: String,
     pub locked: bool,
-    pub deactivated: bool,
+    /// `account_validity.expiration_ts_ms` of `user_id`, if any.
+    pub expiration_ts: Option<i64>,
 }
 
 const SQL_PG: &str = "
     SELECT users.name AS user_id, users.is_guest <> 0 AS is_guest,
            access_tokens.device_id, access_tokens.valid_until_ms,
            access_tokens.user_id AS token_owner,
-           COALESCE(users.locked, FALSE) AS locked, users.deactivated <> 0 AS deactivated
+           COALESCE(users.locked, FALSE) AS locked, account_validity.expiration_ts_ms AS expiration_ts
     FROM users
     INNER JOIN access_tokens ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)
+    LEFT JOIN account_validity ON account_validity.user_id = users.name
     WHERE access_tokens.token = $1";
 
 const SQL_SQLITE: &str = "
     SELECT users.name AS user_id, users.is_guest <> 0 AS is_guest,
            access_tokens.device_id, access_tokens.valid_until_ms,
            access_tokens.user_id AS token_owner,
-           COALESCE(users.locked, 0) <> 0 AS locked, users.deactivated <> 0 AS deactivated
+           COALESCE(users.locked, 0) <> 0 AS locked, account_validity.expiration_ts_ms AS expiration_ts
     FROM users
     INNER JOIN access_tokens ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)
+    LEFT JOIN account_validity ON account_validity.user_id = users.name
     WHERE access_tokens.token = ?1";
 
 impl Store {
@@ -68,12 +72,15 @@ impl Store {
     }
 }
 
-const GUEST_PG: &str = "SELECT is_guest <> 0, COALESCE(locked, FALSE) FROM users WHERE name = $1";
-const GUEST_SQLITE: &str = "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0 FROM users WHERE name = ?1";
+const GUEST_PG: &str = "SELECT is_guest <> 0, COALESCE(locked, FALSE), expiration_ts_ms
+    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = $1";
+const GUEST_SQLITE: &str = "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0, expiration_ts_ms
+    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = ?1";
 
 impl Store {
-    /// (is a guest, is locked) for a registered user, `None` if unknown.
-    pub async fn guest_status(&self, user_id: &str) -> Result<Option<(bool, bool)>, sqlx::Error> {
+    /// (is a guest, is locked, account expiry) for a registered user,
+    /// `None` if unknown.
+    pub async fn guest_status(&self, user_id: &str) -> Result<Option<(bool, bool, Option<i64>)>, sqlx::Error> {
         match self {
             Store::Postgres(p) => sqlx::query_as(GUEST_PG).bind(user_id).fetch_optional(p).await,
             Store::Sqlite(p) => sqlx::query_as(GUEST_SQLITE).bind(user_id).fetch_optional(p).await,

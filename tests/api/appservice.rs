@@ -70,3 +70,42 @@ async fn app_service_tokens_act_like_in_synapse() {
     let (status, _) = assert_same(&worker, &wrong).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+/// `X-Forwarded-For` counts only with our `x_forwarded` on, as it counts for
+/// Synapse only on a listener with `x_forwarded: true`. Ours alone: the test
+/// Synapse's registration has no `ip_range_whitelist` (and no request may go
+/// to a private address, so the range is only matched, never contacted).
+#[tokio::test]
+async fn forwarded_address_trusted_only_when_configured() {
+    let body = json!({"device_keys": {}});
+    let config = |x_forwarded: bool| {
+        let mut config = crate::remote::base_config();
+        config.synapse.app_services[0].ip_range_whitelist = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+        config.worker.x_forwarded = x_forwarded;
+        config
+    };
+    let forwarded = |from: Option<&str>| {
+        let mut a = ask("", &body);
+        if let Some(ip) = from {
+            a.headers.push(("X-Forwarded-For".into(), format!("{ip}, 127.0.0.1")));
+        }
+        a
+    };
+    let untrusting = crate::helpers::spawn_worker_with(config(false)).await;
+    let trusting = crate::helpers::spawn_worker_with(config(true)).await;
+    // The peer (loopback) is outside the range: the token is not the
+    // service's, so it is an unknown token.
+    for (worker, from, expected) in [
+        (&untrusting, Some("10.1.2.3"), StatusCode::UNAUTHORIZED),
+        (&untrusting, None, StatusCode::UNAUTHORIZED),
+        (&trusting, Some("10.1.2.3"), StatusCode::OK),
+        (&trusting, Some("192.0.2.1"), StatusCode::UNAUTHORIZED),
+        (&trusting, None, StatusCode::UNAUTHORIZED),
+    ] {
+        let (status, answer) = forwarded(from).send(&worker.url).await;
+        assert_eq!(status, expected, "x_forwarded={} from={from:?}: {answer}", std::ptr::eq(worker, &trusting));
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(answer["errcode"], "M_UNKNOWN_TOKEN", "{answer}");
+        }
+    }
+}

@@ -79,10 +79,31 @@ async fn expired_locked_and_deactivated_match_synapse() {
     let l = expect(&worker, Ask::keys_query("v3", &locked.session.token, TokenIn::Header, &body), 401, "M_USER_LOCKED").await;
     assert_eq!(l["soft_logout"], true);
 
-    // Deactivated through the admin API.
+    // Deactivated through the admin API: the user's own tokens are gone...
     let gone = hs.register("gone").await;
+    let puppet_login = format!("/_synapse/admin/v1/users/{}/login", gone.user_id);
+    let puppet = hs.admin(Method::POST, &puppet_login, &admin.session, json!({})).await["access_token"].as_str().unwrap().to_owned();
+    // (asked once before, so a cached answer would have to be dropped)
+    let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet, TokenIn::Header, &body)).await;
+    assert_eq!(status, StatusCode::OK);
     hs.admin(Method::POST, &format!("/_synapse/admin/v1/deactivate/{}", gone.user_id), &admin.session, json!({})).await;
     expect(&worker, Ask::keys_query("v3", &gone.session.token, TokenIn::Query, &body), 401, "M_UNKNOWN_TOKEN").await;
+    // ...but an admin's puppet token for them is the admin's, and Synapse
+    // keeps answering it.
+    let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet, TokenIn::Header, &body)).await;
+    assert_eq!(status, StatusCode::OK, "Synapse answers a deactivated user's puppet token");
+
+    // A deactivated admin's puppet tokens go with the admin's own.
+    let admin2 = hs.register("admin2").await;
+    hs.make_admin(&admin2).await;
+    let target = hs.register("puppeted").await;
+    let login = format!("/_synapse/admin/v1/users/{}/login", target.user_id);
+    let puppet2 = hs.admin(Method::POST, &login, &admin2.session, json!({})).await["access_token"].as_str().unwrap().to_owned();
+    let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet2, TokenIn::Header, &body)).await;
+    assert_eq!(status, StatusCode::OK);
+    hs.admin(Method::POST, &format!("/_synapse/admin/v1/deactivate/{}", admin2.user_id), &admin.session, json!({})).await;
+    let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet2, TokenIn::Header, &body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]

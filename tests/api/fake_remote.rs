@@ -112,6 +112,14 @@ struct Shared {
 pub struct FakeRemote {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    ca_pem: String,
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
 impl Drop for FakeRemote {
@@ -157,7 +165,15 @@ impl FakeRemote {
             .fallback(|| async { error(404, "M_UNRECOGNIZED", "Unrecognized request") })
             .with_state(shared.clone());
 
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        // A certificate for 127.0.0.1 issued by a CA of its own, which
+        // tests may give us as `federation_custom_ca_list`.
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = pem("CERTIFICATE", ca.der());
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &ca).unwrap();
+        let cert = rcgen::CertifiedKey { cert: leaf, signing_key: leaf_key };
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -183,7 +199,12 @@ impl FakeRemote {
                 });
             }
         });
-        Self { shared, task }
+        Self { shared, task, ca_pem }
+    }
+
+    /// The PEM of the CA that issued this server's certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     pub fn server_name(&self) -> String {

@@ -381,8 +381,13 @@ fn compare(ask: &Ask, ours: (StatusCode, Value), theirs: (StatusCode, Value)) ->
 
 /// Polls `done` every few milliseconds until it holds; panics after `limit`.
 pub async fn poll_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    eventually(limit, || std::future::ready(done())).await
+}
+
+/// Polls `check` every 10 ms until it is true; fails the test after `limit`.
+pub async fn eventually<F: std::future::Future<Output = bool>>(limit: std::time::Duration, mut check: impl FnMut() -> F) {
     let deadline = std::time::Instant::now() + limit;
-    while !done() {
+    while !check().await {
         assert!(std::time::Instant::now() < deadline, "condition not met within {limit:?}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

@@ -313,8 +313,8 @@ async fn blocked_remote_is_never_contacted() {
     // Synapse's default blocklist (loopback blocked), writer stopped: the
     // direct fallback must refuse 127.0.0.1.
     let mut config = with_writer(base_config(), closed_port().await);
-    config.synapse.ip_range_blocklist = None;
-    config.synapse.ip_range_whitelist = Vec::new();
+    config.synapse.federation.ip_range_blocklist = None;
+    config.synapse.federation.ip_range_whitelist = Vec::new();
     let worker = spawn_worker_with(config).await;
     let carol = s.remote_user("carol");
     let (status, answer, _) = query(&worker.url, &s.me, json!({&bob: [], &carol: ["PHONE"]}), Some(3_000)).await;
@@ -393,12 +393,45 @@ async fn garbage_oversized_and_untrusted_answers_are_failures() {
 
     // Certificates checked (the fake's is self-signed): refused.
     let mut config = base_config();
-    config.synapse.federation_verify_certificates = true;
+    config.synapse.federation.verify_certificates = true;
     let strict = spawn_worker_with(config).await;
     let before = our_calls(&s.remote, Route::UserKeysQuery);
     let (_, answer, _) = query(&strict.url, &s.me, json!({&bob: []}), None).await;
     assert_eq!(answer["failures"][&s.remote.server_name()]["status"], 503, "{answer}");
     assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), before, "no request got through the TLS handshake");
+    // ...unless its TLS name matches `federation_certificate_verification_whitelist`,
+    // or the CA that issued it is in `federation_custom_ca_list`.
+    let other_ca = FakeRemote::start_for_homeserver().await.ca_pem().as_bytes().to_vec();
+    for (globs, cas, served) in [
+        (vec!["127.0.0.*"], None, true),
+        (vec!["127.0.0.2", "*.invalid"], None, false),
+        (vec![], Some(vec![other_ca.clone(), s.remote.ca_pem().as_bytes().to_vec()]), true),
+        (vec![], Some(vec![other_ca]), false),
+    ] {
+        let mut config = base_config();
+        config.synapse.federation.verify_certificates = true;
+        config.synapse.federation.verification_whitelist = globs.iter().map(|g| g.to_string()).collect();
+        config.synapse.federation.custom_ca_pem = cas;
+        let worker = spawn_worker_with(config).await;
+        let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+        assert_eq!(answer["device_keys"][&bob].is_object(), served, "globs {globs:?}: {answer}");
+    }
+
+    // `federation_domain_whitelist`: a destination not listed is never
+    // contacted (Synapse's failure); a listed one is.
+    for (listed, served) in [(vec![s.remote.server_name()], true), (vec!["other.test.invalid".to_owned()], false)] {
+        let mut config = base_config();
+        config.synapse.federation.domain_whitelist = Some(listed.into_iter().collect());
+        let worker = spawn_worker_with(config).await;
+        let before = our_calls(&s.remote, Route::UserKeysQuery);
+        let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+        assert_eq!(answer["device_keys"][&bob].is_object(), served, "{answer}");
+        assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), before + usize::from(served));
+        if !served {
+            let message = format!("403: Federation denied with {}.", s.remote.server_name());
+            assert_eq!(answer["failures"][&s.remote.server_name()], json!({"status": 403, "errcode": "M_FORBIDDEN", "message": message}));
+        }
+    }
 
     // The worker that got garbage now backs off from that remote: it does
     // not ask again, and answers with the failure it saw (not "Not ready

@@ -1,0 +1,190 @@
+//! Settings the main test Synapse leaves at their defaults, compared with a
+//! second real Synapse that has them on (scripts/test.sh starts it on its own
+//! database): MSC4263 (`experimental_features.msc4263_limit_key_queries_to_users_who_share_rooms`:
+//! only users sharing a joined or invited room with the requester are
+//! answered), `federation_domain_whitelist: [allowed.test.invalid]` and
+//! `account_validity`.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use synapse_keys_worker::config::Config;
+
+use std::time::Duration;
+
+use crate::helpers::{Ask, TokenIn, eventually, http, spawn_worker_with, unique};
+
+struct Variant {
+    url: String,
+    yaml: std::path::PathBuf,
+}
+
+fn variant() -> Variant {
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run through `bash scripts/test.sh`"));
+    Variant { url: var("SKW_TEST_VARIANT_SYNAPSE_URL"), yaml: var("SKW_TEST_VARIANT_HOMESERVER_YAML").into() }
+}
+
+impl Variant {
+    fn config(&self) -> Config {
+        Config::load(std::slice::from_ref(&self.yaml), Vec::new()).unwrap()
+    }
+
+    /// An admin, registered with Synapse's own `register_new_matrix_user`
+    /// (the shared-secret admin API), and its token.
+    async fn admin(&self) -> String {
+        let name = unique("admin");
+        let bin = std::path::Path::new(&std::env::var("SKW_TEST_VENV_BIN").unwrap()).join("register_new_matrix_user");
+        let out = std::process::Command::new(bin)
+            .args(["-u", &name, "-p", "pw-admin", "-a", "-c"])
+            .arg(&self.yaml)
+            .arg(&self.url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "register_new_matrix_user: {}", String::from_utf8_lossy(&out.stderr));
+        let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": name}, "password": "pw-admin"});
+        let login = call(&self.url, Method::POST, "/_matrix/client/v3/login", None, body).await;
+        login["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn call(url: &str, method: Method, path: &str, token: Option<&str>, body: Value) -> Value {
+    let mut req = http().request(method, format!("{url}{path}")).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{path}: {status} {v}");
+    v
+}
+
+/// (user_id, token) of a new user with device keys.
+async fn user(url: &str, name: &str) -> (String, String) {
+    let username = unique(name);
+    let r = call(
+        url,
+        Method::POST,
+        "/_matrix/client/v3/register",
+        None,
+        json!({"username": username, "password": format!("pw-{username}"), "auth": {"type": "m.login.dummy"}}),
+    )
+    .await;
+    let (uid, tok, dev) = (
+        r["user_id"].as_str().unwrap().to_owned(),
+        r["access_token"].as_str().unwrap().to_owned(),
+        r["device_id"].as_str().unwrap().to_owned(),
+    );
+    let keys = json!({"device_keys": {"user_id": uid, "device_id": dev, "algorithms": ["m.olm.v1.curve25519-aes-sha2"], "keys": {format!("ed25519:{dev}"): "AAAA", format!("curve25519:{dev}"): "BBBB"}, "signatures": {}}});
+    call(url, Method::POST, "/_matrix/client/v3/keys/upload", Some(&tok), keys).await;
+    (uid, tok)
+}
+
+#[tokio::test]
+async fn only_users_sharing_a_room_are_answered_like_synapse() {
+    let f = variant();
+    let config = f.config();
+    assert!(config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms);
+    let worker = spawn_worker_with(config).await;
+    let (alice, alice_tok) = user(&f.url, "alice").await;
+    let (bob, bob_tok) = user(&f.url, "bob").await;
+    let (carol, carol_tok) = user(&f.url, "carol").await;
+    let (dave, _) = user(&f.url, "dave").await;
+    // Alice's room: Bob is invited (not joined), Dave joins; Carol is nowhere.
+    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
+    let room_id = room["room_id"].as_str().unwrap().to_owned();
+    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": bob})).await;
+    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": dave})).await;
+    let body = json!({"device_keys": {&alice: [], &bob: [], &carol: [], &dave: []}});
+    for (who, token) in [("alice", &alice_tok), ("bob", &bob_tok), ("carol", &carol_tok)] {
+        let ask = Ask::keys_query("v3", token, TokenIn::Header, &body);
+        let theirs = ask.send(&f.url).await;
+        let ours = ask.send(&worker.url).await;
+        assert_eq!(ours, theirs, "{who}: ours vs Synapse's");
+        assert_eq!(theirs.0, StatusCode::OK);
+        let answered: Vec<&String> = theirs.1["device_keys"].as_object().unwrap().keys().collect();
+        match who {
+            "alice" => assert_eq!(answered.len(), 3, "alice sees herself, invited bob and invited dave: {answered:?}"),
+            "carol" => assert!(answered.is_empty(), "carol shares no room, not even with herself: {answered:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A destination outside `federation_domain_whitelist` is never contacted;
+/// its users get Synapse's `FederationDeniedError` failure, through the
+/// writer (which answers `null`) and without it.
+#[tokio::test]
+async fn federation_domain_whitelist_denies_like_synapse() {
+    let f = variant();
+    let (alice, alice_tok) = user(&f.url, "alice").await;
+    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
+    // A remote member with no real federation: a fixture row in the
+    // variant's database (the only way to have one without a second
+    // homeserver). Needed so MSC4263 lets the user through and Synapse
+    // resyncs rather than asking `/user/keys/query` alone.
+    let denied = format!("@{}:denied.test.invalid", unique("bob"));
+    join_remote_member(room["room_id"].as_str().unwrap(), &denied).await;
+    let body = json!({"device_keys": {&alice: [], &denied: []}});
+    let ask = Ask::keys_query("v3", &alice_tok, TokenIn::Header, &body);
+    let theirs = ask.send(&f.url).await;
+    assert_eq!(
+        theirs.1["failures"]["denied.test.invalid"],
+        json!({"status": 403, "errcode": "M_FORBIDDEN", "message": "403: Federation denied with denied.test.invalid."}),
+        "{}",
+        theirs.1
+    );
+    let config = f.config();
+    assert!(!config.synapse.federation.is_domain_allowed("denied.test.invalid"));
+    let with_writer = spawn_worker_with(config.clone()).await;
+    assert_eq!(ask.send(&with_writer.url).await, theirs, "through the writer");
+    // The writer unreachable: our own resync is denied the same way.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let alone = spawn_worker_with(crate::remote::with_writer(config, dead)).await;
+    assert_eq!(ask.send(&alone.url).await, theirs, "without the writer");
+}
+
+/// With `account_validity` on, an expired account gets 403
+/// `ORG_MATRIX_EXPIRED_ACCOUNT` (Synapse's code; the issue said `M_EXPIRED_ACCOUNT`); renewed, it is answered again.
+#[tokio::test]
+async fn expired_accounts_refused_like_synapse() {
+    let f = variant();
+    let config = f.config();
+    assert!(config.synapse.account_validity_enabled);
+    let worker = spawn_worker_with(config).await;
+    let admin = f.admin().await;
+    let (alice, alice_tok) = user(&f.url, "alice").await;
+    let body = json!({"device_keys": {&alice: []}});
+    let ask = Ask::keys_query("v3", &alice_tok, TokenIn::Header, &body);
+    let fresh = ask.send(&f.url).await;
+    assert_eq!(fresh.0, StatusCode::OK);
+    assert_eq!(ask.send(&worker.url).await, fresh, "asked once, so the token is cached");
+
+    let validity = "/_synapse/admin/v1/account_validity/validity";
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    call(&f.url, Method::POST, validity, Some(&admin), json!({"user_id": alice, "expiration_ts": now - 60_000})).await;
+    let expired = ask.send(&f.url).await;
+    assert_eq!(expired.0, StatusCode::FORBIDDEN, "{}", expired.1);
+    assert_eq!(expired.1, json!({"errcode": "ORG_MATRIX_EXPIRED_ACCOUNT", "error": "User account has expired"}));
+    // Synapse's cache invalidation reaches ours over the replication stream.
+    eventually(Duration::from_secs(10), || async { ask.send(&worker.url).await == expired }).await;
+
+    call(&f.url, Method::POST, validity, Some(&admin), json!({"user_id": alice, "expiration_ts": now + 3_600_000})).await;
+    assert_eq!(ask.send(&f.url).await, fresh);
+    eventually(Duration::from_secs(10), || async { ask.send(&worker.url).await == fresh }).await;
+}
+
+/// Adds `user_id` as a joined member of `room_id` in the variant's
+/// database (test fixture row).
+async fn join_remote_member(room_id: &str, user_id: &str) {
+    let url = crate::helpers::env().pg_url.rsplit_once('/').map(|(base, _)| format!("{base}/synapse_variant")).unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",
+    )
+    .bind(format!("$ev-{}", unique("member")))
+    .bind(room_id)
+    .bind(user_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+}
