@@ -317,9 +317,7 @@ report_stats: false
 signing_key_path: $DIR/signing.key
 log_config: $DIR/$1-log.yaml
 media_store_path: $DIR/media
-macaroon_secret_key: "$(secret)"
 form_secret: "$(secret)"
-registration_shared_secret: "$(secret)"
 enable_registration: true
 enable_registration_without_verification: true
 suppress_key_server_warning: true
@@ -428,14 +426,20 @@ namespaces:
 EOF
 # The main Synapse, and a second one (own database and server name) with
 # settings the main one leaves at their defaults: MSC4263, a federation
-# domain whitelist, account validity.
+# domain whitelist, account validity, no registration secret.
+# Neither sets macaroon_secret_key: the main one's guest macaroons are keyed
+# with registration_shared_secret_path's file, the variant's with the
+# signing key's hash, as Synapse derives them.
+secret >"$DIR/registration.secret"
 write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_PORT" \
     "app_service_config_files: ['$DIR/appservice.yaml']
+registration_shared_secret_path: $DIR/registration.secret
 allow_guest_access: true"
 write_homeserver_yaml variant "variant.$SERVER_NAME" synapse_variant "$SYNAPSE2_PORT" "$REPL2_PORT" \
     "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}
 federation_domain_whitelist: ['allowed.test.invalid']
-account_validity: {enabled: true, period: 30d}"
+account_validity: {enabled: true, period: 30d}
+allow_guest_access: true"
 
 log "generating synapse signing key"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" --generate-keys \

@@ -126,11 +126,23 @@ fn macaroon_secret(m: &Mapping) -> Result<Option<Vec<u8>>, ConfigError> {
             None => Ok(None),
         }
     };
-    let configured = match str_key(m, "macaroon_secret_key")?.filter(|s| !s.is_empty()) {
-        Some(s) => Some(s),
-        None => read("macaroon_secret_key_path")?,
+    // A secret given inline or in a file (`<key>_path`), never both (Synapse:
+    // `config/key.py`, `config/registration.py`); empty counts as unset.
+    let secret = |key: &str| -> Result<Option<String>, ConfigError> {
+        let inline = str_key(m, key)?.filter(|s| !s.is_empty());
+        let path_key = format!("{key}_path");
+        if str_key(m, &path_key)?.is_some_and(|p| !p.is_empty()) {
+            if inline.is_some() {
+                return Err(ConfigError::new(format!("Conflicting options '{key}' and '{path_key}' are both defined in config file.")));
+            }
+            return Ok(read(&path_key)?.filter(|s| !s.is_empty()));
+        }
+        Ok(inline)
     };
-    let configured = configured.filter(|s| !s.is_empty()).or(str_key(m, "registration_shared_secret")?.filter(|s| !s.is_empty()));
+    let configured = match secret("macaroon_secret_key")? {
+        Some(s) => Some(s),
+        None => secret("registration_shared_secret")?,
+    };
     if let Some(secret) = configured {
         return Ok(Some(secret.into_bytes()));
     }
@@ -253,9 +265,35 @@ mod tests {
         .unwrap();
         assert_eq!(c.worker_replication_secret.as_deref(), Some("s3"));
         assert_eq!(c.federation.ip_range_blocklist, Some(vec!["10.0.0.0/8".to_string()]));
+        assert_eq!(c.macaroon_secret, None, "no secret and no signing key");
         assert!(!c.federation.verify_certificates);
         assert!(c.msc4263_limit_key_queries_to_users_who_share_rooms);
         assert!(c.redis.enabled);
         assert_eq!(c.redis.port, Some(7000));
+    }
+
+    #[test]
+    fn macaroon_secret_found_as_synapse_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let reg = file("reg", "from-file\n");
+        let key = file("signing.key", "ed25519 a_bcde AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8\n");
+        let secret = |extra: &str| parse(&format!("{DB}server_name: hs\n{extra}")).map(|c| c.macaroon_secret);
+        assert_eq!(secret("macaroon_secret_key: mk\nregistration_shared_secret: rs").unwrap(), Some(b"mk".to_vec()));
+        assert_eq!(secret(&format!("registration_shared_secret_path: {reg}")).unwrap(), Some(b"from-file".to_vec()));
+        assert_eq!(
+            secret(&format!("macaroon_secret_key: ''\nregistration_shared_secret_path: {reg}")).unwrap(),
+            Some(b"from-file".to_vec())
+        );
+        let conflict = secret(&format!("registration_shared_secret: x\nregistration_shared_secret_path: {reg}")).unwrap_err();
+        assert!(conflict.to_string().contains("Conflicting options"), "{conflict}");
+        // Neither: SHA-256 of the signing key's seed (bytes 0..32 here).
+        let derived = secret(&format!("signing_key_path: {key}")).unwrap().unwrap();
+        use sha2::Digest;
+        assert_eq!(derived, sha2::Sha256::digest((0u8..32).collect::<Vec<u8>>()).to_vec());
     }
 }

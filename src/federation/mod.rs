@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod dns;
 mod failure;
 pub mod ip_filter;
+mod proxy;
 pub mod signing;
 mod tls;
 
@@ -24,6 +25,7 @@ use self::backoff::Backoff;
 use self::discovery::{Discovery, WellKnown};
 use self::dns::{Dns, FilteringResolver, split_host_port};
 use self::ip_filter::IpFilter;
+use self::proxy::FederationProxy;
 use self::signing::RequestSigner;
 use self::tls::TlsClients;
 use crate::config::Config;
@@ -35,6 +37,8 @@ pub struct FederationClient {
     http: TlsClients,
     /// `federation_domain_whitelist`, if set.
     allowed: Option<std::collections::HashSet<String>>,
+    /// `outbound_federation_restricted_to`: requests go through these.
+    proxy: Option<FederationProxy>,
     resolver: FilteringResolver,
     discovery: Discovery,
     pub backoff: Backoff,
@@ -78,6 +82,7 @@ impl FederationClient {
             signer,
             http,
             allowed: f.domain_whitelist.clone(),
+            proxy: FederationProxy::new(&f.proxy_locations, s.worker_replication_secret.as_deref())?,
             resolver,
             discovery,
             backoff: Backoff::new(
@@ -141,18 +146,21 @@ impl FederationClient {
 
     async fn send(&self, method: Method, destination: &str, path: &str, body: Option<&Value>) -> Result<Value, FedError> {
         let signer = self.signer.as_ref().ok_or(FedError::Disabled)?;
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
+        let auth = signer.authorization(&method, path, destination, bytes.as_deref()).map_err(|e| FedError::Transport(e.to_string()))?;
+        if let Some(proxy) = &self.proxy {
+            // IP literals are refused before the proxy, as Synapse's
+            // `BlocklistingAgentWrapper` around its `ProxyAgent` does.
+            self.check_literal(destination, split_host_port(destination).0)?;
+            let resp = proxy.send(method, destination, path, auth, bytes, self.max_response_bytes).await?;
+            return parse_answer(resp.status, &resp.body);
+        }
         let target = self.discovery.resolve(destination).await;
         let (host, _) = split_host_port(&target.authority);
-        if let Ok(ip) = host.parse::<std::net::IpAddr>()
-            && !self.resolver.filter().allows(ip)
-        {
-            return Err(FedError::Blocked(destination.to_owned()));
-        }
+        self.check_literal(destination, host)?;
         if let Some(via) = &target.connect_via {
             self.resolver.connect_via(host, via);
         }
-        let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON serialises"));
-        let auth = signer.authorization(&method, path, destination, bytes.as_deref()).map_err(|e| FedError::Transport(e.to_string()))?;
         let host_header = HeaderValue::from_str(&target.host_header).map_err(|e| FedError::Transport(e.to_string()))?;
         let mut req = self
             .http
@@ -166,11 +174,25 @@ impl FederationClient {
         let resp = req.send().await.map_err(FedError::from_reqwest)?;
         let status = resp.status();
         let body = read_capped(resp, self.max_response_bytes).await?;
-        if !status.is_success() {
-            return Err(FedError::http(status, &body));
-        }
-        serde_json::from_slice(&body).map_err(|e| FedError::BadResponse(format!("invalid JSON: {e}")))
+        parse_answer(status, &body)
     }
+
+    /// An IP-literal host must pass the IP filter.
+    fn check_literal(&self, destination: &str, host: &str) -> Result<(), FedError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) if !self.resolver.filter().allows(ip) => Err(FedError::Blocked(destination.to_owned())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A remote's answer: its JSON, or the failure its status means.
+fn parse_answer(status: reqwest::StatusCode, body: &[u8]) -> Result<Value, FedError> {
+    if !status.is_success() {
+        return Err(FedError::http(status, body));
+    }
+    serde_json::from_slice(body).map_err(|e| FedError::BadResponse(format!("invalid JSON: {e}")))
 }
 
 async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, FedError> {

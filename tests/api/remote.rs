@@ -471,3 +471,46 @@ async fn proxy_5xx_in_front_of_master_trips_the_breaker() {
     assert_eq!(answer["device_keys"][&carol].as_object().map(|m| m.len()), Some(2), "{answer}");
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the open breaker kept the second resync away from the writer");
 }
+
+/// `outbound_federation_restricted_to`: our federation requests go through
+/// the listed instance (here the real main Synapse, whose listeners proxy
+/// `matrix-federation://` requests), never straight to the remote.
+#[tokio::test]
+async fn federation_goes_through_the_restricted_to_instance() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    let Some(InstanceLocation::Tcp { host, port, .. }) = base_config().synapse.device_lists_writer else {
+        panic!("the test homeserver.yaml maps main to TCP")
+    };
+    let tcp = crate::tcp_proxy::TcpProxy::start(&format!("{host}:{port}")).await;
+    let through = |secret: &str| {
+        let mut config = base_config();
+        config.synapse.federation.proxy_locations = vec![InstanceLocation::Tcp { host: "127.0.0.1".into(), port: tcp.port, tls: false }];
+        config.synapse.worker_replication_secret = Some(secret.to_owned());
+        config
+    };
+    let secret = base_config().synapse.worker_replication_secret.unwrap();
+    let dest = s.remote.server_name();
+
+    // The proxy instance unreachable: no request reaches the remote.
+    tcp.set_open(false);
+    let cut_off = spawn_worker_with(through(&secret)).await;
+    let (_, answer, _) = query(&cut_off.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["failures"][&dest]["status"], 503, "{answer}");
+    assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), 0, "nothing went around the proxy");
+    tcp.set_open(true);
+
+    // Through it: the remote gets our request, signed by us.
+    let worker = spawn_worker_with(through(&secret)).await;
+    let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["device_keys"][&bob].as_object().map(|d| d.len()), Some(2), "{answer}");
+    let calls = s.remote.calls(Route::UserKeysQuery);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].verified && calls[0].user_agent.starts_with(OURS), "{calls:?}");
+
+    // A wrong secret: the instance refuses to proxy.
+    let refused = spawn_worker_with(through("not-the-secret")).await;
+    let (_, answer, _) = query(&refused.url, &s.me, json!({&bob: []}), None).await;
+    assert_eq!(answer["failures"][&dest], json!({"status": 401, "message": "401: Unauthorized"}), "{answer}");
+    assert_eq!(s.remote.calls(Route::UserKeysQuery).len(), 1);
+}

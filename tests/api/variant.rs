@@ -28,21 +28,14 @@ impl Variant {
         Config::load(std::slice::from_ref(&self.yaml), Vec::new()).unwrap()
     }
 
-    /// An admin, registered with Synapse's own `register_new_matrix_user`
-    /// (the shared-secret admin API), and its token.
+    /// A new user made a server admin, and its token. The admin flag is a
+    /// fixture write to the variant's database: the API that makes admins
+    /// (shared-secret registration) needs the registration secret this
+    /// Synapse deliberately lacks (its macaroons use the derived key).
     async fn admin(&self) -> String {
-        let name = unique("admin");
-        let bin = std::path::Path::new(&std::env::var("SKW_TEST_VENV_BIN").unwrap()).join("register_new_matrix_user");
-        let out = std::process::Command::new(bin)
-            .args(["-u", &name, "-p", "pw-admin", "-a", "-c"])
-            .arg(&self.yaml)
-            .arg(&self.url)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "register_new_matrix_user: {}", String::from_utf8_lossy(&out.stderr));
-        let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": name}, "password": "pw-admin"});
-        let login = call(&self.url, Method::POST, "/_matrix/client/v3/login", None, body).await;
-        login["access_token"].as_str().unwrap().to_owned()
+        let (admin, token) = user(&self.url, "admin").await;
+        sqlx::query("UPDATE users SET admin = 1 WHERE name = $1").bind(&admin).execute(&variant_db().await).await.unwrap();
+        token
     }
 }
 
@@ -176,15 +169,43 @@ async fn expired_accounts_refused_like_synapse() {
 /// Adds `user_id` as a joined member of `room_id` in the variant's
 /// database (test fixture row).
 async fn join_remote_member(room_id: &str, user_id: &str) {
-    let url = crate::helpers::env().pg_url.rsplit_once('/').map(|(base, _)| format!("{base}/synapse_variant")).unwrap();
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",
     )
     .bind(format!("$ev-{}", unique("member")))
     .bind(room_id)
     .bind(user_id)
-    .execute(&pool)
+    .execute(&variant_db().await)
     .await
     .unwrap();
+}
+
+async fn variant_db() -> sqlx::PgPool {
+    let url = crate::helpers::env().pg_url.rsplit_once('/').map(|(base, _)| format!("{base}/synapse_variant")).unwrap();
+    sqlx::PgPool::connect(&url).await.unwrap()
+}
+
+/// With no `macaroon_secret_key` and no registration secret, Synapse keys
+/// guest macaroons with the SHA-256 of the signing key's seed; so do we.
+#[tokio::test]
+async fn guest_macaroons_with_the_derived_key() {
+    let f = variant();
+    let config = f.config();
+    let yaml = std::fs::read_to_string(&f.yaml).unwrap();
+    assert!(!yaml.contains("macaroon_secret_key") && !yaml.contains("registration_shared_secret"), "the variant derives its key");
+    assert!(config.synapse.macaroon_secret.is_some());
+    let worker = spawn_worker_with(config).await;
+    let guest = call(&f.url, Method::POST, "/_matrix/client/v3/register?kind=guest", None, json!({})).await;
+    let (guest_id, token) = (guest["user_id"].as_str().unwrap(), guest["access_token"].as_str().unwrap());
+    let (alice, alice_tok) = user(&f.url, "alice").await;
+    // MSC4263: the guest must share a room with alice to see her.
+    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "public_chat"})).await;
+    let room_id = room["room_id"].as_str().unwrap();
+    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": guest_id})).await;
+    let body = json!({"device_keys": {&alice: [], guest_id: []}});
+    let ask = Ask::keys_query("v3", token, TokenIn::Header, &body);
+    let theirs = ask.send(&f.url).await;
+    assert_eq!(theirs.0, StatusCode::OK, "{}", theirs.1);
+    assert!(theirs.1["device_keys"][&alice].as_object().is_some_and(|d| !d.is_empty()), "{}", theirs.1);
+    assert_eq!(ask.send(&worker.url).await, theirs);
 }
