@@ -231,11 +231,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Six distinct free loopback ports (all bound at once, then released).
-read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT SYNAPSE2_PORT REPL2_PORT <<<"$("$HOST_PY" - <<'EOF'
+# Seven distinct free loopback ports (all bound at once, then released).
+read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT SYNAPSE2_PORT REPL2_PORT AS2_PORT <<<"$("$HOST_PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(6):
+for _ in range(7):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -424,9 +424,22 @@ namespaces:
     - regex: '@bridged_.*'
       exclusive: true
 EOF
+# The variant Synapse's bridge, asked for its users' keys (MSC3984); a
+# test serves its URL.
+cat >"$DIR/variant-appservice.yaml" <<EOF
+id: keys-bridge
+url: "http://127.0.0.1:$AS2_PORT"
+as_token: "$(secret)"
+hs_token: "$(secret)"
+sender_localpart: keysbot
+namespaces:
+  users:
+    - regex: '@kbridge_.*'
+      exclusive: true
+EOF
 # The main Synapse, and a second one (own database and server name) with
 # settings the main one leaves at their defaults: MSC4263, a federation
-# domain whitelist, account validity, no registration secret.
+# domain whitelist, account validity, no registration secret, MSC3984.
 # Neither sets macaroon_secret_key: the main one's guest macaroons are keyed
 # with registration_shared_secret_path's file, the variant's with the
 # signing key's hash, as Synapse derives them.
@@ -436,7 +449,8 @@ write_homeserver_yaml homeserver "$SERVER_NAME" synapse "$SYNAPSE_PORT" "$REPL_P
 registration_shared_secret_path: $DIR/registration.secret
 allow_guest_access: true"
 write_homeserver_yaml variant "variant.$SERVER_NAME" synapse_variant "$SYNAPSE2_PORT" "$REPL2_PORT" \
-    "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true}
+    "experimental_features: {msc4263_limit_key_queries_to_users_who_share_rooms: true, msc3984_appservice_key_query: true}
+app_service_config_files: ['$DIR/variant-appservice.yaml']
 federation_domain_whitelist: ['allowed.test.invalid']
 account_validity: {enabled: true, period: 30d}
 allow_guest_access: true"

@@ -1,6 +1,7 @@
 //! synapse-keys-worker: serves Matrix `/keys/query` from a Synapse
 //! homeserver's own database. See ARCHITECTURE.md for the map.
 
+pub mod appservice_keys;
 pub mod cache;
 pub mod config;
 pub mod demo;
@@ -41,6 +42,8 @@ pub struct App {
     pub barrier: Arc<replication::Barrier>,
     pub metrics: metrics::Metrics,
     pub limiter: http::limit::DeviceLimiter,
+    /// MSC3984: application services asked for their users' keys.
+    pub appservice_keys: Option<appservice_keys::AppServiceKeys>,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -72,7 +75,9 @@ impl App {
             config.worker.max_concurrent_queries_per_device,
             std::time::Duration::from_millis(config.worker.queue_wait_ms),
         );
+        let appservice_keys = appservice_keys::AppServiceKeys::from_config(&config)?;
         Ok(Arc::new(Self {
+            appservice_keys,
             config,
             store,
             caches,

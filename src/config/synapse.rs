@@ -26,6 +26,9 @@ pub struct SynapseConfig {
     /// How outbound federation requests are made and where they may go.
     pub federation: super::federation::FederationSettings,
     pub msc4263_limit_key_queries_to_users_who_share_rooms: bool,
+    /// `experimental_features.msc3984_appservice_key_query`: application
+    /// services are asked for their exclusive users' device keys.
+    pub msc3984_appservice_key_query: bool,
     /// `account_validity.enabled`: expired accounts are refused (403).
     pub account_validity_enabled: bool,
     /// Registrations from `app_service_config_files`.
@@ -100,6 +103,10 @@ impl SynapseConfig {
             signing_key_path: str_key(m, "signing_key_path")?.map(PathBuf::from),
             msc4263_limit_key_queries_to_users_who_share_rooms: match m.get("experimental_features") {
                 Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
+                _ => false,
+            },
+            msc3984_appservice_key_query: match m.get("experimental_features") {
+                Some(Value::Mapping(x)) => bool_key(x, "msc3984_appservice_key_query", false)?,
                 _ => false,
             },
             account_validity_enabled: match m.get("account_validity") {

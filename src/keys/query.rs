@@ -47,11 +47,21 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     // Nothing Synapse has announced may be older in our answer.
     let stale_marks = app.barrier.sync(&remote_users).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
 
-    let (device_map, key_map, sig_map) = tokio::try_join!(
-        caches.device_keys(store, &local_users),
-        caches.cross_signing_keys(store, &queried),
-        caches.signatures_by(store, &signers),
-    )?;
+    let reads = async {
+        tokio::try_join!(
+            caches.device_keys(store, &local_users),
+            caches.cross_signing_keys(store, &queried),
+            caches.signatures_by(store, &signers),
+        )
+    };
+    let appservices = async {
+        match &app.appservice_keys {
+            Some(services) if !local.is_empty() => services.query(&local, deadline).await,
+            _ => Default::default(),
+        }
+    };
+    let (reads, appservice_answer) = tokio::join!(reads, appservices);
+    let (device_map, key_map, sig_map) = reads?;
 
     let mut resp = KeysQueryResponse::default();
     let mut devices = Vec::new();
@@ -64,6 +74,7 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     let sig_rows: Vec<&SignatureRow> = sig_map.values().flat_map(|v| v.iter()).collect();
 
     add_devices(&mut resp, devices, &sig_rows);
+    add_appservice_devices(&mut resp, &appservice_answer);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
     let budget = Budget { timeout: query.timeout, deadline };
     add_remote_users(app, &mut resp, &remote, &stale_marks, budget, now_ms).await?;
@@ -113,6 +124,22 @@ fn add_devices(resp: &mut KeysQueryResponse, devices: Vec<Device>, sigs: &[&Sign
         merge_signatures(&mut d.keys, &d.user_id, found.map_or(&[][..], Vec::as_slice), true);
         set_unsigned_display_name(&mut d.keys, d.display_name.as_deref());
         resp.device_keys.entry(d.user_id).or_default().insert(d.device_id, d.keys);
+    }
+}
+
+/// MSC3984: the devices application services gave replace or join the
+/// local users' devices (Synapse's `results.setdefault(user).update(devices)`).
+/// Users that were not asked about are left out: in Synapse they raise a
+/// `KeyError` (a 500).
+fn add_appservice_devices(resp: &mut KeysQueryResponse, answer: &serde_json::Map<String, Value>) {
+    let Some(Value::Object(users)) = answer.get("device_keys") else { return };
+    for (user, devices) in users {
+        let (Some(entry), Value::Object(devices)) = (resp.device_keys.get_mut(user), devices) else { continue };
+        for (device_id, keys) in devices {
+            if let Some(keys) = parse_object(&keys.to_string()) {
+                entry.insert(device_id.clone(), keys);
+            }
+        }
     }
 }
 

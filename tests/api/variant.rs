@@ -209,3 +209,115 @@ async fn guest_macaroons_with_the_derived_key() {
     assert!(theirs.1["device_keys"][&alice].as_object().is_some_and(|d| !d.is_empty()), "{}", theirs.1);
     assert_eq!(ask.send(&worker.url).await, theirs);
 }
+
+/// The variant's bridge (its registration's `url`): records the MSC3984 key
+/// queries it gets and answers them as told; accepts event transactions.
+struct FakeBridge {
+    state: std::sync::Arc<std::sync::Mutex<BridgeState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct BridgeState {
+    answer: Option<Value>,
+    asks: Vec<(String, Value)>,
+}
+
+impl Drop for FakeBridge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeBridge {
+    async fn start(port: u16) -> Self {
+        use axum::routing::{post, put};
+        type Shared = std::sync::Arc<std::sync::Mutex<BridgeState>>;
+        let state = Shared::default();
+        let json_reply = |status: u16, v: Value| {
+            let status = axum::http::StatusCode::from_u16(status).unwrap();
+            (status, [(axum::http::header::CONTENT_TYPE, "application/json")], v.to_string())
+        };
+        let keys = move |axum::extract::State(s): axum::extract::State<Shared>, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            let mut s = s.lock().unwrap();
+            s.asks.push((auth, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+            match s.answer.clone() {
+                Some(v) => json_reply(200, v),
+                None => json_reply(500, json!({"errcode": "M_UNKNOWN"})),
+            }
+        };
+        let app = axum::Router::new()
+            .route("/_matrix/app/unstable/org.matrix.msc3984/keys/query", post(keys))
+            .route("/_matrix/app/v1/transactions/{txn}", put(move || async move { json_reply(200, json!({})) }))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("the bridge's port (one test only)");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { state, task }
+    }
+
+    fn answer(&self, answer: Option<Value>) {
+        self.state.lock().unwrap().answer = answer;
+    }
+
+    fn asks(&self) -> Vec<(String, Value)> {
+        std::mem::take(&mut self.state.lock().unwrap().asks)
+    }
+}
+
+/// MSC3984: the bridge is asked for its exclusive users' keys, and the
+/// devices it answers replace or join theirs, as in Synapse.
+#[tokio::test]
+async fn appservice_keys_merged_like_synapse() {
+    let f = variant();
+    let config = f.config();
+    assert!(config.synapse.msc3984_appservice_key_query);
+    let service = config.synapse.app_services[0].clone();
+    let port = url::Url::parse(service.url.as_deref().unwrap()).unwrap().port().unwrap();
+    let bridge = FakeBridge::start(port).await;
+    let worker = spawn_worker_with(config).await;
+
+    let reg = json!({"type": "m.login.application_service", "username": unique("kbridge_")});
+    let r = call(&f.url, Method::POST, "/_matrix/client/v3/register", Some(&service.as_token), reg).await;
+    let (bridged, bridged_tok, dev) = (
+        r["user_id"].as_str().unwrap().to_owned(),
+        r["access_token"].as_str().unwrap().to_owned(),
+        r["device_id"].as_str().unwrap().to_owned(),
+    );
+    let device = |id: &str, key: &str| json!({"user_id": bridged, "device_id": id, "algorithms": ["m.olm.v1.curve25519-aes-sha2"], "keys": {format!("ed25519:{id}"): key}, "signatures": {}});
+    call(&f.url, Method::POST, "/_matrix/client/v3/keys/upload", Some(&bridged_tok), json!({"device_keys": device(&dev, "FROM-SYNAPSE")}))
+        .await;
+    let (alice, alice_tok) = user(&f.url, "alice").await;
+    // MSC4263: alice must share a room with the bridged user.
+    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
+    let room_id = room["room_id"].as_str().unwrap();
+    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": bridged})).await;
+
+    let ask = Ask::keys_query("v3", &alice_tok, TokenIn::Header, &json!({"device_keys": {&alice: [], &bridged: []}}));
+    bridge.answer(Some(json!({"device_keys": {&bridged: {&dev: device(&dev, "FROM-BRIDGE"), "PUPPET2": device("PUPPET2", "NEW")}}})));
+    let theirs = ask.send(&f.url).await;
+    assert_eq!(theirs.0, StatusCode::OK, "{}", theirs.1);
+    let devices = &theirs.1["device_keys"][&bridged];
+    assert_eq!(devices[&dev]["keys"][format!("ed25519:{dev}")], "FROM-BRIDGE", "{}", theirs.1);
+    assert!(devices["PUPPET2"].is_object(), "{}", theirs.1);
+    assert_eq!(ask.send(&worker.url).await, theirs);
+    let expected = (format!("Bearer {}", service.hs_token), json!({&bridged: []}));
+    assert_eq!(bridge.asks(), vec![expected.clone(), expected.clone()], "Synapse and we ask the same");
+
+    // The bridge failing: both answer from the database alone.
+    bridge.answer(None);
+    let theirs = ask.send(&f.url).await;
+    assert_eq!(theirs.1["device_keys"][&bridged][&dev]["keys"][format!("ed25519:{dev}")], "FROM-SYNAPSE", "{}", theirs.1);
+    assert_eq!(ask.send(&worker.url).await, theirs);
+    assert_eq!(bridge.asks().len(), 2);
+
+    // A user nobody asked about: Synapse answers 500 (a KeyError); we leave
+    // the user out (listed in docs/compatibility.md).
+    bridge.answer(Some(json!({"device_keys": {"@kbridge_other:elsewhere": {"X": device("X", "Y")}, &bridged: {}}})));
+    assert_eq!(ask.send(&f.url).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    let ours = ask.send(&worker.url).await;
+    assert_eq!(ours.0, StatusCode::OK);
+    assert!(ours.1["device_keys"].get("@kbridge_other:elsewhere").is_none(), "{}", ours.1);
+}
