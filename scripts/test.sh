@@ -4,7 +4,8 @@
 # Brings up a throw-away stack on loopback (PostgreSQL, Redis and a real
 # Synapse homeserver backed by both), builds a Synapse-made SQLite schema,
 # exports SKW_TEST_* variables describing all of it, runs `cargo test --locked`
-# and tears everything down again. Works from any cwd; installs what is missing
+# (a full run, without arguments, first runs `cargo fmt --check` and clippy
+# with warnings denied) and tears everything down again. Works from any cwd; installs what is missing
 # (Debian packages via apt-get, Synapse into a venv under target/).
 #
 # Environment knobs:
@@ -41,6 +42,14 @@ cd "$ROOT"
 
 log() { echo "== $*"; }
 die() { echo "!! $*" >&2; exit 1; }
+
+# A full run lints first: unformatted code or a clippy warning fails it
+# before any process starts.
+if [ -z "${SKW_TEST_CMD:-}" ] && [ "$#" -eq 0 ]; then
+    log "cargo fmt --check; cargo clippy --all-targets -- -D warnings"
+    cargo fmt --check || die "run cargo fmt"
+    cargo clippy --locked --all-targets -- -D warnings || die "clippy warnings"
+fi
 
 HOST_PY="${SKW_PYTHON:-python3}"
 command -v "$HOST_PY" >/dev/null || die "$HOST_PY not found"
