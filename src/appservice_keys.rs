@@ -38,11 +38,13 @@ impl AppServiceKeys {
     /// information, and the top-level fields of later answers replace those
     /// of earlier ones (`dict.update`).
     pub async fn query(&self, local: &[UserQuery<'_>], deadline: Instant) -> Map<String, Value> {
+        // Synapse's first gate: some service's exclusive namespace matches.
+        let held: Vec<&UserQuery> = local.iter().filter(|(u, _)| self.services.iter().any(|s| s.has_exclusive_namespace_for(u))).collect();
         let asks = self.services.iter().filter_map(|service| {
             let url = service.url.as_deref()?;
-            let query: Map<String, Value> = local
+            let query: Map<String, Value> = held
                 .iter()
-                .filter(|(u, _)| self.services.iter().any(|s| s.has_exclusive_namespace_for(u)) && service.is_exclusive_user(u))
+                .filter(|(u, _)| service.is_exclusive_user(u))
                 .map(|(u, devices)| ((*u).to_owned(), Value::from(devices.to_vec())))
                 .collect();
             (!query.is_empty()).then(|| self.ask(service, url, query, deadline))

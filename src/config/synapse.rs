@@ -101,18 +101,13 @@ impl SynapseConfig {
             device_lists_writer: device_lists_writer(m)?,
             device_lists_writers: writer_names(m),
             signing_key_path: str_key(m, "signing_key_path")?.map(PathBuf::from),
-            msc4263_limit_key_queries_to_users_who_share_rooms: match m.get("experimental_features") {
-                Some(Value::Mapping(x)) => bool_key(x, "msc4263_limit_key_queries_to_users_who_share_rooms", false)?,
-                _ => false,
-            },
-            msc3984_appservice_key_query: match m.get("experimental_features") {
-                Some(Value::Mapping(x)) => bool_key(x, "msc3984_appservice_key_query", false)?,
-                _ => false,
-            },
-            account_validity_enabled: match m.get("account_validity") {
-                Some(Value::Mapping(x)) => bool_key(x, "enabled", false)?,
-                _ => false,
-            },
+            msc4263_limit_key_queries_to_users_who_share_rooms: section_flag(
+                m,
+                "experimental_features",
+                "msc4263_limit_key_queries_to_users_who_share_rooms",
+            )?,
+            msc3984_appservice_key_query: section_flag(m, "experimental_features", "msc3984_appservice_key_query")?,
+            account_validity_enabled: section_flag(m, "account_validity", "enabled")?,
             macaroon_secret: macaroon_secret(m)?,
             app_services: string_list(m, "app_service_config_files")?
                 .unwrap_or_default()
@@ -203,6 +198,15 @@ pub(super) fn instance_location(name: &str, entry: &Value) -> Result<InstanceLoc
         (Some(path), _, _) => Ok(InstanceLocation::Unix { path }),
         (None, Some(host), Some(port)) => Ok(InstanceLocation::Tcp { host, port, tls: e.tls }),
         _ => Err(ConfigError::new(format!("`instance_map.{name}` needs `host` and `port`, or `path`"))),
+    }
+}
+
+/// A boolean inside a section (`experimental_features.x`), false when the
+/// section or the key is missing.
+fn section_flag(m: &Mapping, section: &str, key: &str) -> Result<bool, ConfigError> {
+    match m.get(section) {
+        Some(Value::Mapping(x)) => bool_key(x, key, false),
+        _ => Ok(false),
     }
 }
 

@@ -65,13 +65,19 @@ impl FedError {
         FedError::Transport(format!("TimeoutError: Timed out after {}s", python_g(timeout.as_secs_f64())))
     }
 
+    /// No answer in time (from [`Self::timed_out`] or the HTTP client).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, FedError::Transport(m) if m.starts_with("TimeoutError"))
+    }
+
     /// Whether this failure says the destination is down (back off) rather
     /// than that it answered (a 4xx such as an unknown user).
     pub fn backs_off(&self) -> bool {
         match self {
             FedError::Transport(_) | FedError::BadResponse(_) => true,
-            FedError::Http { status, .. } => *status >= 500 || *status == 429,
-            FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) | FedError::Denied(_) => false,
+            // 5xx and 429 are `Transport` (see `http`): an `Http` error is
+            // the remote's answer.
+            FedError::Http { .. } | FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) | FedError::Denied(_) => false,
         }
     }
 

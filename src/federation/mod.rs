@@ -35,8 +35,8 @@ pub const USER_AGENT: &str = concat!("synapse-keys-worker/", env!("CARGO_PKG_VER
 pub struct FederationClient {
     signer: Option<RequestSigner>,
     http: TlsClients,
-    /// `federation_domain_whitelist`, if set.
-    allowed: Option<std::collections::HashSet<String>>,
+    /// Outbound federation settings (the domain whitelist is checked here).
+    settings: crate::config::federation::FederationSettings,
     /// `outbound_federation_restricted_to`: requests go through these.
     proxy: Option<FederationProxy>,
     resolver: FilteringResolver,
@@ -81,7 +81,7 @@ impl FederationClient {
         Ok(Self {
             signer,
             http,
-            allowed: f.domain_whitelist.clone(),
+            settings: f.clone(),
             proxy: FederationProxy::new(&f.proxy_locations, s.worker_replication_secret.as_deref())?,
             resolver,
             discovery,
@@ -96,7 +96,7 @@ impl FederationClient {
     /// `GET /_matrix/federation/v1/user/devices/{userId}`.
     pub async fn user_devices(&self, destination: &str, user_id: &str, timeout: Duration) -> Result<Value, FedError> {
         let path = format!("/_matrix/federation/v1/user/devices/{}", percent_encode(user_id));
-        self.request(Method::GET, destination, &path, None, timeout).await
+        self.request(Method::GET, destination, &path, None, timeout, None).await
     }
 
     /// `POST /_matrix/federation/v1/user/keys/query`, waiting `timeout` (as
@@ -109,15 +109,13 @@ impl FederationClient {
         deadline: std::time::Instant,
     ) -> Result<Value, FedError> {
         let body = serde_json::json!({ "device_keys": device_keys });
-        let path = "/_matrix/federation/v1/user/keys/query";
-        let bound = timeout.min(deadline.saturating_duration_since(std::time::Instant::now()));
-        self.request(Method::POST, destination, path, Some(&body), bound).await.map_err(|e| match e {
-            // Cut short by the deadline: worded with the timeout Synapse names.
-            FedError::Transport(m) if m.starts_with("TimeoutError") => FedError::timed_out(timeout),
-            other => other,
-        })
+        self.request(Method::POST, destination, "/_matrix/federation/v1/user/keys/query", Some(&body), timeout, Some(deadline)).await
     }
 
+    /// One request, waiting `timeout` but never past `deadline`. A timeout
+    /// is worded with `timeout`, the figure Synapse names, also when the
+    /// deadline cut the wait short, and also in the failure kept for the
+    /// backoff.
     async fn request(
         &self,
         method: Method,
@@ -125,17 +123,21 @@ impl FederationClient {
         path: &str,
         body: Option<&Value>,
         timeout: Duration,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Value, FedError> {
         // Checked before the backoff, as Synapse does: never counted as a
         // failure of the destination.
-        if self.allowed.as_ref().is_some_and(|a| !a.contains(destination)) {
+        if !self.settings.is_domain_allowed(destination) {
             return Err(FedError::Denied(destination.to_owned()));
         }
         if let Some(first) = self.backoff.in_backoff(destination) {
             return Err(FedError::BackingOff(Box::new(first)));
         }
-        let result = tokio::time::timeout(timeout, self.send(method, destination, path, body)).await;
+        let bound = deadline.map_or(timeout, |d| timeout.min(d.saturating_duration_since(std::time::Instant::now())));
+        let result = tokio::time::timeout(bound, self.send(method, destination, path, body)).await;
+        // Ours or the HTTP client's (connecting): worded the same.
         let result = result.unwrap_or_else(|_| Err(FedError::timed_out(timeout)));
+        let result = result.map_err(|e| if e.is_timeout() { FedError::timed_out(timeout) } else { e });
         match &result {
             Ok(_) => self.backoff.record_success(destination),
             Err(e) if e.backs_off() => self.backoff.record_failure(destination, e),

@@ -129,7 +129,7 @@ async fn session(
                 if reconnecting && reported.len() < STREAMS.len() {
                     // Some stream never reported: we cannot tell what we missed.
                     tracing::warn!("not every stream reported its position; dropping all cached entries");
-                    app.caches.invalidate_all();
+                    app.invalidator.everything().await;
                 }
                 trust(app);
             }
@@ -184,14 +184,14 @@ async fn position(
     match positions.get(&key).copied() {
         None if reconnecting => {
             tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries");
-            app.caches.invalidate_all();
+            app.invalidator.everything().await;
         }
         None => {}
         Some(last) if new <= last => return,
         Some(last) if prev != last => {
             if let Err(e) = catch_up(app, inv, &key.0, &key.1, last, new).await {
                 tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries");
-                app.caches.invalidate_all();
+                app.invalidator.everything().await;
             }
         }
         Some(_) => {}

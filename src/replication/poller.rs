@@ -29,7 +29,7 @@ pub async fn run(app: Arc<App>, inv: Arc<Invalidator>) {
             Err(e) => {
                 tracing::warn!(error = %e, "polling the stream tables failed; caches off");
                 app.caches.trust.set(false);
-                app.caches.invalidate_all();
+                app.invalidator.everything().await;
                 app.replication.connected.store(false, Ordering::SeqCst);
                 app.replication.caught_up.store(false, Ordering::SeqCst);
                 heads = None;

@@ -4,7 +4,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
-use crate::helpers::{Ask, Synapse, TokenIn, assert_same, env, spawn_worker, spawn_worker_with};
+use crate::helpers::{Ask, Synapse, TestUser, TokenIn, assert_same, env, spawn_worker, spawn_worker_with};
 
 fn raw(method: Method, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Ask {
     Ask {
@@ -81,8 +81,12 @@ async fn expired_locked_and_deactivated_match_synapse() {
 
     // Deactivated through the admin API: the user's own tokens are gone...
     let gone = hs.register("gone").await;
-    let puppet_login = format!("/_synapse/admin/v1/users/{}/login", gone.user_id);
-    let puppet = hs.admin(Method::POST, &puppet_login, &admin.session, json!({})).await["access_token"].as_str().unwrap().to_owned();
+    // An admin's token acting as `user` (the admin API's "login as user").
+    let puppet_token = async |admin: &TestUser, user: &TestUser| {
+        let login = format!("/_synapse/admin/v1/users/{}/login", user.user_id);
+        hs.admin(Method::POST, &login, &admin.session, json!({})).await["access_token"].as_str().unwrap().to_owned()
+    };
+    let puppet = puppet_token(&admin, &gone).await;
     // (asked once before, so a cached answer would have to be dropped)
     let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet, TokenIn::Header, &body)).await;
     assert_eq!(status, StatusCode::OK);
@@ -97,8 +101,7 @@ async fn expired_locked_and_deactivated_match_synapse() {
     let admin2 = hs.register("admin2").await;
     hs.make_admin(&admin2).await;
     let target = hs.register("puppeted").await;
-    let login = format!("/_synapse/admin/v1/users/{}/login", target.user_id);
-    let puppet2 = hs.admin(Method::POST, &login, &admin2.session, json!({})).await["access_token"].as_str().unwrap().to_owned();
+    let puppet2 = puppet_token(&admin2, &target).await;
     let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet2, TokenIn::Header, &body)).await;
     assert_eq!(status, StatusCode::OK);
     hs.admin(Method::POST, &format!("/_synapse/admin/v1/deactivate/{}", admin2.user_id), &admin.session, json!({})).await;

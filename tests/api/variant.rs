@@ -72,6 +72,17 @@ async fn user(url: &str, name: &str) -> (String, String) {
     (uid, tok)
 }
 
+/// A private room made by `owner_token`'s user, with `invitees` invited
+/// (an invite is enough to share a room for MSC4263); its ID.
+async fn room_inviting(url: &str, owner_token: &str, invitees: &[&str]) -> String {
+    let room = call(url, Method::POST, "/_matrix/client/v3/createRoom", Some(owner_token), json!({"preset": "private_chat"})).await;
+    let room_id = room["room_id"].as_str().unwrap().to_owned();
+    for user in invitees {
+        call(url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(owner_token), json!({"user_id": user})).await;
+    }
+    room_id
+}
+
 #[tokio::test]
 async fn only_users_sharing_a_room_are_answered_like_synapse() {
     let f = variant();
@@ -83,10 +94,7 @@ async fn only_users_sharing_a_room_are_answered_like_synapse() {
     let (carol, carol_tok) = user(&f.url, "carol").await;
     let (dave, _) = user(&f.url, "dave").await;
     // Alice's room: Bob is invited (not joined), Dave joins; Carol is nowhere.
-    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
-    let room_id = room["room_id"].as_str().unwrap().to_owned();
-    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": bob})).await;
-    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": dave})).await;
+    room_inviting(&f.url, &alice_tok, &[&bob, &dave]).await;
     let body = json!({"device_keys": {&alice: [], &bob: [], &carol: [], &dave: []}});
     for (who, token) in [("alice", &alice_tok), ("bob", &bob_tok), ("carol", &carol_tok)] {
         let ask = Ask::keys_query("v3", token, TokenIn::Header, &body);
@@ -110,13 +118,13 @@ async fn only_users_sharing_a_room_are_answered_like_synapse() {
 async fn federation_domain_whitelist_denies_like_synapse() {
     let f = variant();
     let (alice, alice_tok) = user(&f.url, "alice").await;
-    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
+    let room_id = room_inviting(&f.url, &alice_tok, &[]).await;
     // A remote member with no real federation: a fixture row in the
     // variant's database (the only way to have one without a second
     // homeserver). Needed so MSC4263 lets the user through and Synapse
     // resyncs rather than asking `/user/keys/query` alone.
     let denied = format!("@{}:denied.test.invalid", unique("bob"));
-    join_remote_member(room["room_id"].as_str().unwrap(), &denied).await;
+    join_remote_member(&room_id, &denied).await;
     let body = json!({"device_keys": {&alice: [], &denied: []}});
     let ask = Ask::keys_query("v3", &alice_tok, TokenIn::Header, &body);
     let theirs = ask.send(&f.url).await;
@@ -199,9 +207,7 @@ async fn guest_macaroons_with_the_derived_key() {
     let (guest_id, token) = (guest["user_id"].as_str().unwrap(), guest["access_token"].as_str().unwrap());
     let (alice, alice_tok) = user(&f.url, "alice").await;
     // MSC4263: the guest must share a room with alice to see her.
-    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "public_chat"})).await;
-    let room_id = room["room_id"].as_str().unwrap();
-    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": guest_id})).await;
+    room_inviting(&f.url, &alice_tok, &[guest_id]).await;
     let body = json!({"device_keys": {&alice: [], guest_id: []}});
     let ask = Ask::keys_query("v3", token, TokenIn::Header, &body);
     let theirs = ask.send(&f.url).await;
@@ -291,9 +297,7 @@ async fn appservice_keys_merged_like_synapse() {
         .await;
     let (alice, alice_tok) = user(&f.url, "alice").await;
     // MSC4263: alice must share a room with the bridged user.
-    let room = call(&f.url, Method::POST, "/_matrix/client/v3/createRoom", Some(&alice_tok), json!({"preset": "private_chat"})).await;
-    let room_id = room["room_id"].as_str().unwrap();
-    call(&f.url, Method::POST, &format!("/_matrix/client/v3/rooms/{room_id}/invite"), Some(&alice_tok), json!({"user_id": bridged})).await;
+    room_inviting(&f.url, &alice_tok, &[&bridged]).await;
 
     let ask = Ask::keys_query("v3", &alice_tok, TokenIn::Header, &json!({"device_keys": {&alice: [], &bridged: []}}));
     bridge.answer(Some(json!({"device_keys": {&bridged: {&dev: device(&dev, "FROM-BRIDGE"), "PUPPET2": device("PUPPET2", "NEW")}}})));
