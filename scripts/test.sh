@@ -240,11 +240,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Seven distinct free loopback ports (all bound at once, then released).
-read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT SYNAPSE2_PORT REPL2_PORT AS2_PORT <<<"$("$HOST_PY" - <<'EOF'
+# Ten distinct free loopback ports (all bound at once, then released).
+read -r PG_PORT REDIS_PORT SYNAPSE_PORT REPL_PORT SYNAPSE2_PORT REPL2_PORT AS2_PORT SYNAPSE3_PORT REPL3_PORT MAS_PORT <<<"$("$HOST_PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(7):
+for _ in range(10):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -264,8 +264,10 @@ as_pg "$PGBIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/postgres.log" -w -t 60 \
     start >/dev/null || { cat "$DIR/pg/postgres.log" 2>/dev/null; die "postgres did not start"; }
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
     "CREATE DATABASE synapse OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-"$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
-    "CREATE DATABASE synapse_variant OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+for db in synapse_variant synapse_mas; do
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U synapse -d postgres -c \
+        "CREATE DATABASE $db OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+done
 
 # ------------------------------------------------------------------- redis ---
 log "starting redis on port $REDIS_PORT"
@@ -327,7 +329,7 @@ signing_key_path: $DIR/signing.key
 log_config: $DIR/$1-log.yaml
 media_store_path: $DIR/media
 form_secret: "$(secret)"
-enable_registration: true
+enable_registration: ${REGISTRATION:-true}
 enable_registration_without_verification: true
 suppress_key_server_warning: true
 trusted_key_servers: []
@@ -464,6 +466,30 @@ federation_domain_whitelist: ['allowed.test.invalid']
 account_validity: {enabled: true, period: 30d}
 allow_guest_access: true"
 
+# A third Synapse delegating auth to Matrix Authentication Service: the
+# tests serve a MAS stand-in on $MAS_PORT (Synapse only calls it when a
+# token needs introspecting). MAS requires registration and password login
+# off; its bridge checks application-service tokens under delegated auth.
+secret >"$DIR/mas.secret"
+cat >"$DIR/mas-appservice.yaml" <<EOF
+id: mas-bridge
+url: null
+as_token: "$(secret)"
+hs_token: "$(secret)"
+sender_localpart: masbot
+namespaces:
+  users:
+    - regex: '@mbridge_.*'
+      exclusive: true
+EOF
+REGISTRATION=false write_homeserver_yaml mas "mas.$SERVER_NAME" synapse_mas "$SYNAPSE3_PORT" "$REPL3_PORT" \
+    "matrix_authentication_service:
+  enabled: true
+  endpoint: http://127.0.0.1:$MAS_PORT/
+  secret_path: $DIR/mas.secret
+password_config: {enabled: false}
+app_service_config_files: ['$DIR/mas-appservice.yaml']"
+
 log "generating synapse signing key"
 "$VPY" -m synapse.app.homeserver -c "$DIR/homeserver.yaml" --generate-keys \
     >"$DIR/generate-keys.log" 2>&1 || { cat "$DIR/generate-keys.log"; die "synapse --generate-keys failed"; }
@@ -475,6 +501,9 @@ SYNAPSE_PID=$!
 log "starting the variant synapse on port $SYNAPSE2_PORT"
 "$VPY" -m synapse.app.homeserver -c "$DIR/variant.yaml" >"$DIR/variant.stdout.log" 2>&1 &
 SYNAPSE2_PID=$!
+log "starting the MAS-delegating synapse on port $SYNAPSE3_PORT"
+"$VPY" -m synapse.app.homeserver -c "$DIR/mas.yaml" >"$DIR/mas.stdout.log" 2>&1 &
+SYNAPSE3_PID=$!
 
 # While Synapse prepares its PostgreSQL schema, build the SQLite one.
 log "preparing synapse sqlite schema"
@@ -527,6 +556,8 @@ wait_for_synapse "$SYNAPSE_PID" "http://127.0.0.1:$SYNAPSE_PORT/health" "http://
     { cat "$DIR/synapse.stdout.log" 2>/dev/null; die "synapse did not come up"; }
 wait_for_synapse "$SYNAPSE2_PID" "http://127.0.0.1:$SYNAPSE2_PORT/health" ||
     { tail -n 30 "$DIR/variant.log" 2>/dev/null; die "the variant synapse did not come up"; }
+wait_for_synapse "$SYNAPSE3_PID" "http://127.0.0.1:$SYNAPSE3_PORT/health" ||
+    { tail -n 30 "$DIR/mas.log" "$DIR/mas.stdout.log" 2>/dev/null; die "the MAS-delegating synapse did not come up"; }
 log "synapse up after ${SECONDS}s"
 
 # ------------------------------------------------------------------- tests ---
@@ -545,6 +576,9 @@ export SKW_TEST_VENV_BIN="$VENV/bin"
 export SKW_TEST_AS_TOKEN="$AS_TOKEN"
 export SKW_TEST_VARIANT_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE2_PORT"
 export SKW_TEST_VARIANT_HOMESERVER_YAML="$DIR/variant.yaml"
+export SKW_TEST_MAS_SYNAPSE_URL="http://127.0.0.1:$SYNAPSE3_PORT"
+export SKW_TEST_MAS_HOMESERVER_YAML="$DIR/mas.yaml"
+export SKW_TEST_MAS_PORT="$MAS_PORT"
 
 rc=0
 if [ -n "${SKW_TEST_CMD:-}" ]; then

@@ -2,6 +2,7 @@
 //! homeserver's own database. See ARCHITECTURE.md for the map.
 
 pub mod appservice_keys;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod demo;
@@ -11,6 +12,7 @@ pub mod guest;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod mas;
 pub mod metrics;
 pub mod replication;
 pub mod resync;
@@ -44,6 +46,8 @@ pub struct App {
     pub limiter: http::limit::DeviceLimiter,
     /// MSC3984: application services asked for their users' keys.
     pub appservice_keys: Option<appservice_keys::AppServiceKeys>,
+    /// Delegated auth: MAS introspects user tokens.
+    pub mas: Option<Arc<mas::MasClient>>,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -63,7 +67,9 @@ impl App {
         let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
         let probe_db = store::ProbeConnection::new(store.clone(), std::time::Duration::from_millis(config.worker.db_acquire_timeout_ms));
         let barrier = Arc::new(replication::Barrier::new(probe_db, Arc::clone(&invalidator), config.synapse.device_lists_writers.clone()));
+        let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
         let metrics = metrics::Metrics::new(metrics::Sources {
+            mas: mas.clone(),
             caches: Arc::clone(&caches),
             coordinator: Arc::clone(&coordinator),
             federation: Arc::clone(&federation),
@@ -78,6 +84,7 @@ impl App {
         let appservice_keys = appservice_keys::AppServiceKeys::from_config(&config)?;
         Ok(Arc::new(Self {
             appservice_keys,
+            mas,
             config,
             store,
             caches,

@@ -10,7 +10,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -32,6 +32,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RequestLabels, Histogram>,
+    /// Requests being answered now.
+    pub in_flight: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -49,6 +51,7 @@ pub struct Sources {
     pub replication: Arc<replication::Status>,
     pub barrier: Arc<replication::Barrier>,
     pub store: Store,
+    pub mas: Option<Arc<crate::mas::MasClient>>,
 }
 
 impl Metrics {
@@ -58,8 +61,18 @@ impl Metrics {
         let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 17)));
         registry.register("http_requests", "HTTP requests served, by route, method and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer HTTP requests", duration.clone());
+        let in_flight = Gauge::default();
+        registry.register("http_requests_in_flight", "HTTP requests being answered now", in_flight.clone());
+        if let Some(mas) = &sources.mas {
+            registry.register("mas_introspections", "Token introspections asked of MAS, by outcome", mas.metrics.calls.clone());
+            registry.register(
+                "mas_introspection_duration_seconds",
+                "Time MAS took to answer an introspection",
+                mas.metrics.duration.clone(),
+            );
+        }
         registry.register_collector(Box::new(sources));
-        Self { registry, requests, duration }
+        Self { registry, requests, duration, in_flight }
     }
 
     /// The OpenMetrics text exposition.
@@ -91,7 +104,7 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(&[(&str, &s
 impl Collector for Sources {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.caches;
-        let caches = [c.tokens.stats(), c.devices.stats(), c.cross_signing.stats(), c.signatures.stats(), c.remote.stats()];
+        let caches = c.stats();
         type Pick = fn(&crate::cache::guarded::Stats) -> u64;
         let per_cache = |pick: Pick| -> Vec<([(&str, &str); 1], u64)> { caches.iter().map(|s| ([("cache", s.name)], pick(s))).collect() };
         let metrics: [(&str, &str, Pick); 4] = [
@@ -122,6 +135,11 @@ impl Collector for Sources {
                 (&[("outcome", "fallback_failed")], r.fallback_failed),
             ],
         )?;
+        if let Some(mas) = &self.mas {
+            gauge(&mut e, "mas_breaker_open", "1 while calls to MAS are refused", &[(&[], i64::from(mas.breaker_open()))])?;
+            let kept = i64::try_from(mas.cached_answers()).unwrap_or(i64::MAX);
+            gauge(&mut e, "mas_introspections_cached", "Introspection answers kept (two minutes each)", &[(&[], kept)])?;
+        }
         gauge(
             &mut e,
             "master_breaker_open",

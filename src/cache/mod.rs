@@ -12,7 +12,7 @@ use std::time::Duration;
 pub use guarded::{GuardedCache, Trust};
 
 use crate::config::WorkerConfig;
-use crate::store::{CrossSigningKeyRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
+use crate::store::{CrossSigningKeyRow, DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
 
 /// What Synapse's tables say about one remote user.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,10 @@ pub struct Caches {
     /// Keyed by the signing user.
     pub signatures: PerUser<SignatureRow>,
     pub remote: GuardedCache<String, Arc<RemoteUser>>,
+    /// Every device of a user, keys or not (the MAS device check).
+    pub device_ids: PerUser<DeviceIdRow>,
+    /// Users known to exist (the MAS user check); users are never deleted.
+    pub known_users: GuardedCache<String, ()>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -95,14 +99,36 @@ impl Caches {
                 },
                 trust.clone(),
             ),
+            device_ids: GuardedCache::new(
+                "device_ids",
+                bytes,
+                ttl,
+                |k: &String, v: &Arc<Vec<DeviceIdRow>>| weight(std::iter::once(k.len()).chain(v.iter().map(|r| r.device_id.len()))),
+                trust.clone(),
+            ),
+            known_users: GuardedCache::new("known_users", w.token_cache_max_entries, ttl, |_: &String, _: &()| 1, trust.clone()),
             trust,
         }
+    }
+
+    /// Every cache, for metrics.
+    pub fn stats(&self) -> [guarded::Stats; 7] {
+        [
+            self.tokens.stats(),
+            self.devices.stats(),
+            self.cross_signing.stats(),
+            self.signatures.stats(),
+            self.remote.stats(),
+            self.device_ids.stats(),
+            self.known_users.stats(),
+        ]
     }
 
     /// Everything held about `user` (their devices, keys, signatures).
     pub fn invalidate_user(&self, user: &str) {
         let key = user.to_owned();
         self.devices.invalidate(&key);
+        self.device_ids.invalidate(&key);
         self.cross_signing.invalidate(&key);
         self.signatures.invalidate(&key);
         self.remote.invalidate(&key);
@@ -124,6 +150,8 @@ impl Caches {
         self.cross_signing.invalidate_all();
         self.signatures.invalidate_all();
         self.remote.invalidate_all();
+        self.device_ids.invalidate_all();
+        self.known_users.invalidate_all();
     }
 
     /// The access token's row, from memory or the database.
@@ -137,6 +165,33 @@ impl Caches {
         let row = Arc::new(row);
         self.tokens.insert(key, row.clone(), ticket);
         Ok(Some(row))
+    }
+
+    /// Whether `user_id` is registered (Synapse's `get_user_by_id`); only
+    /// a yes is kept.
+    pub async fn user_exists(&self, store: &Store, user_id: &str) -> Result<bool, sqlx::Error> {
+        let key = user_id.to_owned();
+        if self.known_users.get(&key).is_some() {
+            return Ok(true);
+        }
+        let ticket = self.known_users.ticket(&key);
+        let exists = store.user_exists(user_id).await?;
+        if exists {
+            self.known_users.insert(key, (), ticket);
+        }
+        Ok(exists)
+    }
+
+    /// Whether the user has this (non-hidden) device (Synapse's
+    /// `get_device`): from the user's cached device list, and from the
+    /// database when the list lacks it (a device may be created without a
+    /// device-list change, so a no is never trusted from memory).
+    pub async fn device_exists(&self, store: &Store, user_id: &str, device_id: &str) -> Result<bool, sqlx::Error> {
+        let lists = per_user(&self.device_ids, &[user_id], |m| async move { store.device_ids(&m).await }).await?;
+        if lists.get(user_id).is_some_and(|l| l.iter().any(|r| r.device_id == device_id)) {
+            return Ok(true);
+        }
+        store.device_exists(user_id, device_id).await
     }
 
     pub async fn device_keys(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<Vec<DeviceKeyRow>>>, sqlx::Error> {
@@ -206,6 +261,12 @@ trait OwnedBy {
 }
 
 impl OwnedBy for DeviceKeyRow {
+    fn owner(&self) -> &str {
+        &self.user_id
+    }
+}
+
+impl OwnedBy for DeviceIdRow {
     fn owner(&self) -> &str {
         &self.user_id
     }

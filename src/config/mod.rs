@@ -8,6 +8,7 @@
 pub mod appservice;
 pub mod database;
 pub mod federation;
+pub mod mas;
 pub mod synapse;
 pub mod worker;
 

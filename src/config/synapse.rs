@@ -37,6 +37,9 @@ pub struct SynapseConfig {
     /// it: `macaroon_secret_key(_path)`, else `registration_shared_secret`,
     /// else the SHA-256 of the signing key's seed.
     pub macaroon_secret: Option<Vec<u8>>,
+    /// `matrix_authentication_service`, when enabled: user tokens are
+    /// introspected by MAS instead of looked up in `access_tokens`.
+    pub mas: Option<super::mas::MasConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -109,6 +112,7 @@ impl SynapseConfig {
             msc3984_appservice_key_query: section_flag(m, "experimental_features", "msc3984_appservice_key_query")?,
             account_validity_enabled: section_flag(m, "account_validity", "enabled")?,
             macaroon_secret: macaroon_secret(m)?,
+            mas: super::mas::MasConfig::from_mapping(m)?,
             app_services: string_list(m, "app_service_config_files")?
                 .unwrap_or_default()
                 .iter()

@@ -35,6 +35,12 @@ pub struct WorkerConfig {
     pub master_timeout_ms: u64,
     /// How long the writer is skipped after it could not be reached, in ms.
     pub master_breaker_ms: u64,
+    /// How long a token introspection by MAS may take, in ms, before the
+    /// request is answered 503 (delegated auth only).
+    pub mas_timeout_ms: u64,
+    /// How long calls to MAS are refused after it could not be reached, in
+    /// ms (answers already kept still serve).
+    pub mas_breaker_ms: u64,
     /// How long a resync result is kept in memory, in ms.
     pub resync_cache_ttl_ms: u64,
     /// Most users whose resync results are kept in memory.
@@ -92,6 +98,8 @@ impl Default for WorkerConfig {
             log_json: false,
             master_timeout_ms: 3_000,
             master_breaker_ms: 30_000,
+            mas_timeout_ms: 3_000,
+            mas_breaker_ms: 10_000,
             resync_cache_ttl_ms: 60_000,
             resync_cache_max_users: 100_000,
             federation_concurrency: 10,

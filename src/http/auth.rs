@@ -1,5 +1,6 @@
 //! Who is asking: the access token from the request, checked the way
-//! Synapse's `InternalAuth.get_user_by_req` checks it.
+//! Synapse's `InternalAuth.get_user_by_req` checks it, or, with delegated
+//! auth, `MasDelegatedAuth.get_user_by_req`.
 
 use axum::http::{HeaderMap, header};
 
@@ -12,6 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::App;
 use crate::config::appservice::AppService;
+use crate::mas::{MasClient, Rejection};
 use crate::store::Store;
 
 const INVALID_TOKEN: &str = "Invalid access token passed.";
@@ -67,6 +69,9 @@ pub async fn authenticate(
     if let Some(service) = app_service_for(&app.config.synapse.app_services, &token, client_ip) {
         return app_service_requester(store, service, params).await;
     }
+    if let Some(mas) = &app.mas {
+        return mas_requester(app, mas, &token).await;
+    }
     // Synapse then tries the token as a guest macaroon; for anything that
     // is not one, this is its answer.
     let Some(row) = caches.token(store, &token).await? else {
@@ -80,6 +85,42 @@ pub async fn authenticate(
     }
     check_account_validity(app, row.expiration_ts, now_ms)?;
     Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
+}
+
+/// Delegated auth (Synapse's `MasDelegatedAuth.get_user_by_access_token`):
+/// MAS's answer, the user it names, and its device, which must still exist.
+/// A device deleted before the request arrived is seen as deleted (the read
+/// barrier), without a database read while the user's devices are cached.
+async fn mas_requester(app: &App, mas: &MasClient, token: &str) -> Result<Requester, MatrixError> {
+    let answer = mas
+        .introspect(token)
+        .await
+        .map_err(|_| MatrixError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "Unable to introspect the access token"))?;
+    // Synapse reads the clock once the answer is in.
+    let localpart = answer.localpart(crate::now_ms()).map_err(rejected)?;
+    let user_id = format!("@{localpart}:{}", app.config.synapse.server_name);
+    // No such user can exist (and PostgreSQL refuses NUL in text).
+    if user_id.contains('\0') || !app.caches.user_exists(&app.store, &user_id).await? {
+        return Err(rejected(Rejection::UnknownUser));
+    }
+    let device_id = answer.device().map_err(rejected)?.map(str::to_owned);
+    if let Some(device) = &device_id {
+        app.barrier.sync(&[]).await.map_err(MatrixError::unavailable)?;
+        if device.contains('\0') || !app.caches.device_exists(&app.store, &user_id, device).await? {
+            mas.forget(token).await;
+            return Err(rejected(Rejection::Inactive));
+        }
+    }
+    Ok(Requester { user_id, device_id, is_guest: false })
+}
+
+/// Synapse's answer to each refusal: the client's token (401), or a fault
+/// of the auth server (500 `M_FORBIDDEN`, as its `AuthError(500, …)`).
+fn rejected(why: Rejection) -> MatrixError {
+    match why {
+        Rejection::Inactive | Rejection::NoApiScope => MatrixError::unknown_token(why.to_string(), false),
+        _ => MatrixError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_FORBIDDEN", why.to_string()),
+    }
 }
 
 /// A token not in the database may be a guest's macaroon (Synapse's

@@ -35,6 +35,7 @@ pub async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> R
     let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let _in_flight = InFlight::enter(&app.metrics.in_flight);
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
@@ -46,4 +47,20 @@ pub async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> R
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// Counts a request in flight until it is answered or dropped.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

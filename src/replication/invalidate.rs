@@ -43,7 +43,10 @@ impl Invalidator {
             ("_get_e2e_cross_signing_signatures_for_device", Some(key)) => {
                 self.caches.signatures.invalidate(&signature_cache_signer(key).into_owned())
             }
-            ("get_device" | "get_devices_by_user", Some(user)) => self.caches.devices.invalidate(&user.to_owned()),
+            ("get_device" | "get_devices_by_user", Some(user)) => {
+                self.caches.devices.invalidate(&user.to_owned());
+                self.caches.device_ids.invalidate(&user.to_owned());
+            }
             // Room membership changed: [room_id, members...]; alone, the room.
             ("cs_cache_fake", _) => match keys {
                 Some([_room, members @ ..]) if !members.is_empty() => {

@@ -3,14 +3,15 @@
 //! once it is unreachable, requests stop waiting for it for a while.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::header;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::value::RawValue;
 
+use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::config::synapse::InstanceLocation;
 
@@ -21,8 +22,7 @@ pub struct Master {
     base: Option<String>,
     secret: Option<String>,
     pub timeout: Duration,
-    breaker_for: Duration,
-    open_until: Mutex<Option<Instant>>,
+    breaker: Breaker,
 }
 
 /// The writer's answer: per user, the result or `null`, plus its stream
@@ -75,29 +75,20 @@ impl Master {
             base,
             secret: config.synapse.worker_replication_secret.clone(),
             timeout: Duration::from_millis(config.worker.master_timeout_ms),
-            breaker_for: Duration::from_millis(config.worker.master_breaker_ms),
-            open_until: Mutex::new(None),
+            breaker: Breaker::new(Duration::from_millis(config.worker.master_breaker_ms)),
         })
     }
 
     /// Whether the breaker is open (the writer is being skipped).
     pub fn breaker_open(&self) -> bool {
-        self.open_until.lock().expect("breaker").is_some_and(|t| t > Instant::now())
-    }
-
-    fn trip(&self) {
-        *self.open_until.lock().expect("breaker") = Some(Instant::now() + self.breaker_for);
-    }
-
-    fn close(&self) {
-        *self.open_until.lock().expect("breaker") = None;
+        self.breaker.is_open()
     }
 
     /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
     /// of one destination.
     pub async fn resync(&self, users: &[String]) -> Result<MasterAnswer, MasterError> {
         let base = self.base.as_deref().ok_or(MasterError::NotConfigured)?;
-        if self.breaker_open() {
+        if !self.breaker.allow() {
             return Err(MasterError::BreakerOpen);
         }
         let txn: String = rand::rng().sample_iter(&Alphanumeric).take(16).map(char::from).collect();
@@ -114,12 +105,16 @@ impl Master {
             Err(_) => Err(MasterError::Unreachable(format!("no answer within {:?}", self.timeout))),
         };
         match &result {
-            Ok(_) => self.close(),
+            Ok(_) => self.breaker.close(),
             Err(MasterError::Unreachable(why)) => {
-                tracing::warn!(reason = %why, "device-lists writer unreachable; skipping it for {:?}", self.breaker_for);
-                self.trip();
+                tracing::warn!(reason = %why, "device-lists writer unreachable; skipping it for {:?}", self.breaker.open_for());
+                self.breaker.trip();
             }
-            Err(e) => tracing::warn!(error = %e, "resync through the device-lists writer failed"),
+            Err(e) => {
+                // It answered, or its health endpoint did: reachable.
+                self.breaker.close();
+                tracing::warn!(error = %e, "resync through the device-lists writer failed");
+            }
         }
         result
     }

@@ -72,6 +72,26 @@ impl Store {
     }
 }
 
+const DEVICE_IDS_PG: &str = "SELECT user_id, device_id FROM devices WHERE user_id = ANY($1) AND NOT hidden";
+const DEVICE_IDS_SQLITE: &str = "SELECT user_id, device_id FROM devices WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT hidden";
+
+/// One (non-hidden) device of a user.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct DeviceIdRow {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+impl Store {
+    /// Every (non-hidden) device of each of `users`, keys or not.
+    pub async fn device_ids(&self, users: &[&str]) -> Result<Vec<DeviceIdRow>, sqlx::Error> {
+        match self {
+            Store::Postgres(p) => sqlx::query_as(DEVICE_IDS_PG).bind(users).fetch_all(p).await,
+            Store::Sqlite(p) => sqlx::query_as(DEVICE_IDS_SQLITE).bind(super::json_list(users)).fetch_all(p).await,
+        }
+    }
+}
+
 const GUEST_PG: &str = "SELECT is_guest <> 0, COALESCE(locked, FALSE), expiration_ts_ms
     FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = $1";
 const GUEST_SQLITE: &str = "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0, expiration_ts_ms

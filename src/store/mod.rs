@@ -13,7 +13,7 @@ mod device_keys;
 mod remote;
 mod streams;
 
-pub use auth::TokenRow;
+pub use auth::{DeviceIdRow, TokenRow};
 pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
 pub use device_keys::DeviceKeyRow;
 pub use remote::RemoteDeviceRow;

@@ -132,7 +132,12 @@ pub struct Synapse {
 
 impl Synapse {
     pub fn new() -> Self {
-        Self { url: env().synapse_url.clone(), client: http() }
+        Self::at(&env().synapse_url)
+    }
+
+    /// A client for another of the test Synapses.
+    pub fn at(url: &str) -> Self {
+        Self { url: url.to_owned(), client: http() }
     }
 
     async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Value) -> Value {

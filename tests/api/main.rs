@@ -4,10 +4,12 @@
 mod appservice;
 mod differential;
 mod errors;
+mod fake_mas;
 mod fake_remote;
 mod fake_writer;
 mod fresh_after_sync;
 mod helpers;
+mod mas;
 mod master_proxy;
 mod operations;
 mod remote;

@@ -1,0 +1,165 @@
+//! `matrix_authentication_service`: delegated auth through Matrix
+//! Authentication Service, read and validated as Synapse's
+//! `synapse/config/mas.py` does (a strict model that ignores unknown keys).
+
+use serde_yaml::{Mapping, Value};
+
+use super::ConfigError;
+
+/// Where to introspect tokens and the secret shared with MAS.
+#[derive(Clone, PartialEq)]
+pub struct MasConfig {
+    /// The endpoint as Synapse prints it (`http://mas:8080/`).
+    pub endpoint: String,
+    /// MAS only speaks HTTP/2 (`force_http2`).
+    pub force_http2: bool,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for MasConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasConfig").field("endpoint", &self.endpoint).field("force_http2", &self.force_http2).finish_non_exhaustive()
+    }
+}
+
+const INVALID: &str = "Could not validate Matrix Authentication Service configuration";
+
+impl MasConfig {
+    /// The section, or `None` when it is missing or not enabled.
+    pub fn from_mapping(m: &Mapping) -> Result<Option<Self>, ConfigError> {
+        let section = match m.get("matrix_authentication_service") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Mapping(s)) => s,
+            Some(_) => return Err(invalid("the section must be a mapping")),
+        };
+        let enabled = match section.get("enabled") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("`enabled` must be true or false")),
+        };
+        let force_http2 = match section.get("force_http2") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("`force_http2` must be true or false")),
+        };
+        let endpoint = match section.get("endpoint") {
+            None => url::Url::parse("http://localhost:8080").expect("a valid URL"),
+            Some(Value::String(s)) => http_url(s)?,
+            Some(_) => return Err(invalid("`endpoint` must be a URL")),
+        };
+        let secret = string(section, "secret")?;
+        let secret_path = string(section, "secret_path")?;
+        if let Some(path) = &secret_path
+            && !std::path::Path::new(path).is_file()
+        {
+            return Err(invalid(&format!("`secret_path` {path}: Path does not point to a file")));
+        }
+        if !enabled {
+            return Ok(None);
+        }
+        let secret = match (secret.filter(|s| !s.is_empty()), secret_path.filter(|p| !p.is_empty())) {
+            (None, None) => {
+                return Err(invalid(
+                    "You must set a `secret` or `secret_path` when enabling the Matrix Authentication Service integration.",
+                ));
+            }
+            (Some(_), Some(_)) => return Err(invalid("`secret` and `secret_path` cannot be set at the same time.")),
+            (Some(_), None) if m.get("allow_secrets_in_config") == Some(&Value::Bool(false)) => {
+                return Err(ConfigError::new(
+                    "Config options that expect an in-line secret as value are disabled: matrix_authentication_service.secret",
+                ));
+            }
+            (Some(s), None) => s,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::new(format!("cannot read matrix_authentication_service.secret_path {path}: {e}")))?
+                .trim()
+                .to_owned(),
+        };
+        Ok(Some(Self { endpoint: endpoint.to_string(), force_http2, secret }))
+    }
+
+    /// `POST` here to introspect a token (Synapse strips the endpoint's
+    /// trailing slashes and appends the path).
+    pub fn introspection_url(&self) -> String {
+        format!("{}/oauth2/introspect", self.endpoint.trim_end_matches('/'))
+    }
+}
+
+fn invalid(why: &str) -> ConfigError {
+    ConfigError::new(format!("{INVALID}: {why}"))
+}
+
+fn string(section: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
+    match section.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(&format!("`{key}` must be a string"))),
+    }
+}
+
+/// pydantic's `AnyHttpUrl`: `http` or `https` with a host.
+fn http_url(s: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(s).map_err(|e| invalid(&format!("`endpoint` {s}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(&format!("`endpoint` {s}: URL scheme should be 'http' or 'https'")));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(&format!("`endpoint` {s}: the URL has no host")));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Option<MasConfig>, String> {
+        MasConfig::from_mapping(&serde_yaml::from_str(yaml).unwrap()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn read_as_synapse_reads_it() {
+        assert_eq!(parse("{}").unwrap(), None);
+        assert_eq!(parse("matrix_authentication_service: {secret: x}").unwrap(), None, "not enabled");
+        let c = parse("matrix_authentication_service: {enabled: true, secret: s3, endpoint: 'http://MAS:8080'}").unwrap().unwrap();
+        assert_eq!(c.endpoint, "http://mas:8080/");
+        assert_eq!(c.introspection_url(), "http://mas:8080/oauth2/introspect");
+        assert_eq!(c.secret, "s3");
+        let c = parse("matrix_authentication_service: {enabled: true, secret: s}").unwrap().unwrap();
+        assert_eq!(c.introspection_url(), "http://localhost:8080/oauth2/introspect");
+        let c =
+            parse("matrix_authentication_service: {enabled: true, secret: s, endpoint: 'https://auth.example.com/mas/'}").unwrap().unwrap();
+        assert_eq!(c.introspection_url(), "https://auth.example.com/mas/oauth2/introspect");
+        assert!(!format!("{c:?}").contains("secret: \"s\""), "the secret is not printed");
+    }
+
+    #[test]
+    fn secret_from_a_file_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mas.secret");
+        std::fs::write(&path, "  from-file\n").unwrap();
+        let c = parse(&format!("matrix_authentication_service: {{enabled: true, secret_path: '{}'}}", path.display())).unwrap().unwrap();
+        assert_eq!(c.secret, "from-file");
+    }
+
+    #[test]
+    fn invalid_sections_name_the_problem() {
+        let cases = [
+            ("{enabled: true}", "You must set a `secret` or `secret_path`"),
+            ("{enabled: true, secret: ''}", "You must set a `secret` or `secret_path`"),
+            ("{enabled: true, secret: a, secret_path: Cargo.toml}", "cannot be set at the same time"),
+            ("{enabled: true, secret_path: /nonexistent/mas.secret}", "Path does not point to a file"),
+            ("{enabled: 'true', secret: a}", "`enabled` must be true or false"),
+            ("{enabled: true, secret: 5}", "`secret` must be a string"),
+            ("{enabled: true, secret: a, endpoint: 'mas:8080'}", "should be 'http' or 'https'"),
+            ("{enabled: true, secret: a, endpoint: 'ftp://mas'}", "should be 'http' or 'https'"),
+            ("[1]", "must be a mapping"),
+        ];
+        let inline = parse("allow_secrets_in_config: false\nmatrix_authentication_service: {enabled: true, secret: a}").unwrap_err();
+        assert!(inline.contains("in-line secret"), "{inline}");
+        for (section, want) in cases {
+            let err = parse(&format!("matrix_authentication_service: {section}")).unwrap_err();
+            assert!(err.starts_with(INVALID) && err.contains(want), "{section}: {err}");
+        }
+    }
+}
