@@ -42,11 +42,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     telemetry::init(config.worker.log_json);
     let listen = config.worker.listen.clone();
+    let config_mas = config.synapse.mas.clone();
     let app = App::from_config(config)?;
     if let Err(e) = app.store.ping().await {
         tracing::warn!(error = %e, "database not reachable yet; serving anyway (requests get 503 until it is)");
     }
     let server = Server::bind(app, &listen).await?;
+    if let Some(mas) = &config_mas {
+        tracing::info!(endpoint = %mas.endpoint, "delegated auth: user tokens are introspected by Matrix Authentication Service");
+    }
     tracing::info!(addr = %server.local_addr(), "synapse-keys-worker listening");
     server.run_until(shutdown_signal()).await?;
     Ok(())

@@ -27,6 +27,14 @@ const INVALID: &str = "Could not validate Matrix Authentication Service configur
 impl MasConfig {
     /// The section, or `None` when it is missing or not enabled.
     pub fn from_mapping(m: &Mapping) -> Result<Option<Self>, ConfigError> {
+        // Synapse refuses the experimental form it replaced.
+        if let Some(Value::Mapping(x)) = m.get("experimental_features")
+            && matches!(x.get("msc3861"), Some(Value::Mapping(msc3861)) if !msc3861.is_empty())
+        {
+            return Err(ConfigError::new(
+                "experimental_features.msc3861 was removed. Use the matrix_authentication_service configuration instead.",
+            ));
+        }
         let section = match m.get("matrix_authentication_service") {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Mapping(s)) => s,
@@ -155,6 +163,9 @@ mod tests {
             ("{enabled: true, secret: a, endpoint: 'ftp://mas'}", "should be 'http' or 'https'"),
             ("[1]", "must be a mapping"),
         ];
+        let old = parse("experimental_features: {msc3861: {enabled: true}}").unwrap_err();
+        assert!(old.contains("msc3861 was removed"), "{old}");
+        assert_eq!(parse("experimental_features: {msc3861: {}}").unwrap(), None);
         let inline = parse("allow_secrets_in_config: false\nmatrix_authentication_service: {enabled: true, secret: a}").unwrap_err();
         assert!(inline.contains("in-line secret"), "{inline}");
         for (section, want) in cases {
