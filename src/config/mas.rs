@@ -5,6 +5,7 @@
 use serde_yaml::{Mapping, Value};
 
 use super::ConfigError;
+use super::synapse::{bool_key, str_key};
 
 /// Where to introspect tokens and the secret shared with MAS.
 #[derive(Clone, PartialEq)]
@@ -40,23 +41,16 @@ impl MasConfig {
             Some(Value::Mapping(s)) => s,
             Some(_) => return Err(invalid("the section must be a mapping")),
         };
-        let enabled = match section.get("enabled") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(invalid("`enabled` must be true or false")),
-        };
-        let force_http2 = match section.get("force_http2") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(invalid("`force_http2` must be true or false")),
-        };
-        let endpoint = match section.get("endpoint") {
+        // Synapse's wording for a wrong type, under its heading.
+        let typed = |e: ConfigError| invalid(&e.0);
+        let enabled = bool_key(section, "enabled", false).map_err(typed)?;
+        let force_http2 = bool_key(section, "force_http2", false).map_err(typed)?;
+        let endpoint = match str_key(section, "endpoint").map_err(typed)? {
             None => url::Url::parse("http://localhost:8080").expect("a valid URL"),
-            Some(Value::String(s)) => http_url(s)?,
-            Some(_) => return Err(invalid("`endpoint` must be a URL")),
+            Some(s) => http_url(&s)?,
         };
-        let secret = string(section, "secret")?;
-        let secret_path = string(section, "secret_path")?;
+        let secret = str_key(section, "secret").map_err(typed)?;
+        let secret_path = str_key(section, "secret_path").map_err(typed)?;
         if let Some(path) = &secret_path
             && !std::path::Path::new(path).is_file()
         {
@@ -95,14 +89,6 @@ impl MasConfig {
 
 fn invalid(why: &str) -> ConfigError {
     ConfigError::new(format!("{INVALID}: {why}"))
-}
-
-fn string(section: &Mapping, key: &str) -> Result<Option<String>, ConfigError> {
-    match section.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(&format!("`{key}` must be a string"))),
-    }
 }
 
 /// pydantic's `AnyHttpUrl`: `http` or `https` with a host.

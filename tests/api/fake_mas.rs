@@ -8,7 +8,6 @@
 //! calls per token.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::{Body, Bytes};
@@ -102,11 +101,11 @@ impl FakeMas {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else { continue };
                 let (state, secret) = (state.clone(), secret.clone());
                 connections.spawn_on(
                     async move {
-                        let service = hyper::service::service_fn(move |req| handle_request(state.clone(), secret.clone(), peer, req));
+                        let service = hyper::service::service_fn(move |req| handle_request(state.clone(), secret.clone(), req));
                         let io = hyper_util::rt::TokioIo::new(stream);
                         let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
                     },
@@ -132,7 +131,7 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     Ok(Response::builder().status(status).header("content-type", "application/json").body(Body::from(body.into())).unwrap())
 }
 
-async fn handle_request(state: Arc<Mutex<State>>, secret: String, _peer: SocketAddr, req: Request<Incoming>) -> Answer {
+async fn handle_request(state: Arc<Mutex<State>>, secret: String, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_owned();
     if path == "/.well-known/openid-configuration" {
         let port = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1").to_owned();

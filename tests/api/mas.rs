@@ -232,7 +232,6 @@ async fn concurrent_requests_share_one_introspection() {
     let ours = worker().await;
     let dave = provision(mas, &["DAVE1"]).await;
     let body = json!({"device_keys": {dave.user_id.clone(): []}});
-    let ask = Ask::keys_query("v3", "", TokenIn::Header, &body);
 
     // 50 at once with one fresh token, MAS held until all are waiting.
     let fire = |t: &str, base: &str| {
@@ -263,7 +262,7 @@ async fn concurrent_requests_share_one_introspection() {
         }
         assert_eq!(mas.calls(&t), 1, "50 concurrent requests, one introspection ({want})");
         // A kept answer serves the next one; a failure is asked again.
-        assert_eq!(Ask { headers: vec![("Authorization".into(), format!("Bearer {t}"))], ..ask.clone() }.send(&ours.url).await.0, want);
+        assert_eq!(Ask::keys_query("v3", &t, TokenIn::Header, &body).send(&ours.url).await.0, want);
         assert_eq!(mas.calls(&t), if want == StatusCode::OK { 1 } else { 2 });
     }
 
