@@ -135,6 +135,12 @@ impl Collector for Sources {
                 (&[("outcome", "fallback_failed")], r.fallback_failed),
             ],
         )?;
+        counter(
+            &mut e,
+            "resync_writer_late",
+            "Resync batches the writer had not answered by their hedge point (the remote was asked directly alongside)",
+            &[(&[], r.writer_late)],
+        )?;
         if let Some(mas) = &self.mas {
             gauge(&mut e, "mas_breaker_open", "1 while calls to MAS are refused", &[(&[], i64::from(mas.breaker_open()))])?;
             let kept = i64::try_from(mas.cached_answers()).unwrap_or(i64::MAX);

@@ -84,6 +84,17 @@ impl Master {
         self.breaker.is_open()
     }
 
+    /// A call has not answered within its share of a request's deadline:
+    /// presume the writer hung and refuse calls until one shows it alive
+    /// (a late answer, or a busy verdict from its `/health`, closes the
+    /// breaker again).
+    pub fn late(&self) {
+        if !self.breaker.is_open() {
+            tracing::warn!("device-lists writer late; resyncing directly meanwhile, and skipping it until it answers");
+        }
+        self.breaker.trip();
+    }
+
     /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
     /// of one destination.
     pub async fn resync(&self, users: &[String]) -> Result<MasterAnswer, MasterError> {

@@ -5,6 +5,10 @@
 //! - Concurrent requests for the same user share one in-flight resync: the
 //!   first caller starts it (as a task of its own, so it finishes even if
 //!   that caller goes away) and everyone waits on its result.
+//! - The writer gets a share of the callers' time: if it has not answered
+//!   by the hedge point (its timeout, or half the time the most hurried
+//!   caller has left), the remote is asked directly alongside, the first
+//!   answer wins, and the writer's breaker opens until it shows life.
 //! - Results are kept in a bounded, TTL'd memory cache that refuses a
 //!   result fetched before an invalidation of its user; an invalidation
 //!   also detaches the user's in-flight resync, so later callers start anew.
@@ -14,11 +18,13 @@
 //! - Results of direct resyncs live only in this memory cache.
 
 pub mod devices;
+mod inflight;
 pub mod master;
 
 use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -27,7 +33,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 pub use devices::UserDevices;
-use master::{Master, MasterError};
+use inflight::{Batch, Inflight};
+use master::{Master, MasterAnswer, MasterError};
 
 use crate::cache::guarded::{GuardedCache, Ticket, Trust};
 use crate::config::Config;
@@ -36,13 +43,11 @@ use crate::federation::FederationClient;
 /// A user's resync result, or the `failures` entry for their server.
 pub type Outcome = Result<Arc<UserDevices>, Value>;
 
-type Slot = watch::Receiver<Option<Outcome>>;
-
 pub struct Coordinator {
     pub master: Master,
     federation: Arc<FederationClient>,
     cache: GuardedCache<String, Arc<UserDevices>>,
-    inflight: Mutex<HashMap<String, Slot>>,
+    inflight: Inflight<Outcome>,
     /// Callers currently waiting for a resync result.
     waiting: AtomicUsize,
     outcomes: OutcomeCounters,
@@ -72,7 +77,7 @@ impl Coordinator {
                 // which the data caches' trust does not cover.
                 Arc::new(Trust::trusted()),
             ),
-            inflight: Mutex::default(),
+            inflight: Inflight::default(),
             waiting: AtomicUsize::new(0),
             outcomes: OutcomeCounters::default(),
             direct_timeout: Duration::from_millis(w.default_timeout_ms),
@@ -84,28 +89,17 @@ impl Coordinator {
     /// most. Every user gets an outcome.
     pub async fn resync(self: &Arc<Self>, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, Outcome> {
         let mut out = HashMap::new();
-        let mut waits: Vec<(String, Slot)> = Vec::new();
-        let mut mine: Vec<(String, Ticket, watch::Sender<Option<Outcome>>)> = Vec::new();
         for user in users {
             if let Some(hit) = self.cache.get(user) {
                 out.insert(user.clone(), Ok(hit));
             }
         }
-        {
-            let mut inflight = self.inflight.lock().expect("inflight map");
-            for user in users.iter().filter(|u| !out.contains_key(*u)) {
-                let slot = inflight.entry(user.clone()).or_insert_with(|| {
-                    let (tx, rx) = watch::channel(None);
-                    mine.push((user.clone(), self.cache.ticket(user), tx));
-                    rx
-                });
-                waits.push((user.clone(), slot.clone()));
-            }
-        }
-        if !mine.is_empty() {
+        let missing: Vec<String> = users.iter().filter(|u| !out.contains_key(*u)).cloned().collect();
+        let (waits, batch) = self.inflight.join(&missing, self.hedge_point(deadline));
+        if let Some(batch) = batch {
             let this = Arc::clone(self);
             let destination = destination.to_owned();
-            tokio::spawn(async move { this.run(&destination, mine).await });
+            tokio::spawn(async move { this.run(&destination, batch).await });
         }
         let _waiting = WaitGuard::new(&self.waiting, waits.len());
         for (user, mut rx) in waits {
@@ -120,6 +114,15 @@ impl Coordinator {
         out
     }
 
+    /// When a resync for a caller with `deadline` stops waiting for the
+    /// writer alone: after the writer's timeout, or half of what the
+    /// caller has left if that is sooner, so the direct resync started
+    /// then still has the other half.
+    fn hedge_point(&self, deadline: Instant) -> Instant {
+        let now = Instant::now();
+        now + self.master.timeout.min(deadline.saturating_duration_since(now) / 2)
+    }
+
     /// How resyncs ended so far, per user.
     pub fn outcomes(&self) -> Outcomes {
         let o = &self.outcomes;
@@ -129,6 +132,7 @@ impl Coordinator {
             master_null: get(&o.master_null),
             fallback_ok: get(&o.fallback_ok),
             fallback_failed: get(&o.fallback_failed),
+            writer_late: get(&o.writer_late),
         }
     }
 
@@ -141,54 +145,86 @@ impl Coordinator {
     /// cached result, and the in-flight resync for callers still to come.
     pub fn invalidate(&self, user: &str) {
         self.cache.invalidate(&user.to_owned());
-        self.inflight.lock().expect("inflight map").remove(user);
+        self.inflight.forget(user);
     }
 
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
-        self.inflight.lock().expect("inflight map").clear();
+        self.inflight.forget_all();
     }
 
-    async fn run(&self, destination: &str, slots: Vec<(String, Ticket, watch::Sender<Option<Outcome>>)>) {
-        let users: Vec<String> = slots.iter().map(|(u, _, _)| u.clone()).collect();
-        let mut outcomes = self.fetch(destination, &users).await;
-        for (user, ticket, tx) in slots {
+    /// One batch: the writer first; if it has not answered by the hedge
+    /// point, the remote server directly as well, and the first answer
+    /// wins (the writer's if it answers while the direct resync runs).
+    async fn run(&self, destination: &str, mut batch: Batch<Outcome>) {
+        let users = batch.users();
+        let tickets: Vec<Ticket> = users.iter().map(|u| self.cache.ticket(u)).collect();
+        let mut writer = pin!(self.master.resync(&users));
+        let (mut outcomes, writer_pending) = tokio::select! {
+            answer = &mut writer => (self.after_writer(destination, &users, answer).await, false),
+            () = hedge_point(batch.hedge()) => {
+                self.outcomes.writer_late.fetch_add(1, Ordering::Relaxed);
+                self.master.late();
+                let mut direct = pin!(self.direct_all(destination, &users));
+                tokio::select! {
+                    answer = &mut writer => match answer {
+                        Ok(answer) => (self.writer_outcomes(&users, answer), false),
+                        Err(_) => ((&mut direct).await, false),
+                    },
+                    outcomes = &mut direct => (outcomes, true),
+                }
+            }
+        };
+        for (user, ticket) in users.iter().zip(tickets) {
             let outcome = outcomes
-                .remove(&user)
+                .remove(user)
                 .unwrap_or_else(|| Err(json!({"status": 503, "message": format!("Device resync failed for '{user}'")})));
             if let Ok(devices) = &outcome {
                 self.cache.insert(user.clone(), Arc::clone(devices), ticket);
             }
-            let _ = tx.send(Some(outcome));
-            let mut inflight = self.inflight.lock().expect("inflight map");
-            if inflight.get(&user).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
-                inflight.remove(&user);
-            }
+            batch.deliver(user, outcome);
+        }
+        drop(batch);
+        if writer_pending {
+            // Its answer is not needed, but whether it comes decides the
+            // breaker (it closes again if the writer was only slow).
+            let _ = writer.await;
         }
     }
 
-    async fn fetch(&self, destination: &str, users: &[String]) -> HashMap<String, Outcome> {
-        match self.master.resync(users).await {
-            Ok(answer) => {
-                let mut raw = answer.users;
-                return users
-                    .iter()
-                    .map(|u| {
-                        let outcome = match raw.remove(u).flatten().and_then(|r| UserDevices::parse(r, answer.stream_pos.clone())) {
-                            Some(d) => Ok(Arc::new(d)),
-                            None => Err(json!({"status": 503, "message": format!("Device resync failed for '{u}'")})),
-                        };
-                        let counter = if outcome.is_ok() { &self.outcomes.master_ok } else { &self.outcomes.master_null };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        (u.clone(), outcome)
-                    })
-                    .collect();
-            }
+    /// The writer answered before the hedge point: its result, or the
+    /// direct resync when it could not give one.
+    async fn after_writer(
+        &self,
+        destination: &str,
+        users: &[String],
+        answer: Result<MasterAnswer, MasterError>,
+    ) -> HashMap<String, Outcome> {
+        match answer {
+            Ok(answer) => return self.writer_outcomes(users, answer),
             Err(MasterError::NotConfigured | MasterError::BreakerOpen) => {}
-            Err(e) => {
-                tracing::info!(error = %e, destination, "resyncing directly with the remote server")
-            }
+            Err(e) => tracing::info!(error = %e, destination, "resyncing directly with the remote server"),
         }
+        self.direct_all(destination, users).await
+    }
+
+    fn writer_outcomes(&self, users: &[String], answer: MasterAnswer) -> HashMap<String, Outcome> {
+        let mut raw = answer.users;
+        users
+            .iter()
+            .map(|u| {
+                let outcome = match raw.remove(u).flatten().and_then(|r| UserDevices::parse(r, answer.stream_pos.clone())) {
+                    Some(d) => Ok(Arc::new(d)),
+                    None => Err(json!({"status": 503, "message": format!("Device resync failed for '{u}'")})),
+                };
+                let counter = if outcome.is_ok() { &self.outcomes.master_ok } else { &self.outcomes.master_null };
+                counter.fetch_add(1, Ordering::Relaxed);
+                (u.clone(), outcome)
+            })
+            .collect()
+    }
+
+    async fn direct_all(&self, destination: &str, users: &[String]) -> HashMap<String, Outcome> {
         let attempts = users.iter().cloned().map(|u| async move {
             let outcome = self.direct(destination, &u).await;
             let counter = if outcome.is_ok() { &self.outcomes.fallback_ok } else { &self.outcomes.fallback_failed };
@@ -204,6 +240,21 @@ impl Coordinator {
         UserDevices::parse(raw, None)
             .map(Arc::new)
             .ok_or_else(|| json!({"status": 503, "message": "Invalid device list from remote server"}))
+    }
+}
+
+/// Resolves at the batch's hedge point, following it when a follower
+/// brings it forward.
+async fn hedge_point(mut at: watch::Receiver<Instant>) {
+    loop {
+        let when = *at.borrow_and_update();
+        tokio::select! {
+            () = tokio::time::sleep_until(when.into()) => return,
+            changed = at.changed() => if changed.is_err() {
+                tokio::time::sleep_until(when.into()).await;
+                return;
+            },
+        }
     }
 }
 
@@ -229,6 +280,7 @@ struct OutcomeCounters {
     master_null: AtomicU64,
     fallback_ok: AtomicU64,
     fallback_failed: AtomicU64,
+    writer_late: AtomicU64,
 }
 
 /// Resync results by how they ended.
@@ -238,4 +290,6 @@ pub struct Outcomes {
     pub master_null: u64,
     pub fallback_ok: u64,
     pub fallback_failed: u64,
+    /// Batches whose writer call passed its hedge point unanswered.
+    pub writer_late: u64,
 }

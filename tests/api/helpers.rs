@@ -112,6 +112,7 @@ pub struct Session {
 }
 
 /// A user created through Synapse's registration API.
+#[derive(Clone)]
 pub struct TestUser {
     pub user_id: String,
     pub password: String,
