@@ -33,19 +33,23 @@ pub fn verify_guest_token(token: &str, secret: &[u8], now_ms: i64) -> Option<Str
     if !m.caveats.iter().all(satisfied) {
         return None;
     }
-    (signature(secret, &m.identifier, &m.caveats) == m.signature).then_some(user_id)
+    // Compared in constant time: how much of a forged signature matches
+    // must not show in how long the check takes.
+    last_mac(secret, &m.identifier, &m.caveats).verify_slice(&m.signature).is_ok().then_some(user_id)
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    mac
 }
 
 /// pymacaroons' chain: HMAC(HMAC("macaroons-key-generator", secret), id),
-/// then HMAC(previous, caveat) for each first-party caveat.
-fn signature(secret: &[u8], identifier: &[u8], caveats: &[String]) -> Vec<u8> {
-    let hmac = |key: &[u8], data: &[u8]| {
-        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-        mac.update(data);
-        mac.finalize().into_bytes().to_vec()
-    };
-    let derived = hmac(b"macaroons-key-generator", secret);
-    caveats.iter().fold(hmac(&derived, identifier), |sig, c| hmac(&sig, c.as_bytes()))
+/// then HMAC(previous, caveat) for each first-party caveat; the last HMAC,
+/// not yet finalised, so its output can be checked in constant time.
+fn last_mac(secret: &[u8], identifier: &[u8], caveats: &[String]) -> HmacSha256 {
+    let derived = hmac(b"macaroons-key-generator", secret).finalize().into_bytes();
+    caveats.iter().fold(hmac(&derived, identifier), |mac, c| hmac(&mac.finalize().into_bytes(), c.as_bytes()))
 }
 
 /// Python's lenient base64url: padding optional, stray trailing bits ignored.
@@ -102,7 +106,7 @@ pub(crate) mod tests {
         for c in &caveats {
             packet(b"cid", c.as_bytes());
         }
-        packet(b"signature", &signature(secret, b"key", &caveats));
+        packet(b"signature", &last_mac(secret, b"key", &caveats).finalize().into_bytes());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
     }
 
