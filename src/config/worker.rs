@@ -129,6 +129,13 @@ impl WorkerConfig {
         std::time::Duration::from_millis(ms)
     }
 
+    /// How long one database step of a request (a few statements and a
+    /// connection wait) may take: the statement timeout, at least 1 s, or
+    /// no bound when the statement timeout is 0 ("none").
+    pub fn db_step_budget(&self) -> Option<std::time::Duration> {
+        (self.db_statement_timeout_ms > 0).then(|| std::time::Duration::from_millis(self.db_statement_timeout_ms.max(1000)))
+    }
+
     pub fn from_section(section: Value, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut map = match section {
             Value::Null => Mapping::new(),
@@ -185,5 +192,13 @@ mod tests {
     fn wrong_type_is_an_error() {
         let section: Value = serde_yaml::from_str("max_body_bytes: lots").unwrap();
         assert!(WorkerConfig::from_section(section, env(&[])).is_err());
+    }
+
+    #[test]
+    fn statement_timeout_zero_means_no_budget() {
+        let budget = |ms| WorkerConfig { db_statement_timeout_ms: ms, ..WorkerConfig::default() }.db_step_budget();
+        assert_eq!(budget(0), None, "0 is \"none\", not a short budget");
+        assert_eq!(budget(200), Some(std::time::Duration::from_secs(1)));
+        assert_eq!(budget(10_000), Some(std::time::Duration::from_secs(10)));
     }
 }

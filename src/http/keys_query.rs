@@ -35,7 +35,7 @@ pub async fn keys_query(
     let now = crate::now_ms();
     // Nothing behind us may hold a request: the database gets its statement
     // budget per step, the remote part the client's timeout on top.
-    let db_budget = Duration::from_millis(app.config.worker.db_statement_timeout_ms.max(1000));
+    let db_budget = app.config.worker.db_step_budget();
     let requester =
         within(db_budget, authenticate(&app, &headers, &params, client_ip(&headers, peer, app.config.worker.x_forwarded), now)).await?;
     let query_timeout = params.non_negative_int("timeout")?;
@@ -45,12 +45,16 @@ pub async fn keys_query(
     if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
         within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?) }).await?;
     }
-    let answer = within(query.timeout + db_budget, async { Ok(query_keys(&app, &requester.user_id, &query, now).await?) }).await?;
+    let answer =
+        within(db_budget.map(|b| b + query.timeout), async { Ok(query_keys(&app, &requester.user_id, &query, now).await?) }).await?;
     Ok(json_response(StatusCode::OK, &answer))
 }
 
-/// `work`, or 503 if it has not finished within `budget`.
-async fn within<T>(budget: Duration, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
+/// `work`, or 503 if it has not finished within `budget` (if bounded).
+async fn within<T>(budget: Option<Duration>, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
+    let Some(budget) = budget else {
+        return work.await;
+    };
     tokio::time::timeout(budget, work).await.unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
 }
 

@@ -40,6 +40,9 @@ const SQL_SQLITE: &str = "
 
 impl Store {
     pub async fn token_lookup(&self, token: &str) -> Result<Option<TokenRow>, sqlx::Error> {
+        if !super::storable(token) {
+            return Ok(None);
+        }
         match self {
             Store::Postgres(p) => sqlx::query_as(SQL_PG).bind(token).fetch_optional(p).await,
             Store::Sqlite(p) => sqlx::query_as(SQL_SQLITE).bind(token).fetch_optional(p).await,
@@ -55,6 +58,9 @@ const DEVICE_SQLITE: &str = "SELECT device_id FROM devices WHERE user_id = ?1 AN
 impl Store {
     /// Whether `user_id` is registered (Synapse's `get_user_by_id`).
     pub async fn user_exists(&self, user_id: &str) -> Result<bool, sqlx::Error> {
+        if !super::storable(user_id) {
+            return Ok(false);
+        }
         let found: Option<String> = match self {
             Store::Postgres(p) => sqlx::query_scalar(USER_PG).bind(user_id).fetch_optional(p).await?,
             Store::Sqlite(p) => sqlx::query_scalar(USER_SQLITE).bind(user_id).fetch_optional(p).await?,
@@ -64,6 +70,9 @@ impl Store {
 
     /// Whether the user has this (non-hidden) device (Synapse's `get_device`).
     pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool, sqlx::Error> {
+        if !super::storable(user_id) || !super::storable(device_id) {
+            return Ok(false);
+        }
         let found: Option<String> = match self {
             Store::Postgres(p) => sqlx::query_scalar(DEVICE_PG).bind(user_id).bind(device_id).fetch_optional(p).await?,
             Store::Sqlite(p) => sqlx::query_scalar(DEVICE_SQLITE).bind(user_id).bind(device_id).fetch_optional(p).await?,
@@ -85,6 +94,7 @@ pub struct DeviceIdRow {
 impl Store {
     /// Every (non-hidden) device of each of `users`, keys or not.
     pub async fn device_ids(&self, users: &[&str]) -> Result<Vec<DeviceIdRow>, sqlx::Error> {
+        let users = &*super::only_storable(users);
         match self {
             Store::Postgres(p) => sqlx::query_as(DEVICE_IDS_PG).bind(users).fetch_all(p).await,
             Store::Sqlite(p) => sqlx::query_as(DEVICE_IDS_SQLITE).bind(super::json_list(users)).fetch_all(p).await,
@@ -101,6 +111,9 @@ impl Store {
     /// (is a guest, is locked, account expiry) for a registered user,
     /// `None` if unknown.
     pub async fn guest_status(&self, user_id: &str) -> Result<Option<(bool, bool, Option<i64>)>, sqlx::Error> {
+        if !super::storable(user_id) {
+            return Ok(None);
+        }
         match self {
             Store::Postgres(p) => sqlx::query_as(GUEST_PG).bind(user_id).fetch_optional(p).await,
             Store::Sqlite(p) => sqlx::query_as(GUEST_SQLITE).bind(user_id).fetch_optional(p).await,

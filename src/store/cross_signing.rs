@@ -47,6 +47,7 @@ impl Store {
     /// The newest key of each type for each of `users`, ordered by user
     /// then key type.
     pub async fn cross_signing_keys(&self, users: &[&str]) -> Result<Vec<CrossSigningKeyRow>, sqlx::Error> {
+        let users = &*super::only_storable(users);
         if users.is_empty() {
             return Ok(Vec::new());
         }
@@ -60,6 +61,7 @@ impl Store {
     /// own devices and keys, and on other users' keys). The caller keeps
     /// the rows whose target it is answering with.
     pub async fn signatures_by(&self, signers: &[&str]) -> Result<Vec<SignatureRow>, sqlx::Error> {
+        let signers = &*super::only_storable(signers);
         if signers.is_empty() {
             return Ok(Vec::new());
         }

@@ -28,6 +28,7 @@ const SQL_SQLITE: &str = "
 impl Store {
     /// Every device with keys of each of `users`.
     pub async fn device_keys(&self, users: &[&str]) -> Result<Vec<DeviceKeyRow>, sqlx::Error> {
+        let users = &*super::only_storable(users);
         if users.is_empty() {
             return Ok(Vec::new());
         }

@@ -57,6 +57,18 @@ impl Store {
     }
 }
 
+/// Whether a string can be stored in (so found in) Synapse's database:
+/// PostgreSQL text cannot hold NUL. A string with one matches nothing, and
+/// sending it would fail the whole query, so it is never sent.
+fn storable(s: &str) -> bool {
+    !s.contains('\0')
+}
+
+/// `items` without the strings that cannot be stored (borrowed when all can).
+fn only_storable<'a, 'b>(items: &'b [&'a str]) -> std::borrow::Cow<'b, [&'a str]> {
+    if items.iter().all(|s| storable(s)) { items.into() } else { items.iter().copied().filter(|s| storable(s)).collect::<Vec<_>>().into() }
+}
+
 /// A list of strings as one SQLite parameter (read with `json_each`).
 fn json_list<T: serde::Serialize>(items: &[T]) -> String {
     serde_json::to_string(items).expect("strings serialise")

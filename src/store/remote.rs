@@ -78,6 +78,7 @@ impl Store {
     }
 
     async fn user_list_query(&self, pg: &'static str, lite: &'static str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        let users = &*super::only_storable(users);
         if users.is_empty() {
             return Ok(Vec::new());
         }
@@ -89,6 +90,7 @@ impl Store {
 
     /// Every cached device of each of `users`.
     pub async fn remote_cached_devices(&self, users: &[&str]) -> Result<Vec<RemoteDeviceRow>, sqlx::Error> {
+        let users = &*super::only_storable(users);
         if users.is_empty() {
             return Ok(Vec::new());
         }
@@ -100,7 +102,8 @@ impl Store {
 
     /// Those of `users` who share a joined or invited room with `requester`.
     pub async fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
-        if users.is_empty() {
+        let users = &*super::only_storable(users);
+        if users.is_empty() || !super::storable(requester) {
             return Ok(Vec::new());
         }
         match self {
@@ -111,6 +114,7 @@ impl Store {
 
     /// Those of `destinations` Synapse will not retry before `not_before_ms`.
     pub async fn destinations_in_backoff(&self, destinations: &[&str], not_before_ms: i64) -> Result<Vec<String>, sqlx::Error> {
+        let destinations = &*super::only_storable(destinations);
         if destinations.is_empty() {
             return Ok(Vec::new());
         }

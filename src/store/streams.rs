@@ -144,6 +144,7 @@ impl ProbeConnection {
     /// changes after `after`, each writer's persisted position, and which
     /// of `remote_users` Synapse has marked stale.
     pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
+        let remote_users = &*super::only_storable(remote_users);
         let pool = match &self.store {
             Store::Postgres(pool) => pool,
             Store::Sqlite(p) => return sqlx::query_as(PROBE_SQLITE).bind(after).bind(super::json_list(remote_users)).fetch_all(p).await,

@@ -217,3 +217,32 @@ async fn guest_tokens_match_synapse() {
     let bad: String = bad.into_iter().collect();
     expect(&worker, Ask::keys_query("v3", &bad, TokenIn::Header, &body), 401, "M_UNKNOWN_TOKEN").await;
 }
+
+/// A NUL byte cannot be in anything Synapse stored (PostgreSQL text cannot
+/// hold one), and Synapse answers 500 when one reaches its database. We
+/// never send one: a token with one is unknown, a user or device ID with
+/// one is one that does not exist (docs/compatibility.md).
+#[tokio::test]
+async fn nul_bytes_are_answered_like_what_does_not_exist() {
+    let hs = Synapse::new();
+    let user = hs.register("nul").await;
+    let worker = spawn_worker().await;
+    let body = Some(r#"{"device_keys": {}}"#);
+    let nul_token = raw(Method::POST, &format!("{PATH}?access_token=syt_a%00b"), &[], body);
+    assert_eq!(nul_token.send(&env().synapse_url).await.0, StatusCode::INTERNAL_SERVER_ERROR, "Synapse's own answer");
+    let unknown = raw(Method::POST, &format!("{PATH}?access_token=syt_ab"), &[], body).send(&env().synapse_url).await;
+    assert_eq!(nul_token.send(&worker.url).await, unknown);
+
+    let server = &env().server_name;
+    let with_nul = json!({"device_keys": {format!("@no\u{0}body:{server}"): [], &user.user_id: ["DEV\u{0}ICE"]}});
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &with_nul);
+    assert_eq!(ask.send(&env().synapse_url).await.0, StatusCode::INTERNAL_SERVER_ERROR, "Synapse's own answer");
+    let (status, mut ours) = ask.send(&worker.url).await;
+    assert_eq!(status, StatusCode::OK, "{ours}");
+    // The same as Synapse's answer for a user and a device that do not exist.
+    let without = json!({"device_keys": {format!("@nobody:{server}"): [], &user.user_id: ["NODEVICE"]}});
+    let (_, theirs) = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &without).send(&env().synapse_url).await;
+    let nobody = ours["device_keys"].as_object_mut().unwrap().remove(&format!("@no\u{0}body:{server}"));
+    assert_eq!(nobody.as_ref(), theirs["device_keys"].get(format!("@nobody:{server}")), "{theirs}");
+    assert_eq!(ours["device_keys"][&user.user_id], theirs["device_keys"][&user.user_id]);
+}
