@@ -159,6 +159,12 @@ impl Collector for Sources {
             "Remote servers we are backing off from",
             &[(&[], self.federation.backoff.count() as i64)],
         )?;
+        gauge(
+            &mut e,
+            "federation_destinations_remembered",
+            "Remote servers whose failures are remembered (at most 10,000)",
+            &[(&[], i64::try_from(self.federation.backoff.remembered()).unwrap_or(i64::MAX))],
+        )?;
 
         let s = &self.replication;
         gauge(

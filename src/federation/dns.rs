@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::proto::rr::RData;
@@ -84,25 +85,48 @@ impl Dns {
     }
 }
 
+/// Most SRV substitutions remembered at once.
+const MAX_SUBSTITUTIONS: u64 = 10_000;
+
 /// reqwest's resolver: follows SRV substitutions, refuses `.invalid`, and
 /// drops every address the IP filter does not allow.
 #[derive(Clone)]
 pub struct FilteringResolver {
     filter: Arc<IpFilter>,
-    via: Arc<Mutex<HashMap<String, String>>>,
+    /// SRV substitutions (host → target), set just before each request, so
+    /// bounded in number (least recently set go first) and age.
+    via: moka::sync::Cache<String, String>,
 }
 
 impl FilteringResolver {
-    pub fn new(filter: Arc<IpFilter>) -> Self {
-        Self { filter, via: Arc::default() }
+    /// `ttl`: how long a substitution is kept (the discovery cache's TTL).
+    pub fn new(filter: Arc<IpFilter>, ttl: Duration) -> Self {
+        let via = moka::sync::Cache::builder()
+            .max_capacity(MAX_SUBSTITUTIONS)
+            .time_to_live(ttl.max(Duration::from_secs(1)))
+            // A substitution just set must be there when the connection
+            // resolves: admit every new one.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Self { filter, via }
     }
 
     /// From now on, connections to `host` go to the addresses of `target`.
     pub fn connect_via(&self, host: &str, target: &str) {
-        self.via.lock().expect("resolver map").insert(host.to_owned(), target.to_owned());
+        self.via.insert(host.to_owned(), target.to_owned());
+    }
+
+    /// Substitutions remembered.
+    pub fn substitutions(&self) -> u64 {
+        self.via.run_pending_tasks();
+        self.via.entry_count()
     }
 
     pub fn filter(&self) -> &IpFilter {
+        &self.filter
+    }
+
+    pub fn filter_arc(&self) -> &Arc<IpFilter> {
         &self.filter
     }
 }
@@ -122,7 +146,7 @@ impl Resolve for FilteringResolver {
         let this = self.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let lookup = this.via.lock().expect("resolver map").get(&host).cloned().unwrap_or_else(|| host.clone());
+            let lookup = this.via.get(&host).unwrap_or_else(|| host.clone());
             if is_invalid_tld(&lookup) {
                 return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
             }
@@ -158,15 +182,34 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_names_and_blocked_addresses_do_not_resolve() {
-        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()));
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60));
         let err = r.resolve("remote.invalid".parse().unwrap()).await.err().unwrap();
         assert!(err.to_string().contains("DNSLookupError"), "{err}");
         // localhost resolves to loopback, which the default list blocks.
         let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
         assert!(err.to_string().contains("blocked"), "{err}");
-        let open = FilteringResolver::new(Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()));
+        let open =
+            FilteringResolver::new(Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()), Duration::from_secs(60));
         let addrs: Vec<_> = open.resolve("localhost".parse().unwrap()).await.unwrap().collect();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
         assert_eq!(Dns::system().srv("_matrix-fed._tcp.x.invalid").await, None);
+        // An SRV target, named or an IP literal, is filtered like any host.
+        for target in ["localhost", "127.0.0.1", "::1"] {
+            r.connect_via("srv.invalid", target);
+            let err = r.resolve("srv.invalid".parse().unwrap()).await.err().unwrap();
+            assert!(err.to_string().contains("blocked"), "{target}: {err}");
+        }
+    }
+
+    #[test]
+    fn substitutions_are_bounded() {
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60));
+        for i in 0..(MAX_SUBSTITUTIONS + 500) {
+            r.connect_via(&format!("h{i}.invalid"), "t.invalid");
+        }
+        assert!(r.substitutions() <= MAX_SUBSTITUTIONS);
+        assert_eq!(r.via.get("h0.invalid"), None, "the oldest went first");
+        let last = format!("h{}.invalid", MAX_SUBSTITUTIONS + 499);
+        assert_eq!(r.via.get(&last).as_deref(), Some("t.invalid"), "the newest is kept");
     }
 }

@@ -64,8 +64,8 @@ impl FederationClient {
         };
         let f = &s.federation;
         let filter = Arc::new(IpFilter::new(f.ip_range_blocklist.as_deref(), &f.ip_range_whitelist)?);
-        let resolver = FilteringResolver::new(filter);
-        let build = |redirects: fn() -> reqwest::redirect::Policy| {
+        let resolver = FilteringResolver::new(filter, Duration::from_millis(w.discovery_cache_ttl_ms));
+        let build = |redirects: &dyn Fn() -> reqwest::redirect::Policy| {
             TlsClients::build(f, || {
                 reqwest::Client::builder()
                     .user_agent(USER_AGENT)
@@ -75,8 +75,9 @@ impl FederationClient {
                     .pool_idle_timeout(Duration::from_secs(60))
             })
         };
-        let http = build(reqwest::redirect::Policy::none)?;
-        let well_known = HttpWellKnown { http: build(|| reqwest::redirect::Policy::limited(5))?, filter: resolver.clone() };
+        let http = build(&reqwest::redirect::Policy::none)?;
+        let hops_filter = Arc::clone(resolver.filter_arc());
+        let well_known = HttpWellKnown { http: build(&|| checked_redirects(Arc::clone(&hops_filter), 5))?, filter: resolver.clone() };
         let discovery = Discovery::new(Dns::system(), Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
         Ok(Self {
             signer,
@@ -224,8 +225,34 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Redirects followed at most `max` times, each hop checked: a host name is
+/// resolved through the filtering resolver (which drops blocked addresses),
+/// but an IP literal is connected to without resolving, so it is checked
+/// against the IP filter here.
+fn checked_redirects(filter: Arc<IpFilter>, max: usize) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > max {
+            return attempt.error(format!("more than {max} redirects"));
+        }
+        match blocked_literal(&filter, attempt.url()) {
+            Some(ip) => attempt.error(format!("redirect to {ip}, blocked by ip_range_blocklist")),
+            None => attempt.follow(),
+        }
+    })
+}
+
+/// The URL's host, if it is an IP literal the filter refuses.
+fn blocked_literal(filter: &IpFilter, url: &url::Url) -> Option<std::net::IpAddr> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(v4) => std::net::IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => std::net::IpAddr::V6(v6),
+        url::Host::Domain(_) => return None,
+    };
+    (!filter.allows(ip)).then_some(ip)
+}
+
 /// `/.well-known/matrix/server` over HTTPS, size-capped, through the same
-/// filtering resolver.
+/// filtering resolver, redirects checked hop by hop.
 struct HttpWellKnown {
     http: TlsClients,
     filter: FilteringResolver,
@@ -253,9 +280,52 @@ impl WellKnown for HttpWellKnown {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A server on 127.0.0.1 (allowed for this test) redirecting to
+    /// 127.0.0.2 (blocked, as by the default list): the hop is refused
+    /// before any connection to 127.0.0.2; an allowed hop is followed.
+    #[tokio::test]
+    async fn every_redirect_hop_is_checked() {
+        let target = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let target_port = target.local_addr().unwrap().port();
+        let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&reached);
+        tokio::spawn(async move {
+            let app = axum::Router::new().fallback(move || {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { "{}" }
+            });
+            axum::serve(target, app).await
+        });
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_port = origin.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .route(
+                "/blocked",
+                axum::routing::get(
+                    move || async move { axum::response::Redirect::temporary(&format!("http://127.0.0.2:{target_port}/x")) },
+                ),
+            )
+            .route("/loop", axum::routing::get(|| async { axum::response::Redirect::temporary("/loop") }))
+            .route("/ok", axum::routing::get(|| async { axum::response::Redirect::temporary("/done") }))
+            .route("/done", axum::routing::get(|| async { "done" }));
+        tokio::spawn(async move { axum::serve(origin, app).await });
+
+        let filter = Arc::new(IpFilter::new(None, &["127.0.0.1".into()]).unwrap());
+        let client = reqwest::Client::builder().redirect(checked_redirects(filter, 5)).build().unwrap();
+        let get = |path: &str| client.get(format!("http://127.0.0.1:{origin_port}{path}")).send();
+        let err = get("/blocked").await.unwrap_err();
+        assert!(format!("{err:?}").contains("blocked by ip_range_blocklist"), "{err:?}");
+        assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0, "the blocked address was never contacted");
+        let err = get("/loop").await.unwrap_err();
+        assert!(format!("{err:?}").contains("more than 5 redirects"), "{err:?}");
+        assert_eq!(get("/ok").await.unwrap().text().await.unwrap(), "done");
+    }
+
     #[test]
     fn percent_encoding_like_python_quote() {
-        assert_eq!(super::percent_encode("@alice:remote.org"), "%40alice%3Aremote.org");
-        assert_eq!(super::percent_encode("@a_b.c-d~:h/x"), "%40a_b.c-d~%3Ah%2Fx");
+        assert_eq!(percent_encode("@alice:remote.org"), "%40alice%3Aremote.org");
+        assert_eq!(percent_encode("@a_b.c-d~:h/x"), "%40a_b.c-d~%3Ah%2Fx");
     }
 }

@@ -31,7 +31,7 @@ fn request_id(req: &Request) -> String {
 pub async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let path = req.uri().path().to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let span = tracing::info_span!("request", request_id = %id, %method, %path);
@@ -40,13 +40,23 @@ pub async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> R
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| tracing::info!(status, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "request"));
-    let labels = RequestLabels { route, method, status };
+    let labels = RequestLabels { route, method: method.to_owned(), status };
     app.metrics.requests.get_or_create(&labels).inc();
     app.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// The method as a metric label: the standard ones by name, anything else a
+/// client invents as `other` (labels must not grow with input).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD, Method::OPTIONS, Method::PATCH, Method::CONNECT, Method::TRACE]
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", |m| m.as_str())
 }
 
 /// Counts a request in flight until it is answered or dropped.

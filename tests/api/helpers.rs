@@ -64,6 +64,63 @@ pub async fn spawn_app(app: Arc<App>) -> Worker {
     Worker { url, app }
 }
 
+/// The real binary, serving the test homeserver's config on a free port;
+/// killed when dropped.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl ServiceProcess {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// With `SYNAPSE_KEYS_WORKER_*` settings in its environment.
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        let port = crate::remote::closed_port().await;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker"))
+            .envs(settings.iter().copied())
+            .arg("-c")
+            .arg(&env().homeserver_yaml)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        eventually(std::time::Duration::from_secs(20), || async { http().get(format!("{url}/health")).send().await.is_ok() }).await;
+        Self { child, url }
+    }
+
+    /// Resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http().get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an unlabelled metric in a `/metrics` text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
 pub fn http() -> Client {
     Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap()
 }

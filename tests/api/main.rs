@@ -2,6 +2,7 @@
 //! scripts/test.sh. One binary, one module per area.
 
 mod appservice;
+mod bounded;
 mod differential;
 mod errors;
 mod fake_mas;

@@ -10,7 +10,7 @@ use serde_json::json;
 use synapse_keys_worker::config::Config;
 
 use crate::fake_remote::{FakeRemote, Mode, Route};
-use crate::helpers::{Ask, Synapse, TokenIn, env, http, poll_until, spawn_worker, spawn_worker_with};
+use crate::helpers::{Ask, ServiceProcess, Synapse, TokenIn, env, eventually, http, poll_until, spawn_worker, spawn_worker_with};
 
 fn get(path: &str) -> Ask {
     Ask { method: Method::GET, path: path.into(), headers: vec![], body: None }
@@ -133,22 +133,9 @@ async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let bob = remote.add_user("bob").user_id;
     remote.add_device(&bob, "D", None);
     remote.set_mode(Route::UserKeysQuery, Mode::Hang);
-    let port = crate::remote::closed_port().await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker"))
-        .arg("-c")
-        .arg(&env().homeserver_yaml)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while http().get(format!("{url}/health")).send().await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "service did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut service = ServiceProcess::start().await;
+    let url = service.url.clone();
+    let child = &mut service.child;
     // A request that takes ~2 s (the remote hangs; timeout=2000).
     let mut slow = Ask::keys_query("v3", &me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: ["D"]}}));
     slow.path.push_str("?timeout=2000");
@@ -160,25 +147,19 @@ async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let killed = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(killed.success());
     // New connections are refused soon...
-    let refused_by = Instant::now() + Duration::from_secs(5);
-    while http().get(format!("{url}/health")).send().await.is_ok() {
-        assert!(Instant::now() < refused_by, "still accepting after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), || async { http().get(format!("{url}/health")).send().await.is_err() }).await;
     // ...while the request in flight is answered...
     let (status, answer) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert!(answer["failures"].get(remote.server_name()).is_some(), "{answer}");
     // ...and the process exits 0.
-    let exit_by = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            assert!(code.success(), "exit status {code}");
-            break;
-        }
-        assert!(Instant::now() < exit_by, "did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut exit = None;
+    poll_until(Duration::from_secs(10), || {
+        exit = child.try_wait().unwrap();
+        exit.is_some()
+    })
+    .await;
+    assert!(exit.unwrap().success(), "exit status {exit:?}");
 }
 
 #[tokio::test]
