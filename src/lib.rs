@@ -8,6 +8,8 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod federation;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest;
 pub mod http;
 pub mod ids;

@@ -191,7 +191,7 @@ impl FederationClient {
 }
 
 /// A remote's answer: its JSON, or the failure its status means.
-fn parse_answer(status: reqwest::StatusCode, body: &[u8]) -> Result<Value, FedError> {
+pub(crate) fn parse_answer(status: reqwest::StatusCode, body: &[u8]) -> Result<Value, FedError> {
     if !status.is_success() {
         return Err(FedError::http(status, body));
     }

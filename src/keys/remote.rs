@@ -148,7 +148,7 @@ fn is_truthy(v: &Value) -> bool {
 
 /// What one destination contributed.
 #[derive(Default)]
-struct DestinationAnswer {
+pub(crate) struct DestinationAnswer {
     destination: String,
     /// Resync results, merged into what the user already has (an entry is
     /// made even with no devices).
@@ -229,32 +229,47 @@ async fn query_destination(
     }
     let query: Map<String, Value> = direct.iter().map(|(u, d)| ((*u).to_owned(), json!(d))).collect();
     match app.remote.federation.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
-        Ok(remote) => {
-            let pick = |field: &str| -> Vec<(String, KeyObject)> {
-                remote
-                    .get(field)
-                    .and_then(Value::as_object)
-                    .map(|m| {
-                        m.iter()
-                            .filter(|(u, _)| query.contains_key(*u))
-                            .filter_map(|(u, k)| Some((u.clone(), parse_object(&k.to_string())?)))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            if let Some(devices) = remote.get("device_keys").and_then(Value::as_object) {
-                for (user, devs) in devices.iter().filter(|(u, _)| query.contains_key(*u)) {
-                    let parsed: HashMap<_, _> = devs
-                        .as_object()
-                        .map(|m| m.iter().filter_map(|(d, k)| Some((d.clone(), parse_object(&k.to_string())?))).collect())
-                        .unwrap_or_default();
-                    answer.replaced_devices.push((user.clone(), parsed.into_iter().collect()));
-                }
-            }
-            answer.master_keys.extend(pick("master_keys"));
-            answer.self_signing_keys.extend(pick("self_signing_keys"));
-        }
+        Ok(remote) => answer.take_user_keys(&query, &remote),
         Err(e) => answer.failure = Some(e.to_failure()),
     }
     answer
+}
+
+impl DestinationAnswer {
+    /// What a remote's `/user/keys/query` answer gives for the users of
+    /// `query` (anything else it sends, or that is not an object, is left
+    /// out).
+    pub(crate) fn take_user_keys(&mut self, query: &Map<String, Value>, remote: &Value) {
+        let pick = |field: &str| -> Vec<(String, KeyObject)> {
+            remote
+                .get(field)
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(u, _)| query.contains_key(*u))
+                        .filter_map(|(u, k)| Some((u.clone(), parse_object(&k.to_string())?)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if let Some(devices) = remote.get("device_keys").and_then(Value::as_object) {
+            for (user, devs) in devices.iter().filter(|(u, _)| query.contains_key(*u)) {
+                let parsed: HashMap<_, _> = devs
+                    .as_object()
+                    .map(|m| m.iter().filter_map(|(d, k)| Some((d.clone(), parse_object(&k.to_string())?))).collect())
+                    .unwrap_or_default();
+                self.replaced_devices.push((user.clone(), parsed.into_iter().collect()));
+            }
+        }
+        self.master_keys.extend(pick("master_keys"));
+        self.self_signing_keys.extend(pick("self_signing_keys"));
+    }
+
+    /// Merges a destination's answers into a fresh response (fuzzing).
+    #[doc(hidden)]
+    pub fn merged(self) -> KeysQueryResponse {
+        let mut resp = KeysQueryResponse::default();
+        self.merge_into(&mut resp);
+        resp
+    }
 }

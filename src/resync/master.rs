@@ -32,6 +32,17 @@ pub struct MasterAnswer {
     pub stream_pos: Option<Arc<RawValue>>,
 }
 
+impl MasterAnswer {
+    /// The body of a successful answer: an object of user → result or
+    /// `null`, with `_INT_STREAM_POS` taken out.
+    pub fn parse(body: &[u8]) -> Result<Self, MasterError> {
+        let mut map: HashMap<String, Option<Box<RawValue>>> =
+            serde_json::from_slice(body).map_err(|e| MasterError::Failed(format!("invalid JSON: {e}")))?;
+        let stream_pos = map.remove("_INT_STREAM_POS").flatten().map(Arc::from);
+        Ok(MasterAnswer { users: map, stream_pos })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error("no device-lists writer configured")]
@@ -141,10 +152,7 @@ impl Master {
             let hint = if status.as_u16() == 500 { " (is worker_replication_secret right?)" } else { "" };
             return Err(MasterError::Failed(format!("HTTP {status}{hint}: {}", String::from_utf8_lossy(&body))));
         }
-        let mut map: HashMap<String, Option<Box<RawValue>>> =
-            serde_json::from_slice(&body).map_err(|e| MasterError::Failed(format!("invalid JSON: {e}")))?;
-        let stream_pos = map.remove("_INT_STREAM_POS").flatten().map(Arc::from);
-        Ok(MasterAnswer { users: map, stream_pos })
+        MasterAnswer::parse(&body)
     }
 
     /// Whether the writer's listener answers `/health` quickly.
