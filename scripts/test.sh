@@ -4,8 +4,8 @@
 # Brings up a throw-away stack on loopback (PostgreSQL, Redis and a real
 # Synapse homeserver backed by both), builds a Synapse-made SQLite schema,
 # exports SKW_TEST_* variables describing all of it, runs `cargo test --locked`
-# (a full run, without arguments, first runs `cargo fmt --check` and clippy
-# with warnings denied) and tears everything down again. Works from any cwd; installs what is missing
+# (a full run, without arguments, first runs `cargo fmt --check`, clippy
+# with warnings denied and cargo deny) and tears everything down again. Works from any cwd; installs what is missing
 # (Debian packages via apt-get, Synapse into a venv under target/).
 #
 # Environment knobs:
@@ -50,6 +50,17 @@ if [ -z "${SKW_TEST_CMD:-}" ] && [ "$#" -eq 0 ]; then
     log "cargo fmt --check; cargo clippy --all-targets -- -D warnings"
     cargo fmt --check || die "run cargo fmt"
     cargo clippy --locked --all-targets -- -D warnings || die "clippy warnings"
+    # Dependency hygiene (deny.toml): banned crates, licences, sources.
+    # The advisory database cannot be fetched here (no internet beyond the
+    # package registries), so `advisories` is not checked: said, not hidden.
+    DENY_VERSION=0.20.2
+    DENY="$ROOT/target/tools/bin/cargo-deny"
+    if ! "$DENY" --version 2>/dev/null | grep -q " $DENY_VERSION"; then
+        log "installing cargo-deny $DENY_VERSION into target/tools"
+        cargo install --locked --quiet cargo-deny --version "$DENY_VERSION" --root "$ROOT/target/tools" || die "cargo-deny did not install"
+    fi
+    log "cargo deny check bans licenses sources (advisories: not checked, the advisory database is out of reach)"
+    "$DENY" check bans licenses sources || die "cargo deny"
 fi
 
 HOST_PY="${SKW_PYTHON:-python3}"
