@@ -36,8 +36,14 @@ pub async fn keys_query(
     // Nothing behind us may hold a request: the database gets its statement
     // budget per step, the remote part the client's timeout on top.
     let db_budget = app.config.worker.db_step_budget();
-    let requester =
-        within(db_budget, authenticate(&app, &headers, &params, client_ip(&headers, peer, app.config.worker.x_forwarded), now)).await?;
+    // Under delegated auth, authentication also waits for MAS (bounded by
+    // its own timeout, which gives MAS's failure its own answer).
+    let mas_wait = Duration::from_millis(if app.mas.is_some() { app.config.worker.mas_timeout_ms } else { 0 });
+    let requester = within(
+        db_budget.map(|b| b + mas_wait),
+        authenticate(&app, &headers, &params, client_ip(&headers, peer, app.config.worker.x_forwarded), now),
+    )
+    .await?;
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
