@@ -22,7 +22,7 @@
 //! remote.remove_device(user_id, device_id) -> bool
 //!                                           (each change bumps that user's stream_id)
 //! remote.drop_self_signing_key(user_id)     answer with the master key only
-//! remote.set_mode(Route, Mode)              Mode::Normal | Status(u16) | Hang | Garbage
+//! remote.set_mode(Route, Mode)              Mode::Normal | Status(u16) | Hang | Garbage | Huge | RedirectLoop | Trickle
 //! remote.calls(Route) -> Vec<Call>          every request, rejected ones included
 //! remote.rejected() -> usize
 //! ```
@@ -65,6 +65,12 @@ pub enum Mode {
     Hang,
     /// 200 with a body that is not JSON.
     Garbage,
+    /// 200 with a 100 MB body, streamed without a length.
+    Huge,
+    /// 302 to the same path, forever.
+    RedirectLoop,
+    /// 200, JSON-looking, one byte per second.
+    Trickle,
 }
 
 /// One request as received (before any mode applies).
@@ -347,6 +353,23 @@ impl Shared {
                 Err(error(code, errcode, "fake remote failure"))
             }
             Mode::Garbage => Err((StatusCode::OK, Body::from(Bytes::from_static(b"<html>not json"))).into_response()),
+            Mode::Huge => {
+                let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+                let chunks = futures::stream::iter((0..1600).map(move |_| Ok::<_, std::convert::Infallible>(chunk.clone())));
+                Err((StatusCode::OK, Body::from_stream(chunks)).into_response())
+            }
+            Mode::RedirectLoop => {
+                let here = req.uri().path().to_owned();
+                Err((StatusCode::FOUND, [(axum::http::header::LOCATION, here)], Body::empty()).into_response())
+            }
+            Mode::Trickle => {
+                let bytes = futures::stream::unfold(0u64, |i| async move {
+                    // Emulates a slow server; not a synchronisation.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    Some((Ok::<_, std::convert::Infallible>(Bytes::from_static(b" ")), i + 1))
+                });
+                Err((StatusCode::OK, Body::from_stream(bytes)).into_response())
+            }
             Mode::Normal | Mode::Hang => Ok(serde_json::from_slice(req.body()).unwrap_or(Value::Null)),
         }
     }

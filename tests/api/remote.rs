@@ -419,6 +419,38 @@ async fn hanging_remote_cannot_hold_the_request_past_its_timeout() {
     assert!(took >= Duration::from_millis(1_400) && took < Duration::from_millis(3_000), "took {took:?}");
 }
 
+/// Remotes that try to hold or flood us: each is a failure entry for its
+/// server within the client's timeout, and the rest of the answer stands.
+#[tokio::test]
+async fn hostile_remotes_give_failures_within_the_timeout() {
+    let s = setup().await;
+    let bob = s.remote_user("bob");
+    let worker = spawn_worker().await;
+    for mode in [Mode::Huge, Mode::RedirectLoop, Mode::Trickle] {
+        s.remote.set_mode(Route::UserKeysQuery, mode);
+        let before = our_calls(&s.remote, Route::UserKeysQuery);
+        let users = json!({&bob: [], &s.me.user_id: []});
+        let (status, answer, took) = query(&worker.url, &s.me, users, Some(2_000)).await;
+        assert_eq!(status, StatusCode::OK, "{mode:?}");
+        let failure = &answer["failures"][&s.remote.server_name()];
+        if mode == Mode::RedirectLoop {
+            // Not followed; the status is the failure, as Synapse words it.
+            let (_, theirs) =
+                Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: []}})).send(&s.hs.url).await;
+            assert_eq!(failure, &theirs["failures"][&s.remote.server_name()], "{theirs}");
+            assert_eq!(failure["status"], 302);
+        } else {
+            assert_eq!(failure["status"], 503, "{mode:?}: {answer}");
+        }
+        assert!(answer["device_keys"][&s.me.user_id].is_object(), "{mode:?}: the local user is still answered");
+        assert_eq!(our_calls(&s.remote, Route::UserKeysQuery), before + 1, "{mode:?}: one request of ours, no redirect followed");
+        println!("{mode:?}: {failure} after {took:?}");
+        assert!(took < Duration::from_millis(3_000), "{mode:?} held the request for {took:?}");
+        // No backoff from one failure to the next mode's request.
+        worker.app.remote.federation.backoff.record_success(&s.remote.server_name());
+    }
+}
+
 #[tokio::test]
 async fn garbage_oversized_and_untrusted_answers_are_failures() {
     let s = setup().await;
