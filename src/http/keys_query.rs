@@ -27,6 +27,7 @@ pub async fn keys_query(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MatrixError> {
+    let arrived = std::time::Instant::now();
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => MatrixError::too_large(),
         _ => MatrixError::bad_json("Error reading JSON content."),
@@ -47,6 +48,7 @@ pub async fn keys_query(
     let query_timeout = params.non_negative_int("timeout")?;
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
+    query.arrived = arrived;
     let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
     if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
         within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?) }).await?;

@@ -5,7 +5,6 @@
 //! cached, none when everything is).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -32,7 +31,7 @@ pub struct KeysQueryResponse {
 /// database, remote users through [`add_remote_users`] within
 /// `query.timeout`.
 pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i64) -> Result<KeysQueryResponse, sqlx::Error> {
-    let deadline = Instant::now() + query.timeout;
+    let deadline = query.deadline();
     let (store, caches) = (&app.store, &app.caches);
     let server_name = app.config.synapse.server_name.as_str();
     let (local, remote): (Vec<UserQuery>, Vec<UserQuery>) =

@@ -1,7 +1,7 @@
 //! Parsing a `/keys/query` body exactly as Synapse's `KeyQueryServlet` does.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -19,6 +19,8 @@ pub struct KeysQuery {
     /// How long remote servers may take, resolved by the caller from the
     /// query string (Synapse) or the body (spec), bounded by our settings.
     pub timeout: Duration,
+    /// When the request arrived: the answer is due `timeout` after it.
+    pub arrived: Instant,
 }
 
 impl KeysQuery {
@@ -46,11 +48,18 @@ impl KeysQuery {
             return Err(MatrixError::bad_json("'device_keys' values must be a list of strings"));
         }
         let body_timeout_ms = obj.get("timeout").and_then(Value::as_u64);
-        Ok(Self { users, body_timeout_ms, timeout: Duration::from_secs(10) })
+        Ok(Self { users, body_timeout_ms, timeout: Duration::from_secs(10), arrived: Instant::now() })
     }
 }
 
 impl KeysQuery {
+    /// When the remote part must be done: `timeout` after the request
+    /// arrived, whatever the steps before it (auth, a queue for the
+    /// device's slot, the read barrier) took.
+    pub fn deadline(&self) -> Instant {
+        self.arrived + self.timeout
+    }
+
     /// MSC4263: drops the users who share no joined or invited room with
     /// `requester` (the requester too, when in no room at all).
     pub async fn keep_users_sharing_a_room_with(&mut self, store: &Store, requester: &str) -> Result<(), sqlx::Error> {

@@ -213,6 +213,42 @@ async fn per_device_limit_queues_then_refuses_with_429() {
     assert_eq!(get("/health").send(&worker.url).await.0, StatusCode::OK);
 }
 
+/// The client's `timeout` counts from when the request arrived: time spent
+/// queued for the device's slot is not given again to the remote part.
+#[tokio::test]
+async fn the_timeout_counts_from_arrival_not_from_the_slot() {
+    let hs = Synapse::new();
+    let me = hs.register("queued").await;
+    // Two servers that never answer (two, so that the second request is
+    // not answered from the first one's backoff).
+    let (a, b) = (FakeRemote::start_for_homeserver().await, FakeRemote::start_for_homeserver().await);
+    let (bob, carol) = (a.add_user("bob").user_id, b.add_user("carol").user_id);
+    a.set_mode(Route::UserKeysQuery, Mode::Hang);
+    b.set_mode(Route::UserKeysQuery, Mode::Hang);
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    config.worker.max_concurrent_queries_per_device = 1;
+    let worker = spawn_worker_with(config).await;
+    let ask = |user: &str, timeout: u64| {
+        let mut ask = Ask::keys_query("v3", &me.session.token, TokenIn::Header, &json!({"device_keys": {user: []}}));
+        ask.path.push_str(&format!("?timeout={timeout}"));
+        ask
+    };
+    let started = Instant::now();
+    let first = tokio::spawn({
+        let (ask, url) = (ask(&bob, 2_000), worker.url.clone());
+        async move { ask.send(&url).await }
+    });
+    poll_until(Duration::from_secs(10), || !a.calls(Route::UserKeysQuery).is_empty()).await;
+    // Queued behind the first for ~2 s, with 1 s allowed: due as soon as
+    // it gets the slot, not 1 s after.
+    let (status, answer) = ask(&carol, 1_000).send(&worker.url).await;
+    let second = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["failures"][&b.server_name()].is_object(), "{answer}");
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    assert!(second < Duration::from_millis(2_700), "answered {second:?} after the first request started");
+}
+
 /// Start-up problems stop the binary with one line naming the problem.
 #[test]
 fn bad_config_stops_startup_with_one_clear_line() {
