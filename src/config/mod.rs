@@ -33,8 +33,14 @@ pub struct Config {
 pub struct ConfigError(pub String);
 
 impl ConfigError {
+    /// The message, with control characters (a line break in a key name
+    /// quoted from the file, say) escaped: one line, whatever the file holds.
     pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
+        let msg: String = msg.into();
+        if !msg.contains(char::is_control) {
+            return Self(msg);
+        }
+        Self(msg.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect())
     }
 }
 
@@ -66,5 +72,19 @@ fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
         Ok(Value::Null) => Ok(Mapping::new()),
         Ok(_) => Err(ConfigError::new(format!("config file {} must contain a YAML mapping at the top level", path.display()))),
         Err(e) => Err(ConfigError::new(format!("config file {} is not valid YAML: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: a key with line breaks in it was quoted verbatim.
+    #[test]
+    fn errors_are_one_line_whatever_the_file_holds() {
+        let yaml = "server_name: hs\nkeys_worker: {\"bad\\n\\nkey\": 1}\n";
+        let mapping: Mapping = serde_yaml::from_str(yaml).unwrap();
+        let err = Config::from_mapping(mapping, Vec::new()).unwrap_err().to_string();
+        assert!(!err.contains('\n') && err.contains("bad\\n\\nkey"), "{err}");
     }
 }
