@@ -86,8 +86,9 @@ pub async fn add_remote_users(
     }
     let sharing = &sharing;
     // The federation requests are bounded by the deadline themselves; this
-    // is the safety net for everything else a destination waits on.
-    let safety_net = budget.deadline + std::time::Duration::from_millis(50);
+    // is the safety net for everything else a destination waits on (the
+    // answer is due at the deadline, not after it).
+    let safety_net = budget.deadline;
     let queries: Vec<_> = ask
         .into_iter()
         .map(|(dest, queries)| async move {

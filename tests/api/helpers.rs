@@ -69,6 +69,8 @@ pub async fn spawn_app(app: Arc<App>) -> Worker {
 pub struct ServiceProcess {
     pub child: std::process::Child,
     pub url: String,
+    /// Its standard output: the log.
+    pub log: PathBuf,
 }
 
 impl ServiceProcess {
@@ -78,20 +80,26 @@ impl ServiceProcess {
 
     /// With `SYNAPSE_KEYS_WORKER_*` settings in its environment.
     pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        Self::start_from(&env().homeserver_yaml, settings).await
+    }
+
+    /// Serving the config file `config`.
+    pub async fn start_from(config: &std::path::Path, settings: &[(&str, &str)]) -> Self {
         let port = crate::remote::closed_port().await;
+        let log = std::env::temp_dir().join(format!("{}.log", unique("service")));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker"))
             .envs(settings.iter().copied())
             .arg("-c")
-            .arg(&env().homeserver_yaml)
+            .arg(config)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
         eventually(std::time::Duration::from_secs(20), || async { http().get(format!("{url}/health")).send().await.is_ok() }).await;
-        Self { child, url }
+        Self { child, url, log }
     }
 
     /// Resident memory, in KiB.
@@ -111,6 +119,7 @@ impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -397,7 +406,12 @@ impl Ask {
     }
 
     pub async fn send(&self, base: &str) -> (StatusCode, Value) {
-        let mut req = http().request(self.method.clone(), format!("{base}{}", self.path));
+        self.send_with(&http(), base).await
+    }
+
+    /// [`Ask::send`] through `client` (its connections reused).
+    pub async fn send_with(&self, client: &Client, base: &str) -> (StatusCode, Value) {
+        let mut req = client.request(self.method.clone(), format!("{base}{}", self.path));
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }

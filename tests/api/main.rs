@@ -8,6 +8,7 @@ mod errors;
 mod fake_mas;
 mod fake_remote;
 mod fake_writer;
+mod faults;
 mod fresh_after_sync;
 mod helpers;
 mod mas;
