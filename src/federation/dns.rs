@@ -122,11 +122,7 @@ impl FilteringResolver {
         self.via.entry_count()
     }
 
-    pub fn filter(&self) -> &IpFilter {
-        &self.filter
-    }
-
-    pub fn filter_arc(&self) -> &Arc<IpFilter> {
+    pub fn filter(&self) -> &Arc<IpFilter> {
         &self.filter
     }
 }

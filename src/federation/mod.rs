@@ -76,7 +76,7 @@ impl FederationClient {
             })
         };
         let http = build(&reqwest::redirect::Policy::none)?;
-        let hops_filter = Arc::clone(resolver.filter_arc());
+        let hops_filter = Arc::clone(resolver.filter());
         let well_known = HttpWellKnown { http: build(&|| checked_redirects(Arc::clone(&hops_filter), 5))?, filter: resolver.clone() };
         let discovery = Discovery::new(Dns::system(), Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
         Ok(Self {

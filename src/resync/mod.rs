@@ -162,7 +162,7 @@ impl Coordinator {
         let mut writer = pin!(self.master.resync(&users));
         let (mut outcomes, writer_pending) = tokio::select! {
             answer = &mut writer => (self.after_writer(destination, &users, answer).await, false),
-            () = hedge_point(batch.hedge()) => {
+            () = hedge_reached(batch.hedge()) => {
                 self.outcomes.writer_late.fetch_add(1, Ordering::Relaxed);
                 self.master.late();
                 let mut direct = pin!(self.direct_all(destination, &users));
@@ -176,9 +176,7 @@ impl Coordinator {
             }
         };
         for (user, ticket) in users.iter().zip(tickets) {
-            let outcome = outcomes
-                .remove(user)
-                .unwrap_or_else(|| Err(json!({"status": 503, "message": format!("Device resync failed for '{user}'")})));
+            let outcome = outcomes.remove(user).unwrap_or_else(|| Err(resync_failed(user)));
             if let Ok(devices) = &outcome {
                 self.cache.insert(user.clone(), Arc::clone(devices), ticket);
             }
@@ -215,7 +213,7 @@ impl Coordinator {
             .map(|u| {
                 let outcome = match raw.remove(u).flatten().and_then(|r| UserDevices::parse(r, answer.stream_pos.clone())) {
                     Some(d) => Ok(Arc::new(d)),
-                    None => Err(json!({"status": 503, "message": format!("Device resync failed for '{u}'")})),
+                    None => Err(resync_failed(u)),
                 };
                 let counter = if outcome.is_ok() { &self.outcomes.master_ok } else { &self.outcomes.master_null };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -243,9 +241,14 @@ impl Coordinator {
     }
 }
 
+/// The failure of a user whose resync gave no device list.
+fn resync_failed(user: &str) -> Value {
+    json!({"status": 503, "message": format!("Device resync failed for '{user}'")})
+}
+
 /// Resolves at the batch's hedge point, following it when a follower
 /// brings it forward.
-async fn hedge_point(mut at: watch::Receiver<Instant>) {
+async fn hedge_reached(mut at: watch::Receiver<Instant>) {
     loop {
         let when = *at.borrow_and_update();
         tokio::select! {

@@ -212,7 +212,7 @@ impl World {
     }
 
     /// Sets or clears `fault`; a remote fault is `remote`'s.
-    async fn inject(&self, fault: Fault, on: bool, remote: &FakeRemote) {
+    fn inject(&self, fault: Fault, on: bool, remote: &FakeRemote) {
         match fault {
             Fault::WriterStopped => self.writer.set_open(!on),
             Fault::WriterHanging => self.writer.set_frozen(on),
@@ -247,7 +247,7 @@ async fn faults_under_load_give_no_5xx_no_late_answer_and_recover() {
         // The stale users' server is new each time: neither Synapse nor we
         // back off from it because of an earlier fault.
         let remote = FakeRemote::start_for_homeserver().await;
-        w.inject(fault, true, &remote).await;
+        w.inject(fault, true, &remote);
         if fault == Fault::RedisStopped {
             // No stale answer while the stream is down: a device carol
             // adds now is in our very next answer.
@@ -257,7 +257,7 @@ async fn faults_under_load_give_no_5xx_no_late_answer_and_recover() {
             assert!(answer["device_keys"][&w.carol.user_id][&phone.device_id].is_object(), "stale while Redis is down: {answer}");
         }
         let during = w.load(Duration::from_secs(3), &remote).await;
-        w.inject(fault, false, &remote).await;
+        w.inject(fault, false, &remote);
         // Recovered without a restart: the same answers as Synapse.
         eventually(Duration::from_secs(30), || w.agrees_with_synapse()).await;
         let after = w.load(Duration::from_secs(1), &remote).await;
