@@ -11,7 +11,6 @@ use crate::config::{Config, DatabaseConfig, SynapseConfig, WorkerConfig};
 use crate::store::Store;
 
 pub const SERVER_NAME: &str = "demo.localhost";
-const SEED: &str = include_str!("demo/seed.sql");
 
 pub struct Demo {
     pub config: Config,
@@ -24,10 +23,7 @@ impl Demo {
     pub async fn create(worker: WorkerConfig) -> anyhow::Result<Self> {
         let db_path = std::env::temp_dir().join(format!("synapse-keys-worker-demo-{}.db", std::process::id()));
         let token: String = format!("syt_demo_{}", rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>());
-        let seed = format!(
-            "{SEED}\nINSERT INTO access_tokens (id, user_id, device_id, token) VALUES (1, '@alice:{SERVER_NAME}', 'ALICEDEV1', '{token}');\n"
-        );
-        let store = Store::create_sqlite_fixture(&db_path, &seed).await?;
+        let store = Store::create_demo(&db_path, SERVER_NAME, &token).await?;
         let mut synapse_yaml = serde_yaml::Mapping::new();
         synapse_yaml.insert("server_name".into(), SERVER_NAME.into());
         let database: serde_yaml::Value =

@@ -228,7 +228,7 @@ impl Caches {
         let tickets: Vec<_> = misses.iter().map(|u| self.remote.ticket(&(*u).to_owned())).collect();
         let (cached, sharing, rows) = tokio::try_join!(
             store.remote_cached_users(&misses),
-            store.users_sharing_a_room(&misses),
+            store.users_in_a_room_with_us(&misses),
             store.remote_cached_devices(&misses),
         )?;
         let cached: HashSet<String> = cached.into_iter().collect();

@@ -3,6 +3,7 @@
 //! and the legacy account validity's expiry (`get_expiration_ts_for_user`).
 
 use super::Store;
+use super::sql::{Arg, Sql};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct TokenRow {
@@ -18,7 +19,8 @@ pub struct TokenRow {
     pub expiration_ts: Option<i64>,
 }
 
-const SQL_PG: &str = "
+const TOKEN: Sql = Sql {
+    pg: "
     SELECT users.name AS user_id, users.is_guest <> 0 AS is_guest,
            access_tokens.device_id, access_tokens.valid_until_ms,
            access_tokens.user_id AS token_owner,
@@ -26,9 +28,8 @@ const SQL_PG: &str = "
     FROM users
     INNER JOIN access_tokens ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)
     LEFT JOIN account_validity ON account_validity.user_id = users.name
-    WHERE access_tokens.token = $1";
-
-const SQL_SQLITE: &str = "
+    WHERE access_tokens.token = $1",
+    sqlite: "
     SELECT users.name AS user_id, users.is_guest <> 0 AS is_guest,
            access_tokens.device_id, access_tokens.valid_until_ms,
            access_tokens.user_id AS token_owner,
@@ -36,53 +37,39 @@ const SQL_SQLITE: &str = "
     FROM users
     INNER JOIN access_tokens ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)
     LEFT JOIN account_validity ON account_validity.user_id = users.name
-    WHERE access_tokens.token = ?1";
+    WHERE access_tokens.token = ?1",
+};
 
 impl Store {
     pub async fn token_lookup(&self, token: &str) -> Result<Option<TokenRow>, sqlx::Error> {
-        if !super::storable(token) {
-            return Ok(None);
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_as(SQL_PG).bind(token).fetch_optional(p).await,
-            Store::Sqlite(p) => sqlx::query_as(SQL_SQLITE).bind(token).fetch_optional(p).await,
-        }
+        self.fetch_optional(&TOKEN, &[Arg::Text(token)]).await
     }
 }
 
-const USER_PG: &str = "SELECT name FROM users WHERE name = $1";
-const USER_SQLITE: &str = "SELECT name FROM users WHERE name = ?1";
-const DEVICE_PG: &str = "SELECT device_id FROM devices WHERE user_id = $1 AND device_id = $2 AND NOT hidden";
-const DEVICE_SQLITE: &str = "SELECT device_id FROM devices WHERE user_id = ?1 AND device_id = ?2 AND NOT hidden";
+const USER: Sql = Sql { pg: "SELECT name FROM users WHERE name = $1", sqlite: "SELECT name FROM users WHERE name = ?1" };
+const DEVICE: Sql = Sql {
+    pg: "SELECT device_id FROM devices WHERE user_id = $1 AND device_id = $2 AND NOT hidden",
+    sqlite: "SELECT device_id FROM devices WHERE user_id = ?1 AND device_id = ?2 AND NOT hidden",
+};
 
 impl Store {
     /// Whether `user_id` is registered (Synapse's `get_user_by_id`).
     pub async fn user_exists(&self, user_id: &str) -> Result<bool, sqlx::Error> {
-        if !super::storable(user_id) {
-            return Ok(false);
-        }
-        let found: Option<String> = match self {
-            Store::Postgres(p) => sqlx::query_scalar(USER_PG).bind(user_id).fetch_optional(p).await?,
-            Store::Sqlite(p) => sqlx::query_scalar(USER_SQLITE).bind(user_id).fetch_optional(p).await?,
-        };
+        let found: Option<(String,)> = self.fetch_optional(&USER, &[Arg::Text(user_id)]).await?;
         Ok(found.is_some())
     }
 
     /// Whether the user has this (non-hidden) device (Synapse's `get_device`).
     pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool, sqlx::Error> {
-        if !super::storable(user_id) || !super::storable(device_id) {
-            return Ok(false);
-        }
-        let found: Option<String> = match self {
-            Store::Postgres(p) => sqlx::query_scalar(DEVICE_PG).bind(user_id).bind(device_id).fetch_optional(p).await?,
-            Store::Sqlite(p) => sqlx::query_scalar(DEVICE_SQLITE).bind(user_id).bind(device_id).fetch_optional(p).await?,
-        };
+        let found: Option<(String,)> = self.fetch_optional(&DEVICE, &[Arg::Text(user_id), Arg::Text(device_id)]).await?;
         Ok(found.is_some())
     }
 }
 
-const DEVICE_IDS_PG: &str = "SELECT user_id, device_id FROM devices WHERE user_id = ANY($1) AND NOT hidden";
-const DEVICE_IDS_SQLITE: &str = "SELECT user_id, device_id FROM devices WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT hidden";
+const DEVICE_IDS: Sql = Sql {
+    pg: "SELECT user_id, device_id FROM devices WHERE user_id = ANY($1) AND NOT hidden",
+    sqlite: "SELECT user_id, device_id FROM devices WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT hidden",
+};
 
 /// One (non-hidden) device of a user.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -94,29 +81,21 @@ pub struct DeviceIdRow {
 impl Store {
     /// Every (non-hidden) device of each of `users`, keys or not.
     pub async fn device_ids(&self, users: &[&str]) -> Result<Vec<DeviceIdRow>, sqlx::Error> {
-        let users = &*super::only_storable(users);
-        match self {
-            Store::Postgres(p) => sqlx::query_as(DEVICE_IDS_PG).bind(users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_as(DEVICE_IDS_SQLITE).bind(super::json_list(users)).fetch_all(p).await,
-        }
+        self.fetch_all(&DEVICE_IDS, &[Arg::any_of(users)]).await
     }
 }
 
-const GUEST_PG: &str = "SELECT is_guest <> 0, COALESCE(locked, FALSE), expiration_ts_ms
-    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = $1";
-const GUEST_SQLITE: &str = "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0, expiration_ts_ms
-    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = ?1";
+const GUEST: Sql = Sql {
+    pg: "SELECT is_guest <> 0, COALESCE(locked, FALSE), expiration_ts_ms
+    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = $1",
+    sqlite: "SELECT is_guest <> 0, COALESCE(locked, 0) <> 0, expiration_ts_ms
+    FROM users LEFT JOIN account_validity ON account_validity.user_id = users.name WHERE name = ?1",
+};
 
 impl Store {
     /// (is a guest, is locked, account expiry) for a registered user,
     /// `None` if unknown.
     pub async fn guest_status(&self, user_id: &str) -> Result<Option<(bool, bool, Option<i64>)>, sqlx::Error> {
-        if !super::storable(user_id) {
-            return Ok(None);
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_as(GUEST_PG).bind(user_id).fetch_optional(p).await,
-            Store::Sqlite(p) => sqlx::query_as(GUEST_SQLITE).bind(user_id).fetch_optional(p).await,
-        }
+        self.fetch_optional(&GUEST, &[Arg::Text(user_id)]).await
     }
 }

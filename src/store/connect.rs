@@ -40,15 +40,35 @@ impl Store {
     /// and tests; `seed` is run after the schema. Never used on a database
     /// that Synapse owns.
     pub async fn create_sqlite_fixture(path: &Path, seed: &str) -> anyhow::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        let opts = SqliteConnectOptions::new().filename(path).create_if_missing(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
-        sqlx::raw_sql(SCHEMA_SUBSET).execute(&pool).await?;
-        // Seeds are our own fixture text (demo data, test fixtures), not user input.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(seed.to_owned())).execute(&pool).await?;
+        Ok(Store::Sqlite(sqlite_fixture(path, seed).await?))
+    }
+
+    /// The demo's database: a fresh SQLite file with the schema subset,
+    /// the demo users and keys, and `token` as an access token of
+    /// `@alice` on `server_name` (the seed's).
+    pub async fn create_demo(path: &Path, server_name: &str, token: &str) -> anyhow::Result<Self> {
+        let pool = sqlite_fixture(path, DEMO_SEED).await?;
+        sqlx::query("INSERT INTO access_tokens (id, user_id, device_id, token) VALUES (1, ?1, 'ALICEDEV1', ?2)")
+            .bind(format!("@alice:{server_name}"))
+            .bind(token)
+            .execute(&pool)
+            .await?;
         Ok(Store::Sqlite(pool))
     }
 }
+
+async fn sqlite_fixture(path: &Path, seed: &str) -> anyhow::Result<sqlx::SqlitePool> {
+    let _ = std::fs::remove_file(path);
+    let opts = SqliteConnectOptions::new().filename(path).create_if_missing(true);
+    let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+    sqlx::raw_sql(SCHEMA_SUBSET).execute(&pool).await?;
+    // Seeds are our own fixture text (demo data, test fixtures), not user input.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(seed.to_owned())).execute(&pool).await?;
+    Ok(pool)
+}
+
+/// The demo's users, devices and cross-signing keys (real signatures).
+const DEMO_SEED: &str = include_str!("demo_seed.sql");
 
 fn pg_options(a: &PostgresArgs, statement_timeout_ms: u64) -> anyhow::Result<PgConnectOptions> {
     let mut o = PgConnectOptions::new_without_pgpass();

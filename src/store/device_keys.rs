@@ -3,7 +3,8 @@
 //! query. Requests for named devices are answered from the user's full list
 //! (which is what the cache holds).
 
-use super::{Store, json_list};
+use super::Store;
+use super::sql::{Arg, Sql};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct DeviceKeyRow {
@@ -13,28 +14,22 @@ pub struct DeviceKeyRow {
     pub key_json: Option<String>,
 }
 
-const SQL_PG: &str = "
+const DEVICE_KEYS: Sql = Sql {
+    pg: "
     SELECT user_id, device_id, d.display_name, k.key_json
     FROM e2e_device_keys_json k
     INNER JOIN devices d USING (user_id, device_id)
-    WHERE user_id = ANY($1) AND NOT d.hidden";
-
-const SQL_SQLITE: &str = "
+    WHERE user_id = ANY($1) AND NOT d.hidden",
+    sqlite: "
     SELECT user_id, device_id, d.display_name, k.key_json
     FROM e2e_device_keys_json k
     INNER JOIN devices d USING (user_id, device_id)
-    WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT d.hidden";
+    WHERE user_id IN (SELECT value FROM json_each(?1)) AND NOT d.hidden",
+};
 
 impl Store {
     /// Every device with keys of each of `users`.
     pub async fn device_keys(&self, users: &[&str]) -> Result<Vec<DeviceKeyRow>, sqlx::Error> {
-        let users = &*super::only_storable(users);
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_as(SQL_PG).bind(users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_as(SQL_SQLITE).bind(json_list(users)).fetch_all(p).await,
-        }
+        self.fetch_all(&DEVICE_KEYS, &[Arg::any_of(users)]).await
     }
 }

@@ -1,16 +1,15 @@
 //! Read-only access to Synapse's database. All SQL lives under this module.
 //!
 //! One [`Store`] wraps a PostgreSQL pool (production) or an SQLite pool
-//! (demo, SQLite-based Synapse setups). Each query exists once per dialect,
-//! with a fixed text so the driver's prepared-statement cache applies; list
-//! parameters go in as one array (PostgreSQL) or one JSON array (SQLite), so
-//! a query costs one round trip however many users it names.
+//! (demo, SQLite-based Synapse setups). Each query is written once per
+//! dialect and run through the one generic fetch of `sql.rs`.
 
 mod auth;
 mod connect;
 mod cross_signing;
 mod device_keys;
 mod remote;
+mod sql;
 mod streams;
 
 pub use auth::{DeviceIdRow, TokenRow};
@@ -55,21 +54,4 @@ impl Store {
             Store::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop),
         }
     }
-}
-
-/// Whether a string can be stored in (so found in) Synapse's database:
-/// PostgreSQL text cannot hold NUL. A string with one matches nothing, and
-/// sending it would fail the whole query, so it is never sent.
-fn storable(s: &str) -> bool {
-    !s.contains('\0')
-}
-
-/// `items` without the strings that cannot be stored (borrowed when all can).
-fn only_storable<'a, 'b>(items: &'b [&'a str]) -> std::borrow::Cow<'b, [&'a str]> {
-    if items.iter().all(|s| storable(s)) { items.into() } else { items.iter().copied().filter(|s| storable(s)).collect::<Vec<_>>().into() }
-}
-
-/// A list of strings as one SQLite parameter (read with `json_each`).
-fn json_list<T: serde::Serialize>(items: &[T]) -> String {
-    serde_json::to_string(items).expect("strings serialise")
 }

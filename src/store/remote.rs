@@ -2,7 +2,8 @@
 //! the cached devices themselves, who still shares a room with this
 //! server, and which destinations Synapse is backing off from.
 
-use super::{Store, json_list};
+use super::Store;
+use super::sql::{Arg, Sql};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct RemoteDeviceRow {
@@ -13,114 +14,92 @@ pub struct RemoteDeviceRow {
 
 // Cached: a non-empty stream_id in the extremities and no resync marker
 // (Synapse's get_users_whose_devices_are_cached).
-const CACHED_PG: &str = "
+const CACHED: Sql = Sql {
+    pg: "
     SELECT e.user_id FROM device_lists_remote_extremeties e
     WHERE e.user_id = ANY($1) AND e.stream_id <> ''
-      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)";
-const CACHED_SQLITE: &str = "
+      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)",
+    sqlite: "
     SELECT e.user_id FROM device_lists_remote_extremeties e
     WHERE e.user_id IN (SELECT value FROM json_each(?1)) AND e.stream_id <> ''
-      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)";
+      AND NOT EXISTS (SELECT 1 FROM device_lists_remote_resync r WHERE r.user_id = e.user_id)",
+};
 
-const JOINED_PG: &str = "
+const JOINED: Sql = Sql {
+    pg: "
     SELECT DISTINCT state_key FROM current_state_events
-    WHERE type = 'm.room.member' AND membership = 'join' AND state_key = ANY($1)";
-const JOINED_SQLITE: &str = "
+    WHERE type = 'm.room.member' AND membership = 'join' AND state_key = ANY($1)",
+    sqlite: "
     SELECT DISTINCT state_key FROM current_state_events
-    WHERE type = 'm.room.member' AND membership = 'join' AND state_key IN (SELECT value FROM json_each(?1))";
+    WHERE type = 'm.room.member' AND membership = 'join' AND state_key IN (SELECT value FROM json_each(?1))",
+};
 
-const DEVICES_PG: &str = "
+const DEVICES: Sql = Sql {
+    pg: "
     SELECT user_id, device_id, content FROM device_lists_remote_cache
-    WHERE user_id = ANY($1)";
-const DEVICES_SQLITE: &str = "
+    WHERE user_id = ANY($1)",
+    sqlite: "
     SELECT user_id, device_id, content FROM device_lists_remote_cache
-    WHERE user_id IN (SELECT value FROM json_each(?1))";
+    WHERE user_id IN (SELECT value FROM json_each(?1))",
+};
 
 // MSC4263: users sharing a joined or invited room with the requester
 // (Synapse's do_users_share_a_room_joined_or_invited).
-const CO_MEMBERS_PG: &str = "
+const CO_MEMBERS: Sql = Sql {
+    pg: "
     SELECT DISTINCT b.state_key FROM (
         SELECT room_id FROM current_state_events
         WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = $1
     ) AS a INNER JOIN (
         SELECT room_id, state_key FROM current_state_events
         WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = ANY($2)
-    ) AS b USING (room_id)";
-const CO_MEMBERS_SQLITE: &str = "
+    ) AS b USING (room_id)",
+    sqlite: "
     SELECT DISTINCT b.state_key FROM (
         SELECT room_id FROM current_state_events
         WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key = ?1
     ) AS a INNER JOIN (
         SELECT room_id, state_key FROM current_state_events
         WHERE type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key IN (SELECT value FROM json_each(?2))
-    ) AS b USING (room_id)";
+    ) AS b USING (room_id)",
+};
 
 // Synapse's filter_destinations_by_retry_limiter: a row with all three
 // timings set whose retry is not due within the grace period.
-const BACKOFF_PG: &str = "
+const BACKOFF: Sql = Sql {
+    pg: "
     SELECT destination FROM destinations
     WHERE destination = ANY($1) AND retry_last_ts > 0 AND failure_ts > 0 AND retry_interval > 0
-      AND retry_last_ts + retry_interval > $2";
-const BACKOFF_SQLITE: &str = "
+      AND retry_last_ts + retry_interval > $2",
+    sqlite: "
     SELECT destination FROM destinations
     WHERE destination IN (SELECT value FROM json_each(?1)) AND retry_last_ts > 0 AND failure_ts > 0
-      AND retry_interval > 0 AND retry_last_ts + retry_interval > ?2";
+      AND retry_interval > 0 AND retry_last_ts + retry_interval > ?2",
+};
 
 impl Store {
     /// Those of `users` whose device lists Synapse holds and trusts.
     pub async fn remote_cached_users(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
-        self.user_list_query(CACHED_PG, CACHED_SQLITE, users).await
+        self.fetch_column(&CACHED, &[Arg::any_of(users)]).await
     }
 
     /// Those of `users` joined to a room this server is in.
-    pub async fn users_sharing_a_room(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
-        self.user_list_query(JOINED_PG, JOINED_SQLITE, users).await
-    }
-
-    async fn user_list_query(&self, pg: &'static str, lite: &'static str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
-        let users = &*super::only_storable(users);
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_scalar(pg).bind(users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_scalar(lite).bind(json_list(users)).fetch_all(p).await,
-        }
+    pub async fn users_in_a_room_with_us(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        self.fetch_column(&JOINED, &[Arg::any_of(users)]).await
     }
 
     /// Every cached device of each of `users`.
     pub async fn remote_cached_devices(&self, users: &[&str]) -> Result<Vec<RemoteDeviceRow>, sqlx::Error> {
-        let users = &*super::only_storable(users);
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_as(DEVICES_PG).bind(users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_as(DEVICES_SQLITE).bind(json_list(users)).fetch_all(p).await,
-        }
+        self.fetch_all(&DEVICES, &[Arg::any_of(users)]).await
     }
 
     /// Those of `users` who share a joined or invited room with `requester`.
     pub async fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
-        let users = &*super::only_storable(users);
-        if users.is_empty() || !super::storable(requester) {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_scalar(CO_MEMBERS_PG).bind(requester).bind(users).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_scalar(CO_MEMBERS_SQLITE).bind(requester).bind(json_list(users)).fetch_all(p).await,
-        }
+        self.fetch_column(&CO_MEMBERS, &[Arg::Text(requester), Arg::any_of(users)]).await
     }
 
     /// Those of `destinations` Synapse will not retry before `not_before_ms`.
     pub async fn destinations_in_backoff(&self, destinations: &[&str], not_before_ms: i64) -> Result<Vec<String>, sqlx::Error> {
-        let destinations = &*super::only_storable(destinations);
-        if destinations.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Postgres(p) => sqlx::query_scalar(BACKOFF_PG).bind(destinations).bind(not_before_ms).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_scalar(BACKOFF_SQLITE).bind(json_list(destinations)).bind(not_before_ms).fetch_all(p).await,
-        }
+        self.fetch_column(&BACKOFF, &[Arg::any_of(destinations), Arg::Int(not_before_ms)]).await
     }
 }

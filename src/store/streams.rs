@@ -7,6 +7,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 
 use super::Store;
+use super::sql::{Arg, Sql};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StreamUser {
@@ -24,18 +25,20 @@ pub struct CacheInvalidation {
 
 // Device-list changes and signature uploads share the device_lists stream.
 // `instance` NULL: every writer (polling).
-const DEVICE_LISTS_PG: &str = "
+const DEVICE_LISTS: Sql = Sql {
+    pg: "
     SELECT stream_id, user_id FROM device_lists_stream
     WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR COALESCE(instance_name, 'master') = $3)
     UNION ALL
     SELECT stream_id, from_user_id AS user_id FROM user_signature_stream
-    WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR COALESCE(instance_name, 'master') = $3)";
-const DEVICE_LISTS_SQLITE: &str = "
+    WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR COALESCE(instance_name, 'master') = $3)",
+    sqlite: "
     SELECT stream_id, user_id FROM device_lists_stream
     WHERE stream_id > ?1 AND stream_id <= ?2 AND (?3 IS NULL OR COALESCE(instance_name, 'master') = ?3)
     UNION ALL
     SELECT stream_id, from_user_id AS user_id FROM user_signature_stream
-    WHERE stream_id > ?1 AND stream_id <= ?2 AND (?3 IS NULL OR COALESCE(instance_name, 'master') = ?3)";
+    WHERE stream_id > ?1 AND stream_id <= ?2 AND (?3 IS NULL OR COALESCE(instance_name, 'master') = ?3)",
+};
 
 /// One row of the read barrier's probe (see [`ProbeConnection::probe`]).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -58,49 +61,47 @@ pub enum ProbeKind {
     StaleMark = 2,
 }
 
-// In one statement, so one snapshot: the changes after `$1` and the
-// writers' persisted positions (Synapse's stream_positions, which a writer
-// updates only after its rows committed); with remote users, also their
-// resync marks.
-const PROBE_PG: &str = "
-    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > $1
-    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > $1
-    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'";
-const PROBE_MARKS_PG: &str = "
+// In one statement, so one snapshot: the changes after `$1`, the writers'
+// persisted positions (Synapse's stream_positions, which a writer updates
+// only after its rows committed), and the resync marks of the remote users
+// in `$2` (none when it is empty).
+const PROBE: Sql = Sql {
+    pg: "
     SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > $1
     UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > $1
     UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($2)";
-const PROBE_SQLITE: &str = "
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($2)",
+    sqlite: "
     SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > ?1
     UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > ?1
     UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))";
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))",
+};
 
 const CACHES_PG: &str = "
     SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance
     WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR instance_name = $3)";
 
 // Device-list changes and signature uploads share one id sequence.
-const MAX_DEVICE_LISTS: &str = "
+const MAX_DEVICE_LISTS: Sql = Sql::same(
+    "
     SELECT MAX(head) FROM (
         SELECT COALESCE(MAX(stream_id), 0) AS head FROM device_lists_stream
         UNION ALL SELECT COALESCE(MAX(stream_id), 0) FROM user_signature_stream
-    ) AS heads";
+    ) AS heads",
+);
 const MAX_CACHES: &str = "SELECT COALESCE(MAX(stream_id), 0) FROM cache_invalidation_stream_by_instance";
 
 impl Store {
     /// Users with device-list or signature changes in `(after, upto]`
     /// written by `instance` (any instance when `None`).
     pub async fn device_list_changes(&self, after: i64, upto: i64, instance: Option<&str>) -> Result<Vec<StreamUser>, sqlx::Error> {
-        match self {
-            Store::Postgres(p) => sqlx::query_as(DEVICE_LISTS_PG).bind(after).bind(upto).bind(instance).fetch_all(p).await,
-            Store::Sqlite(p) => sqlx::query_as(DEVICE_LISTS_SQLITE).bind(after).bind(upto).bind(instance).fetch_all(p).await,
-        }
+        self.fetch_all(&DEVICE_LISTS, &[Arg::Int(after), Arg::Int(upto), Arg::OptText(instance)]).await
     }
 
     /// Synapse's cache invalidations in `(after, upto]` by `instance` (any
-    /// when `None`). SQLite-backed Synapse writes none.
+    /// when `None`). SQLite-backed Synapse writes none (and SQLite has no
+    /// array column to read `keys` into: the one query of one dialect).
     pub async fn cache_invalidations(&self, after: i64, upto: i64, instance: Option<&str>) -> Result<Vec<CacheInvalidation>, sqlx::Error> {
         match self {
             Store::Postgres(p) => sqlx::query_as(CACHES_PG).bind(after).bind(upto).bind(instance).fetch_all(p).await,
@@ -119,10 +120,7 @@ impl Store {
 
     /// The newest id of the device-list stream (changes and signatures).
     pub async fn device_lists_head(&self) -> Result<i64, sqlx::Error> {
-        match self {
-            Store::Postgres(p) => sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await,
-            Store::Sqlite(p) => sqlx::query_scalar(MAX_DEVICE_LISTS).fetch_one(p).await,
-        }
+        Ok(self.fetch_one::<(i64,)>(&MAX_DEVICE_LISTS).await?.0)
     }
 }
 
@@ -144,10 +142,9 @@ impl ProbeConnection {
     /// changes after `after`, each writer's persisted position, and which
     /// of `remote_users` Synapse has marked stale.
     pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
-        let remote_users = &*super::only_storable(remote_users);
-        let pool = match &self.store {
-            Store::Postgres(pool) => pool,
-            Store::Sqlite(p) => return sqlx::query_as(PROBE_SQLITE).bind(after).bind(super::json_list(remote_users)).fetch_all(p).await,
+        let args = [Arg::Int(after), Arg::list(remote_users)];
+        let Store::Postgres(pool) = &self.store else {
+            return self.store.fetch_all(&PROBE, &args).await;
         };
         let mut slot = self.conn.lock().await;
         let conn = match &mut *slot {
@@ -160,11 +157,7 @@ impl ProbeConnection {
                 slot.insert(c)
             }
         };
-        let rows = if remote_users.is_empty() {
-            sqlx::query_as(PROBE_PG).bind(after).fetch_all(&mut *conn).await
-        } else {
-            sqlx::query_as(PROBE_MARKS_PG).bind(after).bind(remote_users).fetch_all(&mut *conn).await
-        };
+        let rows = super::sql::fetch_all_on(conn, &PROBE, &args).await;
         if rows.is_err() {
             *slot = None;
         }
