@@ -5,6 +5,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
+use crate::keys::KeysError;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatrixError {
     pub status: StatusCode,
@@ -102,17 +104,18 @@ impl From<sqlx::Error> for MatrixError {
     /// statement cancelled or timed out, server shutting down) is a 503 the
     /// client may retry; anything else is our bug: 500.
     fn from(e: sqlx::Error) -> Self {
-        let unavailable = match &e {
-            sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),
-            sqlx::Error::Decode(_)
-            | sqlx::Error::ColumnDecode { .. }
-            | sqlx::Error::ColumnNotFound(_)
-            | sqlx::Error::ColumnIndexOutOfBounds { .. }
-            | sqlx::Error::TypeNotFound { .. }
-            | sqlx::Error::RowNotFound => false,
-            _ => true,
-        };
-        if unavailable { Self::unavailable(e) } else { Self::internal(e) }
+        if crate::store::is_unavailable(&e) { Self::unavailable(e) } else { Self::internal(e) }
+    }
+}
+
+impl From<KeysError> for MatrixError {
+    fn from(e: KeysError) -> Self {
+        match e {
+            KeysError::NotJson => Self::not_json(),
+            KeysError::BadJson(message) => Self::bad_json(message),
+            KeysError::Unavailable(cause) => Self::unavailable(cause),
+            KeysError::Internal(cause) => Self::internal(cause),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! synapse-keys-worker: serves Matrix `/keys/query` from a Synapse
 //! homeserver's own database. See ARCHITECTURE.md for the map.
 
+mod app;
 pub mod appservice_keys;
 pub mod breaker;
 pub mod cache;
@@ -26,85 +27,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::cache::Caches;
-use crate::config::Config;
-use crate::federation::FederationClient;
-use crate::resync::Coordinator;
-use crate::store::Store;
-
-/// What every request handler shares.
-#[derive(Debug)]
-pub struct App {
-    pub config: Config,
-    pub store: Store,
-    pub caches: Arc<Caches>,
-    pub remote: Remote,
-    pub replication: Arc<replication::Status>,
-    /// Applies Synapse's invalidations (from the stream and the barrier).
-    pub invalidator: Arc<replication::Invalidator>,
-    /// Waited on before the caches are read: see `replication::Barrier`.
-    pub barrier: Arc<replication::Barrier>,
-    pub metrics: metrics::Metrics,
-    pub limiter: http::limit::DeviceLimiter,
-    /// MSC3984: application services asked for their users' keys.
-    pub appservice_keys: Option<appservice_keys::AppServiceKeys>,
-    /// Delegated auth: MAS introspects user tokens.
-    pub mas: Option<Arc<mas::MasClient>>,
-}
-
-/// The ways to other servers: the resync coordinator (device-lists writer
-/// first) and the federation client.
-#[derive(Debug)]
-pub struct Remote {
-    pub coordinator: Arc<Coordinator>,
-    pub federation: Arc<FederationClient>,
-}
-
-impl App {
-    pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
-        let federation = Arc::new(FederationClient::from_config(&config)?);
-        let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
-        let caches = Arc::new(Caches::new(&config.worker));
-        let replication = Arc::new(replication::Status::default());
-        let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
-        let probe_db = store::ProbeConnection::new(store.clone(), std::time::Duration::from_millis(config.worker.db_acquire_timeout_ms));
-        let barrier = Arc::new(replication::Barrier::new(probe_db, Arc::clone(&invalidator), config.synapse.device_lists_writers.clone()));
-        let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
-        let metrics = metrics::Metrics::new(metrics::Sources {
-            mas: mas.clone(),
-            caches: Arc::clone(&caches),
-            coordinator: Arc::clone(&coordinator),
-            federation: Arc::clone(&federation),
-            replication: Arc::clone(&replication),
-            barrier: Arc::clone(&barrier),
-            store: store.clone(),
-        });
-        let limiter = http::limit::DeviceLimiter::new(
-            config.worker.max_concurrent_queries_per_device,
-            std::time::Duration::from_millis(config.worker.queue_wait_ms),
-        );
-        let appservice_keys = appservice_keys::AppServiceKeys::from_config(&config)?;
-        Ok(Arc::new(Self {
-            appservice_keys,
-            mas,
-            config,
-            store,
-            caches,
-            remote: Remote { coordinator, federation },
-            replication,
-            invalidator,
-            barrier,
-            metrics,
-            limiter,
-        }))
-    }
-
-    /// Opens the database named by the config (lazily: no connection yet).
-    pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
-        let store = Store::connect(&config.synapse.database, &config.worker)?;
-        Self::new(config, store)
-    }
-}
+pub use app::{App, Remote};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

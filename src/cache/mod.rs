@@ -12,17 +12,8 @@ use std::time::Duration;
 pub use guarded::{GuardedCache, Trust};
 
 use crate::config::WorkerConfig;
-use crate::store::{CrossSigningKeyRow, DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
-
-/// What Synapse's tables say about one remote user.
-#[derive(Debug, Clone, Default)]
-pub struct RemoteUser {
-    /// Synapse holds and trusts their device list.
-    pub cached: bool,
-    /// They are joined to a room this server is in.
-    pub shares_a_room: bool,
-    pub devices: Vec<RemoteDeviceRow>,
-}
+use crate::keys::RemoteUser;
+use crate::store::{CrossSigningKeyRow, DeviceIdRow, DeviceKeyRow, SignatureRow, Store, TokenRow};
 
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
 
@@ -237,7 +228,7 @@ impl Caches {
             .iter()
             .map(|u| {
                 let u = (*u).to_owned();
-                let entry = RemoteUser { cached: cached.contains(&u), shares_a_room: sharing.contains(&u), devices: Vec::new() };
+                let entry = RemoteUser { in_synapse_cache: cached.contains(&u), shares_a_room: sharing.contains(&u), devices: Vec::new() };
                 (u, entry)
             })
             .collect();

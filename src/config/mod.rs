@@ -9,6 +9,7 @@ pub mod appservice;
 pub mod database;
 pub mod federation;
 pub mod mas;
+pub mod signing_key;
 pub mod synapse;
 pub mod worker;
 

@@ -156,7 +156,7 @@ fn macaroon_secret(m: &Mapping) -> Result<Option<Vec<u8>>, ConfigError> {
     let Some(text) = read("signing_key_path").ok().flatten() else {
         return Ok(None);
     };
-    Ok(crate::federation::signing::first_key(&text).ok().map(|(_, seed)| {
+    Ok(super::signing_key::first_key(&text).ok().map(|(_, seed)| {
         use sha2::Digest;
         sha2::Sha256::digest(seed).to_vec()
     }))

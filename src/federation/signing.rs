@@ -4,29 +4,14 @@
 use std::path::Path;
 
 use axum::http::{HeaderValue, Method};
-use base64::Engine;
 use ruma::OwnedServerName;
 use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
 use ruma::signatures::Ed25519KeyPair;
 
+use crate::config::signing_key::first_key;
+
 /// PKCS#8 v1 prefix of an ed25519 private key; the 32-byte seed follows.
 const PKCS8_ED25519_PREFIX: [u8; 16] = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
-
-/// The first key of a Synapse signing-key file (`ed25519 <version> <unpadded
-/// base64 seed>` per line; blank lines skipped): its version and seed.
-pub fn first_key(text: &str) -> anyhow::Result<(String, [u8; 32])> {
-    let line = text.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| anyhow::anyhow!("no key in the file"))?;
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let [alg, version, seed_b64] = fields.as_slice() else {
-        anyhow::bail!("expected `ed25519 <version> <seed>`");
-    };
-    anyhow::ensure!(*alg == "ed25519", "unsupported key algorithm {alg}");
-    let seed = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(seed_b64.trim_end_matches('='))
-        .map_err(|e| anyhow::anyhow!("seed is not base64: {e}"))?;
-    let seed: [u8; 32] = seed.try_into().map_err(|_| anyhow::anyhow!("seed must be 32 bytes"))?;
-    Ok(((*version).to_owned(), seed))
-}
 
 pub struct RequestSigner {
     origin: OwnedServerName,

@@ -51,10 +51,10 @@ pub async fn keys_query(
     query.arrived = arrived;
     let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
     if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
-        within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&app.store, &requester.user_id).await?) }).await?;
+        within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&*app, &requester.user_id).await?) }).await?;
     }
     let answer =
-        within(db_budget.map(|b| b + query.timeout), async { Ok(query_keys(&app, &requester.user_id, &query, now).await?) }).await?;
+        within(db_budget.map(|b| b + query.timeout), async { Ok(query_keys(&*app, &requester.user_id, &query, now).await?) }).await?;
     Ok(json_response(StatusCode::OK, &answer))
 }
 

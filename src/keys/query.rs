@@ -13,7 +13,7 @@ use super::UserQuery;
 use super::json::{KeyObject, last_key_value, merge_signatures, parse_object, set_unsigned_display_name};
 use super::remote::{Budget, add_remote_users};
 use super::request::KeysQuery;
-use crate::App;
+use super::{Context, KeysError};
 use crate::ids::domain_of;
 use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
 
@@ -30,10 +30,9 @@ pub struct KeysQueryResponse {
 /// Answers `query` for `requester`: local users from memory or the
 /// database, remote users through [`add_remote_users`] within
 /// `query.timeout`.
-pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i64) -> Result<KeysQueryResponse, sqlx::Error> {
+pub async fn query_keys(ctx: &impl Context, requester: &str, query: &KeysQuery, now_ms: i64) -> Result<KeysQueryResponse, KeysError> {
     let deadline = query.deadline();
-    let (store, caches) = (&app.store, &app.caches);
-    let server_name = app.config.synapse.server_name.as_str();
+    let server_name = ctx.server_name();
     let (local, remote): (Vec<UserQuery>, Vec<UserQuery>) =
         query.users.iter().map(|(u, d)| (u.as_str(), d.as_slice())).partition(|(u, _)| domain_of(u) == server_name);
     let local_users: Vec<&str> = local.iter().map(|(u, _)| *u).collect();
@@ -44,21 +43,10 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     signers.push(requester);
     let remote_users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
     // Nothing Synapse has announced may be older in our answer.
-    let stale_marks = app.barrier.sync(&remote_users).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let stale_marks = ctx.catch_up(&remote_users).await?;
 
-    let reads = async {
-        tokio::try_join!(
-            caches.device_keys(store, &local_users),
-            caches.cross_signing_keys(store, &queried),
-            caches.signatures_by(store, &signers),
-        )
-    };
-    let appservices = async {
-        match &app.appservice_keys {
-            Some(services) if !local.is_empty() => services.query(&local, deadline).await,
-            _ => Default::default(),
-        }
-    };
+    let reads = async { tokio::try_join!(ctx.device_keys(&local_users), ctx.cross_signing_keys(&queried), ctx.signatures_by(&signers)) };
+    let appservices = async { if local.is_empty() { Default::default() } else { ctx.appservice_devices(&local, deadline).await } };
     let (reads, appservice_answer) = tokio::join!(reads, appservices);
     let (device_map, key_map, sig_map) = reads?;
 
@@ -76,7 +64,7 @@ pub async fn query_keys(app: &App, requester: &str, query: &KeysQuery, now_ms: i
     add_appservice_devices(&mut resp, &appservice_answer);
     add_cross_signing_keys(&mut resp, keys, &sig_rows, requester);
     let budget = Budget { timeout: query.timeout, deadline };
-    add_remote_users(app, &mut resp, &remote, &stale_marks, budget, now_ms).await?;
+    add_remote_users(ctx, &mut resp, &remote, &stale_marks, budget, now_ms).await?;
     Ok(resp)
 }
 

@@ -16,8 +16,7 @@ use serde_json::{Map, Value, json};
 use super::UserQuery;
 use super::json::{KeyObject, parse_object};
 use super::query::KeysQueryResponse;
-use crate::App;
-use crate::federation::FedError;
+use super::{Context, KeysError};
 use crate::ids::domain_of;
 use crate::store::RemoteDeviceRow;
 
@@ -39,23 +38,23 @@ fn not_ready() -> Value {
 
 /// Fills `resp` for the remote users of a query.
 pub async fn add_remote_users(
-    app: &App,
+    ctx: &impl Context,
     resp: &mut KeysQueryResponse,
     remote: &[UserQuery<'_>],
     stale_marks: &HashSet<String>,
     budget: Budget,
     now_ms: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), KeysError> {
     if remote.is_empty() {
         return Ok(());
     }
     let users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
-    let known = app.caches.remote_users(&app.store, &users).await?;
+    let known = ctx.remote_users(&users).await?;
     let sharing: HashSet<&str> = users.iter().copied().filter(|u| known.get(*u).is_some_and(|k| k.shares_a_room)).collect();
     // Cached users the server no longer shares a room with are not trusted,
     // nor those Synapse has marked stale since we read its tables.
     let cached: HashSet<&str> =
-        users.iter().copied().filter(|u| sharing.contains(u) && known[*u].cached && !stale_marks.contains(*u)).collect();
+        users.iter().copied().filter(|u| sharing.contains(u) && known[*u].in_synapse_cache && !stale_marks.contains(*u)).collect();
     for (user, wanted) in remote.iter().filter(|(u, _)| cached.contains(u)) {
         let rows = known[*user].devices.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.device_id));
         add_cached_devices(resp, user, rows);
@@ -75,7 +74,7 @@ pub async fn add_remote_users(
     let destinations: Vec<&str> = by_destination.keys().copied().collect();
     // Only Synapse's own view decides that a destination is skipped (our
     // backoff covers our direct requests, in the federation client).
-    let synapse_backoff = app.store.destinations_in_backoff(&destinations, now_ms + RETRY_GRACE_MS).await?;
+    let synapse_backoff = ctx.destinations_in_backoff(&destinations, now_ms + RETRY_GRACE_MS).await?;
     let mut ask: Vec<(&str, Vec<UserQuery>)> = Vec::new();
     for (dest, queries) in by_destination {
         if synapse_backoff.iter().any(|d| d == dest) {
@@ -92,15 +91,15 @@ pub async fn add_remote_users(
     let queries: Vec<_> = ask
         .into_iter()
         .map(|(dest, queries)| async move {
-            let work = query_destination(app, dest, queries, sharing, budget);
+            let work = query_destination(ctx, dest, queries, sharing, budget);
             match tokio::time::timeout_at(safety_net.into(), work).await {
                 Ok(answer) => answer,
-                Err(_) => DestinationAnswer::failed(dest, FedError::timed_out(budget.timeout).to_failure()),
+                Err(_) => DestinationAnswer::failed(dest, ctx.timed_out(budget.timeout)),
             }
         })
         .collect();
     let answers: Vec<DestinationAnswer> =
-        futures::stream::iter(queries).buffer_unordered(app.config.worker.federation_concurrency.max(1)).collect().await;
+        futures::stream::iter(queries).buffer_unordered(ctx.destination_concurrency().max(1)).collect().await;
     for a in answers {
         a.merge_into(resp);
     }
@@ -192,7 +191,7 @@ fn resync_key(raw: Option<&RawValue>) -> Option<KeyObject> {
 /// everyone not resynced, including users whose resync failed, goes to the
 /// destination's `/user/keys/query`. The last failure seen is reported.
 async fn query_destination(
-    app: &App,
+    ctx: &impl Context,
     dest: &str,
     queries: Vec<UserQuery<'_>>,
     sharing: &HashSet<&str>,
@@ -203,7 +202,7 @@ async fn query_destination(
         queries.iter().filter(|(u, devices)| devices.is_empty() && sharing.contains(*u)).map(|(u, _)| (*u).to_owned()).collect();
     let mut updated: HashSet<String> = HashSet::new();
     if !resync.is_empty() {
-        let outcomes = app.remote.coordinator.resync(dest, &resync, budget.deadline).await;
+        let outcomes = ctx.resync(dest, &resync, budget.deadline).await;
         for user in resync {
             match outcomes.get(&user) {
                 Some(Ok(d)) if d.is_resync_result => {
@@ -229,9 +228,9 @@ async fn query_destination(
         return answer;
     }
     let query: Map<String, Value> = direct.iter().map(|(u, d)| ((*u).to_owned(), json!(d))).collect();
-    match app.remote.federation.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
+    match ctx.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
         Ok(remote) => answer.take_user_keys(&query, &remote),
-        Err(e) => answer.failure = Some(e.to_failure()),
+        Err(failure) => answer.failure = Some(failure),
     }
     answer
 }

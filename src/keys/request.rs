@@ -5,9 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::error::MatrixError;
+use super::{Context, KeysError};
 use crate::ids::is_valid_user_id;
-use crate::store::Store;
 
 /// A parsed query: the valid user IDs (sorted; of duplicate keys the last
 /// wins, as in Synapse) with the devices asked for (empty = all).
@@ -24,14 +23,14 @@ pub struct KeysQuery {
 }
 
 impl KeysQuery {
-    pub fn parse(body: &[u8]) -> Result<Self, MatrixError> {
-        let text = std::str::from_utf8(body).map_err(|_| MatrixError::not_json())?;
-        let value: Value = serde_json::from_str(text).map_err(|_| MatrixError::not_json())?;
+    pub fn parse(body: &[u8]) -> Result<Self, KeysError> {
+        let text = std::str::from_utf8(body).map_err(|_| KeysError::NotJson)?;
+        let value: Value = serde_json::from_str(text).map_err(|_| KeysError::NotJson)?;
         let Value::Object(mut obj) = value else {
-            return Err(MatrixError::bad_json("Content must be a JSON object."));
+            return Err(KeysError::BadJson("Content must be a JSON object."));
         };
         let Some(Value::Object(device_keys)) = obj.remove("device_keys") else {
-            return Err(MatrixError::bad_json("'device_keys' must be a JSON object"));
+            return Err(KeysError::BadJson("'device_keys' must be a JSON object"));
         };
         let mut users = Vec::with_capacity(device_keys.len());
         let mut all_lists = true;
@@ -45,7 +44,7 @@ impl KeysQuery {
             }
         }
         if !all_lists {
-            return Err(MatrixError::bad_json("'device_keys' values must be a list of strings"));
+            return Err(KeysError::BadJson("'device_keys' values must be a list of strings"));
         }
         let body_timeout_ms = obj.get("timeout").and_then(Value::as_u64);
         Ok(Self { users, body_timeout_ms, timeout: Duration::from_secs(10), arrived: Instant::now() })
@@ -62,9 +61,9 @@ impl KeysQuery {
 
     /// MSC4263: drops the users who share no joined or invited room with
     /// `requester` (the requester too, when in no room at all).
-    pub async fn keep_users_sharing_a_room_with(&mut self, store: &Store, requester: &str) -> Result<(), sqlx::Error> {
+    pub async fn keep_users_sharing_a_room_with(&mut self, ctx: &impl Context, requester: &str) -> Result<(), KeysError> {
         let users: Vec<&str> = self.users.iter().map(|(u, _)| u.as_str()).collect();
-        let allowed: HashSet<String> = store.users_sharing_a_room_with(requester, &users).await?.into_iter().collect();
+        let allowed: HashSet<String> = ctx.users_sharing_a_room_with(requester, &users).await?.into_iter().collect();
         self.users.retain(|(u, _)| allowed.contains(u));
         Ok(())
     }
@@ -87,23 +86,26 @@ fn string_list(v: Value) -> Option<Vec<String>> {
 mod tests {
     use super::*;
 
-    fn err(body: &str) -> (u16, &'static str) {
-        let e = KeysQuery::parse(body.as_bytes()).unwrap_err();
-        (e.status.as_u16(), e.errcode)
+    fn err(body: &str) -> &'static str {
+        match KeysQuery::parse(body.as_bytes()).unwrap_err() {
+            KeysError::NotJson => "not JSON",
+            KeysError::BadJson(_) => "bad JSON",
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]
     fn shapes_rejected_like_synapse() {
-        assert_eq!(err(""), (400, "M_NOT_JSON"));
-        assert_eq!(err("{"), (400, "M_NOT_JSON"));
-        assert_eq!(err("{\"a\": NaN}"), (400, "M_NOT_JSON"));
-        assert_eq!(err("[]"), (400, "M_BAD_JSON"));
-        assert_eq!(err("{}"), (400, "M_BAD_JSON"));
-        assert_eq!(err("{\"device_keys\": []}"), (400, "M_BAD_JSON"));
-        assert_eq!(err("{\"device_keys\": {\"@a:hs\": {\"D\": true}}}"), (400, "M_BAD_JSON"));
-        assert_eq!(err("{\"device_keys\": {\"@a:hs\": [1]}}"), (400, "M_BAD_JSON"));
+        assert_eq!(err(""), "not JSON");
+        assert_eq!(err("{"), "not JSON");
+        assert_eq!(err("{\"a\": NaN}"), "not JSON");
+        assert_eq!(err("[]"), "bad JSON");
+        assert_eq!(err("{}"), "bad JSON");
+        assert_eq!(err("{\"device_keys\": []}"), "bad JSON");
+        assert_eq!(err("{\"device_keys\": {\"@a:hs\": {\"D\": true}}}"), "bad JSON");
+        assert_eq!(err("{\"device_keys\": {\"@a:hs\": [1]}}"), "bad JSON");
         // A bad value is an error even under an invalid user ID.
-        assert_eq!(err("{\"device_keys\": {\"nope\": \"D\"}}"), (400, "M_BAD_JSON"));
+        assert_eq!(err("{\"device_keys\": {\"nope\": \"D\"}}"), "bad JSON");
         assert!(KeysQuery::parse(&[0xff, 0xfe]).is_err());
     }
 

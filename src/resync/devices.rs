@@ -7,21 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-#[derive(Debug)]
-pub struct UserDevices {
-    /// The user's result exactly as received, for the resync RPC.
-    pub raw: Box<RawValue>,
-    /// `device_id` → device keys, in the order received.
-    pub devices: Vec<(String, Box<RawValue>)>,
-    pub master_key: Option<Box<RawValue>>,
-    pub self_signing_key: Option<Box<RawValue>>,
-    /// The writer's `_INT_STREAM_POS`, when the writer produced this.
-    pub stream_pos: Option<Arc<RawValue>>,
-    /// The `{"devices": [...]}` shape of a real resync; false for the bare
-    /// `{device_id: content}` map the writer answers for a user it already
-    /// had cached, which Synapse's `/keys/query` does not take as a result.
-    pub is_resync_result: bool,
-}
+pub use crate::keys::UserDevices;
 
 #[derive(Deserialize)]
 struct Entry {

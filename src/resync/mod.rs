@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::federation::FederationClient;
 
 /// A user's resync result, or the `failures` entry for their server.
-pub type Outcome = Result<Arc<UserDevices>, Value>;
+pub use crate::keys::Outcome;
 
 pub struct Coordinator {
     pub master: Master,

@@ -55,3 +55,19 @@ impl Store {
         }
     }
 }
+
+/// Whether `e` means the database is away (connection lost or refused,
+/// pool exhausted, statement cancelled or timed out, server shutting down),
+/// which is worth a retry, rather than a bug of ours.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),
+        sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::RowNotFound => false,
+        _ => true,
+    }
+}

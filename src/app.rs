@@ -1,0 +1,157 @@
+//! The composition root: [`App`] builds every part from the config and
+//! holds what the request handlers share. It is also the query path's
+//! [`keys::Context`]: the domain logic reads and asks through it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use crate::cache::Caches;
+use crate::config::Config;
+use crate::federation::FederationClient;
+use crate::keys::context::PerUser;
+use crate::keys::{KeysError, RemoteUser, UserQuery};
+use crate::resync::Coordinator;
+use crate::store::Store;
+use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
+use crate::{appservice_keys, http, keys, mas, metrics, replication};
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub caches: Arc<Caches>,
+    pub remote: Remote,
+    pub replication: Arc<replication::Status>,
+    /// Applies Synapse's invalidations (from the stream and the barrier).
+    pub invalidator: Arc<replication::Invalidator>,
+    /// Waited on before the caches are read: see `replication::Barrier`.
+    pub barrier: Arc<replication::Barrier>,
+    pub metrics: metrics::Metrics,
+    pub limiter: http::limit::DeviceLimiter,
+    /// MSC3984: application services asked for their users' keys.
+    pub appservice_keys: Option<appservice_keys::AppServiceKeys>,
+    /// Delegated auth: MAS introspects user tokens.
+    pub mas: Option<Arc<mas::MasClient>>,
+}
+
+/// The ways to other servers: the resync coordinator (device-lists writer
+/// first) and the federation client.
+#[derive(Debug)]
+pub struct Remote {
+    pub coordinator: Arc<Coordinator>,
+    pub federation: Arc<FederationClient>,
+}
+
+impl App {
+    pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
+        let federation = Arc::new(FederationClient::from_config(&config)?);
+        let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
+        let caches = Arc::new(Caches::new(&config.worker));
+        let replication = Arc::new(replication::Status::default());
+        let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
+        let probe_db =
+            crate::store::ProbeConnection::new(store.clone(), std::time::Duration::from_millis(config.worker.db_acquire_timeout_ms));
+        let barrier = Arc::new(replication::Barrier::new(probe_db, Arc::clone(&invalidator), config.synapse.device_lists_writers.clone()));
+        let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
+        let metrics = metrics::Metrics::new(metrics::Sources {
+            mas: mas.clone(),
+            caches: Arc::clone(&caches),
+            coordinator: Arc::clone(&coordinator),
+            federation: Arc::clone(&federation),
+            replication: Arc::clone(&replication),
+            barrier: Arc::clone(&barrier),
+            store: store.clone(),
+        });
+        let limiter = http::limit::DeviceLimiter::new(
+            config.worker.max_concurrent_queries_per_device,
+            std::time::Duration::from_millis(config.worker.queue_wait_ms),
+        );
+        let appservice_keys = appservice_keys::AppServiceKeys::from_config(&config)?;
+        Ok(Arc::new(Self {
+            appservice_keys,
+            mas,
+            config,
+            store,
+            caches,
+            remote: Remote { coordinator, federation },
+            replication,
+            invalidator,
+            barrier,
+            metrics,
+            limiter,
+        }))
+    }
+
+    /// Opens the database named by the config (lazily: no connection yet).
+    pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
+        let store = Store::connect(&config.synapse.database, &config.worker)?;
+        Self::new(config, store)
+    }
+}
+
+impl keys::Context for App {
+    fn server_name(&self) -> &str {
+        &self.config.synapse.server_name
+    }
+
+    fn destination_concurrency(&self) -> usize {
+        self.config.worker.federation_concurrency
+    }
+
+    async fn catch_up(&self, remote_users: &[&str]) -> Result<Arc<HashSet<String>>, KeysError> {
+        self.barrier.sync(remote_users).await.map_err(|e| KeysError::Unavailable(e.to_string()))
+    }
+
+    async fn device_keys(&self, users: &[&str]) -> Result<PerUser<DeviceKeyRow>, KeysError> {
+        Ok(self.caches.device_keys(&self.store, users).await?)
+    }
+
+    async fn cross_signing_keys(&self, users: &[&str]) -> Result<PerUser<CrossSigningKeyRow>, KeysError> {
+        Ok(self.caches.cross_signing_keys(&self.store, users).await?)
+    }
+
+    async fn signatures_by(&self, signers: &[&str]) -> Result<PerUser<SignatureRow>, KeysError> {
+        Ok(self.caches.signatures_by(&self.store, signers).await?)
+    }
+
+    async fn appservice_devices(&self, local: &[UserQuery<'_>], deadline: Instant) -> Map<String, Value> {
+        match &self.appservice_keys {
+            Some(services) => services.query(local, deadline).await,
+            None => Map::new(),
+        }
+    }
+
+    async fn remote_users(&self, users: &[&str]) -> Result<HashMap<String, Arc<RemoteUser>>, KeysError> {
+        Ok(self.caches.remote_users(&self.store, users).await?)
+    }
+
+    async fn destinations_in_backoff(&self, destinations: &[&str], not_before_ms: i64) -> Result<Vec<String>, KeysError> {
+        Ok(self.store.destinations_in_backoff(destinations, not_before_ms).await?)
+    }
+
+    async fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> Result<Vec<String>, KeysError> {
+        Ok(self.store.users_sharing_a_room_with(requester, users).await?)
+    }
+
+    async fn resync(&self, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, keys::Outcome> {
+        self.remote.coordinator.resync(destination, users, deadline).await
+    }
+
+    async fn user_keys_query(&self, destination: &str, query: &Value, timeout: Duration, deadline: Instant) -> Result<Value, Value> {
+        self.remote.federation.user_keys_query(destination, query, timeout, deadline).await.map_err(|e| e.to_failure())
+    }
+
+    fn timed_out(&self, timeout: Duration) -> Value {
+        crate::federation::FedError::timed_out(timeout).to_failure()
+    }
+}
+
+impl From<sqlx::Error> for KeysError {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::store::is_unavailable(&e) { Self::Unavailable(e.to_string()) } else { Self::Internal(e.to_string()) }
+    }
+}

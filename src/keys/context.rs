@@ -1,0 +1,71 @@
+//! What the query path needs from the rest of the service, and nothing
+//! more: the cached reads of Synapse's tables, the read barrier, the ways
+//! to remote servers and two settings. The service implements it on its
+//! `App`; the domain logic never sees the HTTP layer, the store or the
+//! configuration.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use super::{KeysError, Outcome, RemoteUser, UserQuery};
+use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
+
+/// Rows per user, as the caches hold them.
+pub type PerUser<R> = HashMap<String, Arc<Vec<R>>>;
+
+pub trait Context: Sync {
+    /// This homeserver's name: its users are local.
+    fn server_name(&self) -> &str;
+
+    /// How many remote destinations are asked at once.
+    fn destination_concurrency(&self) -> usize;
+
+    /// Waits until the caches hold every change Synapse committed before
+    /// the call; returns those of `remote_users` Synapse has marked stale.
+    fn catch_up(&self, remote_users: &[&str]) -> impl Future<Output = Result<Arc<HashSet<String>>, KeysError>> + Send;
+
+    fn device_keys(&self, users: &[&str]) -> impl Future<Output = Result<PerUser<DeviceKeyRow>, KeysError>> + Send;
+
+    fn cross_signing_keys(&self, users: &[&str]) -> impl Future<Output = Result<PerUser<CrossSigningKeyRow>, KeysError>> + Send;
+
+    /// The signatures each of `signers` made.
+    fn signatures_by(&self, signers: &[&str]) -> impl Future<Output = Result<PerUser<SignatureRow>, KeysError>> + Send;
+
+    /// MSC3984: the devices application services give for their local
+    /// users (an empty map when none are configured).
+    fn appservice_devices(&self, local: &[UserQuery<'_>], deadline: Instant) -> impl Future<Output = Map<String, Value>> + Send;
+
+    /// What Synapse's tables say about each remote user.
+    fn remote_users(&self, users: &[&str]) -> impl Future<Output = Result<HashMap<String, Arc<RemoteUser>>, KeysError>> + Send;
+
+    /// Those of `destinations` Synapse will not retry before `not_before_ms`.
+    fn destinations_in_backoff(
+        &self,
+        destinations: &[&str],
+        not_before_ms: i64,
+    ) -> impl Future<Output = Result<Vec<String>, KeysError>> + Send;
+
+    /// Those of `users` who share a joined or invited room with `requester`.
+    fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> impl Future<Output = Result<Vec<String>, KeysError>> + Send;
+
+    /// Resyncs `users` of `destination` (the device-lists writer, else the
+    /// remote directly), answering by `deadline`.
+    fn resync(&self, destination: &str, users: &[String], deadline: Instant) -> impl Future<Output = HashMap<String, Outcome>> + Send;
+
+    /// The destination's federation `/user/keys/query`: its answer, or the
+    /// failure Synapse would report for it.
+    fn user_keys_query(
+        &self,
+        destination: &str,
+        query: &Value,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Value, Value>> + Send;
+
+    /// The failure Synapse reports for a destination that took longer than
+    /// `timeout`.
+    fn timed_out(&self, timeout: Duration) -> Value;
+}
