@@ -88,7 +88,7 @@ pub fn federation_answer(data: &[u8]) {
 
 /// The writer's `multi_user_device_resync` answer.
 pub fn writer_answer(data: &[u8]) {
-    if let Ok(answer) = crate::resync::master::MasterAnswer::parse(data) {
+    if let Ok(answer) = crate::resync::writer::WriterAnswer::parse(data) {
         for raw in answer.users.into_values().flatten() {
             let _ = crate::resync::UserDevices::parse(raw, answer.stream_pos.clone());
         }

@@ -121,7 +121,7 @@ impl Collector for Sources {
         let rows = per_cache(|s| s.entries);
         let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
         gauge(&mut e, "cache_entries", "Entries held per cache", &refs)?;
-        gauge(&mut e, "caches_trusted", "1 while the caches are in use (replication stream followed)", &[(&[], i64::from(c.trust.get()))])?;
+        gauge(&mut e, "caches_trusted", "1 while the caches are in use (replication stream followed)", &[(&[], i64::from(c.trusted()))])?;
 
         let r = self.coordinator.outcomes();
         counter(
@@ -129,8 +129,8 @@ impl Collector for Sources {
             "resyncs",
             "Remote device-list resyncs, by outcome",
             &[
-                (&[("outcome", "master_ok")], r.master_ok),
-                (&[("outcome", "master_null")], r.master_null),
+                (&[("outcome", "writer_ok")], r.writer_ok),
+                (&[("outcome", "writer_null")], r.writer_null),
                 (&[("outcome", "fallback_ok")], r.fallback_ok),
                 (&[("outcome", "fallback_failed")], r.fallback_failed),
             ],
@@ -148,45 +148,30 @@ impl Collector for Sources {
         }
         gauge(
             &mut e,
-            "master_breaker_open",
+            "writer_breaker_open",
             "1 while the device-lists writer is being skipped",
-            &[(&[], i64::from(self.coordinator.master.breaker_open()))],
+            &[(&[], i64::from(self.coordinator.writer_breaker_open()))],
         )?;
         gauge(&mut e, "resync_waiters", "Callers waiting for a resync", &[(&[], self.coordinator.waiting() as i64)])?;
         gauge(
             &mut e,
             "federation_destinations_backing_off",
             "Remote servers we are backing off from",
-            &[(&[], self.federation.backoff.count() as i64)],
+            &[(&[], self.federation.destinations_backing_off() as i64)],
         )?;
         gauge(
             &mut e,
             "federation_destinations_remembered",
             "Remote servers whose failures are remembered (at most 10,000)",
-            &[(&[], i64::try_from(self.federation.backoff.remembered()).unwrap_or(i64::MAX))],
+            &[(&[], i64::try_from(self.federation.destinations_remembered()).unwrap_or(i64::MAX))],
         )?;
 
         let s = &self.replication;
-        gauge(
-            &mut e,
-            "replication_connected",
-            "1 while the replication stream is followed",
-            &[(&[], i64::from(s.connected.load(Ordering::SeqCst)))],
-        )?;
-        gauge(
-            &mut e,
-            "replication_caught_up",
-            "1 once the stream has caught up after (re)connecting",
-            &[(&[], i64::from(s.caught_up.load(Ordering::SeqCst)))],
-        )?;
-        counter(&mut e, "replication_reconnects", "Times the replication stream was lost", &[(&[], s.reconnects.load(Ordering::Relaxed))])?;
-        counter(
-            &mut e,
-            "replication_caught_up_rows",
-            "Rows read from the stream tables to catch up",
-            &[(&[], s.caught_up_rows.load(Ordering::Relaxed))],
-        )?;
-        let last = s.last_seen_ms.load(Ordering::Relaxed);
+        gauge(&mut e, "replication_connected", "1 while the replication stream is followed", &[(&[], i64::from(s.connected()))])?;
+        gauge(&mut e, "replication_caught_up", "1 once the stream has caught up after (re)connecting", &[(&[], i64::from(s.caught_up()))])?;
+        counter(&mut e, "replication_reconnects", "Times the replication stream was lost", &[(&[], s.reconnects())])?;
+        counter(&mut e, "replication_caught_up_rows", "Rows read from the stream tables to catch up", &[(&[], s.caught_up_rows())])?;
+        let last = s.last_seen_ms();
         let lag_ms = if last > 0 { crate::now_ms() - last } else { -1 };
         gauge(
             &mut e,

@@ -18,7 +18,7 @@ use crate::store::{CrossSigningKeyRow, DeviceIdRow, DeviceKeyRow, SignatureRow, 
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
 
 pub struct Caches {
-    pub trust: Arc<Trust>,
+    trust: Arc<Trust>,
     pub tokens: GuardedCache<String, Arc<TokenRow>>,
     pub devices: PerUser<DeviceKeyRow>,
     pub cross_signing: PerUser<CrossSigningKeyRow>,
@@ -116,6 +116,16 @@ impl Caches {
     }
 
     /// Everything held about `user` (their devices, keys, signatures).
+    /// Whether the caches answer (the replication stream is followed).
+    pub fn trusted(&self) -> bool {
+        self.trust.get()
+    }
+
+    /// Turns the caches on (caught up with the stream) or off (lost it).
+    pub fn set_trusted(&self, trusted: bool) {
+        self.trust.set(trusted);
+    }
+
     pub fn invalidate_user(&self, user: &str) {
         let key = user.to_owned();
         self.devices.invalidate(&key);

@@ -32,9 +32,13 @@ pub struct WorkerConfig {
     pub log_json: bool,
     /// How long a resync call to the device-lists writer may take, in ms,
     /// before the request goes to the remote server directly.
-    pub master_timeout_ms: u64,
+    /// (`master_timeout_ms` is read as this too.)
+    #[serde(alias = "master_timeout_ms")]
+    pub writer_timeout_ms: u64,
     /// How long the writer is skipped after it could not be reached, in ms.
-    pub master_breaker_ms: u64,
+    /// (`master_breaker_ms` is read as this too.)
+    #[serde(alias = "master_breaker_ms")]
+    pub writer_breaker_ms: u64,
     /// How long a token introspection by MAS may take, in ms, before the
     /// request is answered 503 (delegated auth only).
     pub mas_timeout_ms: u64,
@@ -96,8 +100,8 @@ impl Default for WorkerConfig {
             db_acquire_timeout_ms: 5_000,
             db_statement_timeout_ms: 10_000,
             log_json: false,
-            master_timeout_ms: 3_000,
-            master_breaker_ms: 30_000,
+            writer_timeout_ms: 3_000,
+            writer_breaker_ms: 30_000,
             mas_timeout_ms: 3_000,
             mas_breaker_ms: 10_000,
             resync_cache_ttl_ms: 60_000,
@@ -186,6 +190,15 @@ mod tests {
         assert!(err.contains("listne"), "{err}");
         let err = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_BOGUS", "1")])).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn the_writer_settings_keep_their_old_names() {
+        let section: Value = serde_yaml::from_str("master_timeout_ms: 1234\nmaster_breaker_ms: 99").unwrap();
+        let c = WorkerConfig::from_section(section, env(&[])).unwrap();
+        assert_eq!((c.writer_timeout_ms, c.writer_breaker_ms), (1234, 99));
+        let c = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_MASTER_TIMEOUT_MS", "77")])).unwrap();
+        assert_eq!(c.writer_timeout_ms, 77);
     }
 
     #[test]

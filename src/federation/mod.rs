@@ -41,7 +41,7 @@ pub struct FederationClient {
     proxy: Option<FederationProxy>,
     resolver: FilteringResolver,
     discovery: Discovery,
-    pub backoff: Backoff,
+    backoff: Backoff,
     max_response_bytes: usize,
 }
 
@@ -58,7 +58,7 @@ impl FederationClient {
         let signer = match &s.signing_key_path {
             Some(path) => Some(RequestSigner::from_file(&s.server_name, path)?),
             None => {
-                tracing::warn!("no signing_key_path: direct federation (the fallback when master is down) is disabled");
+                tracing::warn!("no signing_key_path: direct federation (the fallback when the writer is down) is disabled");
                 None
             }
         };
@@ -95,6 +95,21 @@ impl FederationClient {
     }
 
     /// `GET /_matrix/federation/v1/user/devices/{userId}`.
+    /// Destinations we are backing off from now.
+    pub fn destinations_backing_off(&self) -> usize {
+        self.backoff.count()
+    }
+
+    /// Destinations whose failures are remembered (at most 10,000).
+    pub fn destinations_remembered(&self) -> u64 {
+        self.backoff.remembered()
+    }
+
+    /// Forgets `destination`'s failures, as a success would.
+    pub fn forget_failures(&self, destination: &str) {
+        self.backoff.record_success(destination);
+    }
+
     pub async fn user_devices(&self, destination: &str, user_id: &str, timeout: Duration) -> Result<Value, FedError> {
         let path = format!("/_matrix/federation/v1/user/devices/{}", percent_encode(user_id));
         self.request(Method::GET, destination, &path, None, timeout, None).await

@@ -2,7 +2,6 @@
 //! database, the replication stream and the device-lists writer are doing.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -21,18 +20,18 @@ pub async fn ready(State(app): State<Arc<App>>) -> Response {
         Err(_) => (false, Some("no answer within 2s".to_owned())),
     };
     let r = &app.replication;
-    let last = r.last_seen_ms.load(Ordering::Relaxed);
+    let last = r.last_seen_ms();
     let body = json!({
         "database": {"ok": db_ok, "backend": app.store.backend(), "error": db_error},
         "replication": {
             "mode": r.mode(),
-            "connected": r.connected.load(Ordering::SeqCst),
-            "caught_up": r.caught_up.load(Ordering::SeqCst),
-            "caches_trusted": app.caches.trust.get(),
-            "reconnects": r.reconnects.load(Ordering::Relaxed),
+            "connected": r.connected(),
+            "caught_up": r.caught_up(),
+            "caches_trusted": app.caches.trusted(),
+            "reconnects": r.reconnects(),
             "last_seen_ms_ago": (last > 0).then(|| crate::now_ms() - last),
         },
-        "master": {"breaker": if app.remote.coordinator.master.breaker_open() { "open" } else { "closed" }},
+        "writer": {"breaker": if app.remote.coordinator.writer_breaker_open() { "open" } else { "closed" }},
     });
     json_response(if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }

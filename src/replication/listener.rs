@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -56,10 +55,9 @@ pub async fn run(app: Arc<App>, invalidator: Arc<Invalidator>, client: redis::Cl
         if let Err(e) = session(&app, &invalidator, &client, &mut positions).await {
             tracing::warn!(error = %e, "replication stream lost; caches off until it is back");
         }
-        app.caches.trust.set(false);
-        app.replication.connected.store(false, Ordering::SeqCst);
-        app.replication.caught_up.store(false, Ordering::SeqCst);
-        app.replication.reconnects.fetch_add(1, Ordering::Relaxed);
+        app.caches.set_trusted(false);
+        app.replication.set_lost();
+        app.replication.count_reconnect();
         if connected_at.elapsed() > Duration::from_secs(30) {
             delay = Duration::from_millis(250);
         }
@@ -85,8 +83,7 @@ async fn session(
     // Subscribed first, so nothing published from here on is missed; then
     // ask every writer for its position.
     let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("REPLICATE ").query_async(&mut conn).await?;
-    app.replication.connected.store(true, Ordering::SeqCst);
-    app.replication.touch();
+    app.replication.set_connected();
     tracing::info!(channel, "following Synapse's replication stream");
 
     // Positions known before this session: a writer whose position we did
@@ -147,8 +144,8 @@ fn stream_name(s: &str) -> &'static str {
 }
 
 fn trust(app: &App) {
-    app.replication.caught_up.store(true, Ordering::SeqCst);
-    app.caches.trust.set(true);
+    app.replication.set_caught_up();
+    app.caches.set_trusted(true);
 }
 
 async fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
@@ -218,6 +215,6 @@ pub(super) async fn catch_up(app: &App, inv: &Invalidator, stream: &str, instanc
         }
     };
     tracing::info!(stream, instance, after, upto, rows = n, "caught up from the database");
-    app.replication.caught_up_rows.fetch_add(n as u64, Ordering::Relaxed);
+    app.replication.count_caught_up_rows(n);
     Ok(())
 }

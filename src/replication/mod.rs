@@ -27,14 +27,14 @@ use crate::config::Config;
 #[derive(Debug, Default)]
 pub struct Status {
     /// `redis`, `poll`, or `off`.
-    pub mode: std::sync::OnceLock<&'static str>,
-    pub connected: AtomicBool,
-    pub caught_up: AtomicBool,
-    pub reconnects: AtomicU64,
+    mode: std::sync::OnceLock<&'static str>,
+    connected: AtomicBool,
+    caught_up: AtomicBool,
+    reconnects: AtomicU64,
     /// Rows invalidated through catch-up reads of the stream tables.
-    pub caught_up_rows: AtomicU64,
+    caught_up_rows: AtomicU64,
     /// Unix ms of the last message, keepalive answer or poll.
-    pub last_seen_ms: AtomicI64,
+    last_seen_ms: AtomicI64,
 }
 
 impl Status {
@@ -42,8 +42,59 @@ impl Status {
         self.mode.get().copied().unwrap_or("off")
     }
 
+    /// Connected to the stream (Redis, or the tables when polling).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Everything missed while away has been read back.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Rows invalidated through catch-up reads of the stream tables.
+    pub fn caught_up_rows(&self) -> u64 {
+        self.caught_up_rows.load(Ordering::Relaxed)
+    }
+
+    /// Unix ms of the last message, keepalive answer or poll (0: none yet).
+    pub fn last_seen_ms(&self) -> i64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
+
+    fn set_mode(&self, mode: &'static str) {
+        let _ = self.mode.set(mode);
+    }
+
     fn touch(&self) {
         self.last_seen_ms.store(crate::now_ms(), Ordering::Relaxed);
+    }
+
+    fn set_connected(&self) {
+        self.connected.store(true, Ordering::SeqCst);
+        self.touch();
+    }
+
+    /// The stream was lost: not connected, not caught up.
+    fn set_lost(&self) {
+        self.connected.store(false, Ordering::SeqCst);
+        self.caught_up.store(false, Ordering::SeqCst);
+    }
+
+    fn set_caught_up(&self) {
+        self.caught_up.store(true, Ordering::SeqCst);
+    }
+
+    fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_caught_up_rows(&self, n: usize) {
+        self.caught_up_rows.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -54,25 +105,25 @@ pub fn start(app: &Arc<App>) {
     let config: &Config = &app.config;
     let status = &app.replication;
     if !config.worker.caches_enabled {
-        let _ = status.mode.set("off");
+        status.set_mode("off");
         return;
     }
     let invalidator = Arc::clone(&app.invalidator);
     if config.synapse.redis.enabled {
         match listener::redis_client(&config.synapse.redis) {
             Ok(client) => {
-                let _ = status.mode.set("redis");
+                status.set_mode("redis");
                 tokio::spawn(listener::run(Arc::clone(app), invalidator, client));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot use the redis settings; caches stay off");
-                let _ = status.mode.set("off");
+                status.set_mode("off");
             }
         }
     } else if matches!(app.store, crate::store::Store::Postgres(_)) {
-        let _ = status.mode.set("poll");
+        status.set_mode("poll");
         tokio::spawn(poller::run(Arc::clone(app), invalidator));
     } else {
-        let _ = status.mode.set("off");
+        status.set_mode("off");
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Invalidator;
@@ -21,17 +20,15 @@ pub async fn run(app: Arc<App>, inv: Arc<Invalidator>) {
     loop {
         match poll(&app, &inv, &mut heads, &mut seen_users, &mut seen_caches).await {
             Ok(()) => {
-                app.replication.touch();
-                app.replication.connected.store(true, Ordering::SeqCst);
-                app.replication.caught_up.store(true, Ordering::SeqCst);
-                app.caches.trust.set(true);
+                app.replication.set_connected();
+                app.replication.set_caught_up();
+                app.caches.set_trusted(true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "polling the stream tables failed; caches off");
-                app.caches.trust.set(false);
+                app.caches.set_trusted(false);
                 app.invalidator.everything().await;
-                app.replication.connected.store(false, Ordering::SeqCst);
-                app.replication.caught_up.store(false, Ordering::SeqCst);
+                app.replication.set_lost();
                 heads = None;
             }
         }

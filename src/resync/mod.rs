@@ -19,7 +19,7 @@
 
 pub mod devices;
 mod inflight;
-pub mod master;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 pub use devices::UserDevices;
 use inflight::{Batch, Inflight};
-use master::{Master, MasterAnswer, MasterError};
+use writer::{Writer, WriterAnswer, WriterError};
 
 use crate::cache::guarded::{GuardedCache, Ticket, Trust};
 use crate::config::Config;
@@ -44,7 +44,7 @@ use crate::federation::FederationClient;
 pub use crate::keys::Outcome;
 
 pub struct Coordinator {
-    pub master: Master,
+    writer: Writer,
     federation: Arc<FederationClient>,
     cache: GuardedCache<String, Arc<UserDevices>>,
     inflight: Inflight<Outcome>,
@@ -58,7 +58,7 @@ pub struct Coordinator {
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator").field("master", &self.master).finish_non_exhaustive()
+        f.debug_struct("Coordinator").field("writer", &self.writer).finish_non_exhaustive()
     }
 }
 
@@ -66,7 +66,7 @@ impl Coordinator {
     pub fn new(config: &Config, federation: Arc<FederationClient>) -> anyhow::Result<Self> {
         let w = &config.worker;
         Ok(Self {
-            master: Master::from_config(config)?,
+            writer: Writer::from_config(config)?,
             federation,
             cache: GuardedCache::new(
                 "resync_results",
@@ -120,7 +120,7 @@ impl Coordinator {
     /// then still has the other half.
     fn hedge_point(&self, deadline: Instant) -> Instant {
         let now = Instant::now();
-        now + self.master.timeout.min(deadline.saturating_duration_since(now) / 2)
+        now + self.writer.timeout.min(deadline.saturating_duration_since(now) / 2)
     }
 
     /// How resyncs ended so far, per user.
@@ -128,8 +128,8 @@ impl Coordinator {
         let o = &self.outcomes;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Outcomes {
-            master_ok: get(&o.master_ok),
-            master_null: get(&o.master_null),
+            writer_ok: get(&o.writer_ok),
+            writer_null: get(&o.writer_null),
             fallback_ok: get(&o.fallback_ok),
             fallback_failed: get(&o.fallback_failed),
             writer_late: get(&o.writer_late),
@@ -137,6 +137,11 @@ impl Coordinator {
     }
 
     /// How many (caller, user) pairs are waiting for a resync right now.
+    /// Whether the device-lists writer is being skipped.
+    pub fn writer_breaker_open(&self) -> bool {
+        self.writer.breaker_open()
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
@@ -159,12 +164,12 @@ impl Coordinator {
     async fn run(&self, destination: &str, mut batch: Batch<Outcome>) {
         let users = batch.users();
         let tickets: Vec<Ticket> = users.iter().map(|u| self.cache.ticket(u)).collect();
-        let mut writer = pin!(self.master.resync(&users));
+        let mut writer = pin!(self.writer.resync(&users));
         let (mut outcomes, writer_pending) = tokio::select! {
             answer = &mut writer => (self.after_writer(destination, &users, answer).await, false),
             () = hedge_reached(batch.hedge()) => {
                 self.outcomes.writer_late.fetch_add(1, Ordering::Relaxed);
-                self.master.late();
+                self.writer.late();
                 let mut direct = pin!(self.direct_all(destination, &users));
                 tokio::select! {
                     answer = &mut writer => match answer {
@@ -196,17 +201,17 @@ impl Coordinator {
         &self,
         destination: &str,
         users: &[String],
-        answer: Result<MasterAnswer, MasterError>,
+        answer: Result<WriterAnswer, WriterError>,
     ) -> HashMap<String, Outcome> {
         match answer {
             Ok(answer) => return self.writer_outcomes(users, answer),
-            Err(MasterError::NotConfigured | MasterError::BreakerOpen) => {}
+            Err(WriterError::NotConfigured | WriterError::BreakerOpen) => {}
             Err(e) => tracing::info!(error = %e, destination, "resyncing directly with the remote server"),
         }
         self.direct_all(destination, users).await
     }
 
-    fn writer_outcomes(&self, users: &[String], answer: MasterAnswer) -> HashMap<String, Outcome> {
+    fn writer_outcomes(&self, users: &[String], answer: WriterAnswer) -> HashMap<String, Outcome> {
         let mut raw = answer.users;
         users
             .iter()
@@ -215,7 +220,7 @@ impl Coordinator {
                     Some(d) => Ok(Arc::new(d)),
                     None => Err(resync_failed(u)),
                 };
-                let counter = if outcome.is_ok() { &self.outcomes.master_ok } else { &self.outcomes.master_null };
+                let counter = if outcome.is_ok() { &self.outcomes.writer_ok } else { &self.outcomes.writer_null };
                 counter.fetch_add(1, Ordering::Relaxed);
                 (u.clone(), outcome)
             })
@@ -279,8 +284,8 @@ impl Drop for WaitGuard<'_> {
 
 #[derive(Debug, Default)]
 struct OutcomeCounters {
-    master_ok: AtomicU64,
-    master_null: AtomicU64,
+    writer_ok: AtomicU64,
+    writer_null: AtomicU64,
     fallback_ok: AtomicU64,
     fallback_failed: AtomicU64,
     writer_late: AtomicU64,
@@ -289,8 +294,8 @@ struct OutcomeCounters {
 /// Resync results by how they ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcomes {
-    pub master_ok: u64,
-    pub master_null: u64,
+    pub writer_ok: u64,
+    pub writer_null: u64,
     pub fallback_ok: u64,
     pub fallback_failed: u64,
     /// Batches whose writer call passed its hedge point unanswered.

@@ -135,7 +135,7 @@ async fn world() -> World {
     let config = config_through(pg.port, redis.port, writer.port);
     // JSON logs: each request's own time is read back from them. A short
     // breaker period, so that each writer fault meets a closed breaker.
-    let settings = [("SYNAPSE_KEYS_WORKER_LOG_JSON", "true"), ("SYNAPSE_KEYS_WORKER_MASTER_BREAKER_MS", "1000")];
+    let settings = [("SYNAPSE_KEYS_WORKER_LOG_JSON", "true"), ("SYNAPSE_KEYS_WORKER_WRITER_BREAKER_MS", "1000")];
     let service = ServiceProcess::start_from(&config, &settings).await;
     World { hs, me, carol, _remote: remote, cached, service, pg, redis, writer }
 }

@@ -45,7 +45,7 @@ async fn rounds(config: Config) -> u64 {
     hs.share_a_room(&alice.session, &carol.session).await;
     let worker = spawn_worker_with(config).await;
     let app = worker.app.clone();
-    poll_until(Duration::from_secs(10), || app.caches.trust.get()).await;
+    poll_until(Duration::from_secs(10), || app.caches.trusted()).await;
     let body = json!({"device_keys": {&alice.user_id: []}});
     let ask = Ask::keys_query("v3", &carol.session.token, TokenIn::Header, &body);
     let mut since = hs.get("/_matrix/client/v3/sync?timeout=0", &carol.session.token).await["next_batch"].as_str().unwrap().to_owned();

@@ -200,7 +200,7 @@ async fn deleted_device_is_refused_at_once() {
     let t = token(mas, Reply::Json(active(&carol.localpart, &format!("{API} {DEVICE}CAROL1"))));
     assert_eq!(same(&ours, &t, &body).await, StatusCode::OK);
     let ask = Ask::keys_query("v3", &t, TokenIn::Header, &body);
-    eventually(Duration::from_secs(10), || async { slow.app.caches.trust.get() }).await;
+    eventually(Duration::from_secs(10), || async { slow.app.caches.trusted() }).await;
     assert_eq!(ask.send(&slow.url).await.0, StatusCode::OK);
     // The warm path checks the device in memory.
     for w in [&ours, &slow] {

@@ -39,7 +39,7 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
         r#"synapse_keys_worker_cache_entries{cache="signatures"}"#,
         r#"synapse_keys_worker_cache_evictions_total{cache="remote_devices"}"#,
         r#"synapse_keys_worker_resyncs_total{outcome="fallback_failed"}"#,
-        "synapse_keys_worker_master_breaker_open 0",
+        "synapse_keys_worker_writer_breaker_open 0",
         "synapse_keys_worker_federation_destinations_backing_off 0",
         "synapse_keys_worker_replication_connected",
         "synapse_keys_worker_replication_reconnects_total",

@@ -1,6 +1,6 @@
 //! Remote users, with the real Synapse as the device-lists writer (and as
 //! the oracle) and a fake remote homeserver that checks X-Matrix signatures.
-//! "Master stopped" and "master hanging" point our service's `instance_map`
+//! "Writer stopped" and "writer hanging" point our service's `instance_map`
 //! at a closed port and at a listener that never answers; the real Synapse
 //! stays up for the other tests.
 
@@ -131,7 +131,7 @@ async fn cached_remote_user_is_served_from_synapse_cache() {
 }
 
 #[tokio::test]
-async fn stale_user_is_resynced_through_master() {
+async fn stale_user_is_resynced_through_the_writer() {
     let s = setup().await;
     let bob = s.remote_user("bob");
     share_a_room(&bob).await;
@@ -150,7 +150,7 @@ async fn stale_user_is_resynced_through_master() {
 }
 
 #[tokio::test]
-async fn master_stopped_falls_back_to_the_remote_within_timeout() {
+async fn writer_stopped_falls_back_to_the_remote_within_timeout() {
     let s = setup().await;
     let bob = s.remote_user("bob");
     share_a_room(&bob).await;
@@ -163,8 +163,8 @@ async fn master_stopped_falls_back_to_the_remote_within_timeout() {
     assert_eq!(ours.len(), 1);
     assert!(ours[0].verified, "our X-Matrix signature verifies");
     assert!(took < Duration::from_millis(5_500), "answered in {took:?}");
-    assert!(worker.app.remote.coordinator.master.breaker_open());
-    println!("fallback latency with master stopped: {took:?}");
+    assert!(worker.app.remote.coordinator.writer_breaker_open());
+    println!("fallback latency with the writer stopped: {took:?}");
     // The result is kept in memory: asking again does not call the remote.
     query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
     assert_eq!(our_calls(&s.remote, Route::UserDevices), 1);
@@ -175,11 +175,11 @@ async fn master_stopped_falls_back_to_the_remote_within_timeout() {
 /// the client's time, then the remote is asked directly, and the breaker
 /// opens so the next stale user does not wait for the writer at all.
 #[tokio::test]
-async fn master_hanging_costs_half_the_timeout_then_nothing() {
+async fn writer_hanging_costs_half_the_timeout_then_nothing() {
     let s = setup().await;
     let (port, accepted) = hanging_listener().await;
     let worker = spawn_worker_with(with_writer(base_config(), port)).await;
-    assert_eq!(worker.app.config.worker.master_timeout_ms, 3_000);
+    assert_eq!(worker.app.config.worker.writer_timeout_ms, 3_000);
     let bob = s.remote_user("bob");
     let carol = s.remote_user("carol");
     share_a_room(&bob).await;
@@ -189,15 +189,15 @@ async fn master_hanging_costs_half_the_timeout_then_nothing() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
     assert_eq!(answer["failures"], json!({}), "{answer}");
-    assert!(worker.app.remote.coordinator.master.breaker_open());
+    assert!(worker.app.remote.coordinator.writer_breaker_open());
     assert_eq!(worker.app.remote.coordinator.outcomes().writer_late, 1);
-    let calls_to_master = accepted.load(Ordering::SeqCst);
-    assert!(calls_to_master >= 1);
+    let calls_to_writer = accepted.load(Ordering::SeqCst);
+    assert!(calls_to_writer >= 1);
 
     // The breaker is open: the next stale user does not wait for the writer.
     let (_, answer, second) = query(&worker.url, &s.me, json!({&carol: []}), Some(1_000)).await;
     assert_eq!(answer["device_keys"][&carol].as_object().map(|m| m.len()), Some(2), "{answer}");
-    assert_eq!(accepted.load(Ordering::SeqCst), calls_to_master, "no new connection to the hung writer");
+    assert_eq!(accepted.load(Ordering::SeqCst), calls_to_writer, "no new connection to the hung writer");
     assert_eq!(worker.app.remote.coordinator.outcomes().writer_late, 1, "carol's resync did not wait for the writer");
     println!("stale user with the writer hanging, timeout=1000: first {first:?}, with the breaker open {second:?}");
 }
@@ -213,14 +213,14 @@ async fn slow_writer_is_hedged_and_skipped_only_until_it_shows_life() {
     let writer = crate::fake_writer::FakeWriter::start(vec![json!({})]).await;
     writer.release(0);
     let mut config = with_writer(base_config(), writer.port);
-    config.worker.master_timeout_ms = 1_500;
+    config.worker.writer_timeout_ms = 1_500;
     let worker = spawn_worker_with(config).await;
     let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), Some(1_000)).await;
     assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
     assert_eq!(writer.calls(), 1);
     assert_eq!(our_calls(&s.remote, Route::UserDevices), 1, "resynced directly");
     let coordinator = worker.app.remote.coordinator.clone();
-    poll_until(Duration::from_secs(10), || !coordinator.master.breaker_open()).await;
+    poll_until(Duration::from_secs(10), || !coordinator.writer_breaker_open()).await;
 }
 
 /// A caller in a hurry joins a resync started for a patient one: it brings
@@ -247,15 +247,15 @@ async fn a_hurried_caller_brings_the_hedge_forward() {
 }
 
 #[tokio::test]
-async fn concurrent_queries_for_one_stale_user_make_one_master_call() {
+async fn concurrent_queries_for_one_stale_user_make_one_writer_call() {
     let s = setup().await;
     let bob = s.remote_user("bob");
     share_a_room(&bob).await;
     // Slow the remote down so the queries overlap the resync.
     s.remote.set_mode(Route::UserDevices, Mode::Hang);
-    let proxy = crate::master_proxy::CountingProxy::start().await;
+    let proxy = crate::writer_proxy::CountingProxy::start().await;
     let mut config = with_writer(base_config(), proxy.port);
-    config.worker.master_timeout_ms = 20_000;
+    config.worker.writer_timeout_ms = 20_000;
     // All 200 come from one device: lift Synapse's per-device limit of 10.
     config.worker.max_concurrent_queries_per_device = 200;
     let worker = spawn_worker_with(config).await;
@@ -278,7 +278,7 @@ async fn concurrent_queries_for_one_stale_user_make_one_master_call() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
     }
-    println!("master calls for 200 concurrent queries: {}", proxy.calls());
+    println!("writer calls for 200 concurrent queries: {}", proxy.calls());
     assert_eq!(proxy.calls(), 1);
     assert_eq!(synapse_calls(&s.remote, Route::UserDevices), 1);
 }
@@ -447,7 +447,7 @@ async fn hostile_remotes_give_failures_within_the_timeout() {
         println!("{mode:?}: {failure} after {took:?}");
         assert!(took < Duration::from_millis(3_000), "{mode:?} held the request for {took:?}");
         // No backoff from one failure to the next mode's request.
-        worker.app.remote.federation.backoff.record_success(&s.remote.server_name());
+        worker.app.remote.federation.forget_failures(&s.remote.server_name());
     }
 }
 
@@ -527,7 +527,7 @@ async fn garbage_oversized_and_untrusted_answers_are_failures() {
 }
 
 #[tokio::test]
-async fn proxy_5xx_in_front_of_master_trips_the_breaker() {
+async fn proxy_5xx_in_front_of_the_writer_trips_the_breaker() {
     let s = setup().await;
     // A proxy in front of a dead writer answers 503.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -546,7 +546,7 @@ async fn proxy_5xx_in_front_of_master_trips_the_breaker() {
     share_a_room(&carol).await;
     let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), Some(5_000)).await;
     assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
-    assert!(worker.app.remote.coordinator.master.breaker_open());
+    assert!(worker.app.remote.coordinator.writer_breaker_open());
     let (_, answer, _) = query(&worker.url, &s.me, json!({&carol: []}), Some(5_000)).await;
     assert_eq!(answer["device_keys"][&carol].as_object().map(|m| m.len()), Some(2), "{answer}");
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the open breaker kept the second resync away from the writer");

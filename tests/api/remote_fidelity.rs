@@ -133,7 +133,7 @@ async fn a_stale_mark_is_seen_at_once() {
     assert_eq!(first["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{first}");
     let worker = spawn_worker().await;
     let app = worker.app.clone();
-    poll_until(Duration::from_secs(10), || app.caches.trust.get()).await;
+    poll_until(Duration::from_secs(10), || app.caches.trusted()).await;
     let (_, _, _) = query(&worker.url, &s.me, body.clone(), None).await;
     let hits = worker.app.caches.remote.counters.hits.load(std::sync::atomic::Ordering::Relaxed);
     query(&worker.url, &s.me, body.clone(), None).await;

@@ -22,7 +22,7 @@ fn config() -> Config {
 async fn ready_worker(config: Config) -> Worker {
     let w = spawn_worker_with(config).await;
     let app = w.app.clone();
-    poll_until(Duration::from_secs(10), || app.caches.trust.get()).await;
+    poll_until(Duration::from_secs(10), || app.caches.trusted()).await;
     w
 }
 
@@ -98,7 +98,7 @@ async fn changes_made_through_synapse_reach_both_replicas() {
     );
     // The caches stayed on throughout (a stream loss would have bypassed them).
     for r in &replicas {
-        assert!(r.app.caches.trust.get());
+        assert!(r.app.caches.trusted());
     }
 }
 
@@ -151,8 +151,8 @@ async fn redis_outage_bypasses_caches_and_catches_up() {
     // Redis goes away: the service notices and stops trusting its caches.
     proxy.set_open(false);
     let app = worker.app.clone();
-    poll_until(Duration::from_secs(15), || !app.replication.connected.load(Ordering::SeqCst)).await;
-    assert!(!app.caches.trust.get());
+    poll_until(Duration::from_secs(15), || !app.replication.connected()).await;
+    assert!(!app.caches.trusted());
     // A change made meanwhile is visible at once (no cache in the way).
     let phone = hs.login(&alice, Some("phone")).await;
     hs.upload_device_keys(&phone).await;
@@ -162,11 +162,11 @@ async fn redis_outage_bypasses_caches_and_catches_up() {
     assert_eq!(ours.1["device_keys"][&a].as_object().unwrap().len(), 2);
 
     // Redis is back: reconnect, catch up the rows missed, trust again.
-    let caught_before = app.replication.caught_up_rows.load(Ordering::Relaxed);
+    let caught_before = app.replication.caught_up_rows();
     proxy.set_open(true);
-    poll_until(Duration::from_secs(30), || app.caches.trust.get()).await;
-    assert!(app.replication.reconnects.load(Ordering::Relaxed) >= 1);
-    assert!(app.replication.caught_up_rows.load(Ordering::Relaxed) > caught_before, "missed rows were read from the database");
+    poll_until(Duration::from_secs(30), || app.caches.trusted()).await;
+    assert!(app.replication.reconnects() >= 1);
+    assert!(app.replication.caught_up_rows() > caught_before, "missed rows were read from the database");
     converges(&worker, &carol.session, &both).await;
     // Caching resumes: carol's entries (unchanged) are hits again.
     let before = hits(&worker);
@@ -199,7 +199,7 @@ async fn ready_reports_database_stream_and_writer() {
     assert_eq!(body["database"]["ok"], true);
     assert_eq!(body["replication"]["mode"], "redis");
     assert_eq!(body["replication"]["caught_up"], true);
-    assert_eq!(body["master"]["breaker"], "closed");
+    assert_eq!(body["writer"]["breaker"], "closed");
 
     // A database that does not answer: 503, while /health stays 200.
     let mut c = config();

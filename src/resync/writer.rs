@@ -1,4 +1,4 @@
-//! The device-lists writer ("master"), asked over Synapse's replication
+//! The device-lists writer (main by default), asked over Synapse's replication
 //! HTTP API to resync remote device lists; with a circuit breaker so that
 //! once it is unreachable, requests stop waiting for it for a while.
 
@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::config::synapse::InstanceLocation;
 
 #[derive(Debug)]
-pub struct Master {
+pub struct Writer {
     http: reqwest::Client,
     /// `http(s)://host:port`; `None` when no TCP writer is configured.
     base: Option<String>,
@@ -27,24 +27,24 @@ pub struct Master {
 
 /// The writer's answer: per user, the result or `null`, plus its stream
 /// positions (`_INT_STREAM_POS`).
-pub struct MasterAnswer {
+pub struct WriterAnswer {
     pub users: HashMap<String, Option<Box<RawValue>>>,
     pub stream_pos: Option<Arc<RawValue>>,
 }
 
-impl MasterAnswer {
+impl WriterAnswer {
     /// The body of a successful answer: an object of user → result or
     /// `null`, with `_INT_STREAM_POS` taken out.
-    pub fn parse(body: &[u8]) -> Result<Self, MasterError> {
+    pub fn parse(body: &[u8]) -> Result<Self, WriterError> {
         let mut map: HashMap<String, Option<Box<RawValue>>> =
-            serde_json::from_slice(body).map_err(|e| MasterError::Failed(format!("invalid JSON: {e}")))?;
+            serde_json::from_slice(body).map_err(|e| WriterError::Failed(format!("invalid JSON: {e}")))?;
         let stream_pos = map.remove("_INT_STREAM_POS").flatten().map(Arc::from);
-        Ok(MasterAnswer { users: map, stream_pos })
+        Ok(WriterAnswer { users: map, stream_pos })
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MasterError {
+pub enum WriterError {
     #[error("no device-lists writer configured")]
     NotConfigured,
     #[error("writer skipped: it was unreachable recently")]
@@ -60,7 +60,7 @@ pub enum MasterError {
     Failed(String),
 }
 
-impl Master {
+impl Writer {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let base = match &config.synapse.device_lists_writer {
             Some(InstanceLocation::Tcp { host, port, tls }) => {
@@ -78,15 +78,15 @@ impl Master {
         };
         let http = reqwest::Client::builder()
             .user_agent(crate::federation::USER_AGENT)
-            .connect_timeout(Duration::from_millis(config.worker.master_timeout_ms))
+            .connect_timeout(Duration::from_millis(config.worker.writer_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
             base,
             secret: config.synapse.worker_replication_secret.clone(),
-            timeout: Duration::from_millis(config.worker.master_timeout_ms),
-            breaker: Breaker::new(Duration::from_millis(config.worker.master_breaker_ms)),
+            timeout: Duration::from_millis(config.worker.writer_timeout_ms),
+            breaker: Breaker::new(Duration::from_millis(config.worker.writer_breaker_ms)),
         })
     }
 
@@ -108,10 +108,10 @@ impl Master {
 
     /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
     /// of one destination.
-    pub async fn resync(&self, users: &[String]) -> Result<MasterAnswer, MasterError> {
-        let base = self.base.as_deref().ok_or(MasterError::NotConfigured)?;
+    pub async fn resync(&self, users: &[String]) -> Result<WriterAnswer, WriterError> {
+        let base = self.base.as_deref().ok_or(WriterError::NotConfigured)?;
         if !self.breaker.allow() {
-            return Err(MasterError::BreakerOpen);
+            return Err(WriterError::BreakerOpen);
         }
         let txn: String = rand::rng().sample_iter(&Alphanumeric).take(16).map(char::from).collect();
         let mut req = self
@@ -123,12 +123,12 @@ impl Master {
         }
         let result = match tokio::time::timeout(self.timeout, self.exchange(req)).await {
             Ok(r) => r,
-            Err(_) if self.healthy(base).await => Err(MasterError::Busy(self.timeout)),
-            Err(_) => Err(MasterError::Unreachable(format!("no answer within {:?}", self.timeout))),
+            Err(_) if self.healthy(base).await => Err(WriterError::Busy(self.timeout)),
+            Err(_) => Err(WriterError::Unreachable(format!("no answer within {:?}", self.timeout))),
         };
         match &result {
             Ok(_) => self.breaker.close(),
-            Err(MasterError::Unreachable(why)) => {
+            Err(WriterError::Unreachable(why)) => {
                 tracing::warn!(reason = %why, "device-lists writer unreachable; skipping it for {:?}", self.breaker.open_for());
                 self.breaker.trip();
             }
@@ -141,18 +141,18 @@ impl Master {
         result
     }
 
-    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<MasterAnswer, MasterError> {
-        let resp = req.send().await.map_err(|e| MasterError::Unreachable(e.to_string()))?;
+    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<WriterAnswer, WriterError> {
+        let resp = req.send().await.map_err(|e| WriterError::Unreachable(e.to_string()))?;
         let status = resp.status();
         if matches!(status.as_u16(), 502..=504) {
-            return Err(MasterError::Unreachable(format!("HTTP {status}")));
+            return Err(WriterError::Unreachable(format!("HTTP {status}")));
         }
-        let body = resp.bytes().await.map_err(|e| MasterError::Unreachable(e.to_string()))?;
+        let body = resp.bytes().await.map_err(|e| WriterError::Unreachable(e.to_string()))?;
         if !status.is_success() {
             let hint = if status.as_u16() == 500 { " (is worker_replication_secret right?)" } else { "" };
-            return Err(MasterError::Failed(format!("HTTP {status}{hint}: {}", String::from_utf8_lossy(&body))));
+            return Err(WriterError::Failed(format!("HTTP {status}{hint}: {}", String::from_utf8_lossy(&body))));
         }
-        MasterAnswer::parse(&body)
+        WriterAnswer::parse(&body)
     }
 
     /// Whether the writer's listener answers `/health` quickly.
