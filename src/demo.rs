@@ -24,10 +24,10 @@ impl Demo {
         let db_path = std::env::temp_dir().join(format!("synapse-keys-worker-demo-{}.db", std::process::id()));
         let token: String = format!("syt_demo_{}", rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>());
         let store = Store::create_demo(&db_path, SERVER_NAME, &token).await?;
-        let mut synapse_yaml = serde_yaml::Mapping::new();
+        let mut synapse_yaml = yaml_serde::Mapping::new();
         synapse_yaml.insert("server_name".into(), SERVER_NAME.into());
-        let database: serde_yaml::Value =
-            serde_yaml::from_str(&format!("{{name: sqlite3, args: {{database: {:?}}}}}", db_path.display().to_string()))?;
+        let database: yaml_serde::Value =
+            yaml_serde::from_str(&format!("{{name: sqlite3, args: {{database: {:?}}}}}", db_path.display().to_string()))?;
         synapse_yaml.insert("database".into(), database);
         let synapse = SynapseConfig::from_mapping(&synapse_yaml)?;
         debug_assert!(matches!(synapse.database, DatabaseConfig::Sqlite { .. }));

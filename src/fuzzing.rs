@@ -54,7 +54,7 @@ pub fn replication_line(data: &[u8]) {
 
 /// A configuration file: loaded, or refused with one line.
 pub fn config(data: &[u8]) {
-    let Ok(serde_yaml::Value::Mapping(mapping)) = serde_yaml::from_slice(data) else {
+    let Ok(yaml_serde::Value::Mapping(mapping)) = yaml_serde::from_slice(data) else {
         return;
     };
     // Paths named in the file are read; never let one point at a device.

@@ -57,7 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_demo(listen: Option<String>) -> anyhow::Result<()> {
-    let mut worker = WorkerConfig::from_section(serde_yaml::Value::Null, std::env::vars())?;
+    let mut worker = WorkerConfig::from_section(yaml_serde::Value::Null, std::env::vars())?;
     if let Some(listen) = listen {
         worker.listen = listen;
     }

@@ -56,7 +56,7 @@ impl AppService {
     pub fn load(path: &Path, server_name: &str) -> Result<Self, ConfigError> {
         let err = |e: &dyn std::fmt::Display| ConfigError::new(format!("application service file {}: {e}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| err(&e))?;
-        let r: Registration = serde_yaml::from_str(&text).map_err(|e| err(&e))?;
+        let r: Registration = yaml_serde::from_str(&text).map_err(|e| err(&e))?;
         let user_namespaces = r
             .namespaces
             .users

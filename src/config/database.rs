@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::ConfigError;
 
@@ -94,7 +94,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<DatabaseConfig, ConfigError> {
-        DatabaseConfig::from_mapping(&serde_yaml::from_str(yaml).unwrap())
+        DatabaseConfig::from_mapping(&yaml_serde::from_str(yaml).unwrap())
     }
 
     #[test]

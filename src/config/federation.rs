@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::ConfigError;
 use super::synapse::{InstanceLocation, bool_key, instance_location, string_list};
@@ -140,7 +140,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<FederationSettings, ConfigError> {
-        FederationSettings::from_mapping(&serde_yaml::from_str(yaml).unwrap(), Some("s"))
+        FederationSettings::from_mapping(&yaml_serde::from_str(yaml).unwrap(), Some("s"))
     }
 
     #[test]
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(f.proxy_locations, [InstanceLocation::Tcp { host: "127.0.0.1".into(), port: 9000, tls: false }]);
         let err = parse("outbound_federation_restricted_to: [fed]").unwrap_err().to_string();
         assert!(err.contains("does not appear in `instance_map`"), "{err}");
-        let no_secret = FederationSettings::from_mapping(&serde_yaml::from_str(yaml).unwrap(), None);
+        let no_secret = FederationSettings::from_mapping(&yaml_serde::from_str(yaml).unwrap(), None);
         assert!(no_secret.unwrap_err().to_string().contains("worker_replication_secret"));
     }
 }

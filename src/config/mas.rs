@@ -2,7 +2,7 @@
 //! Authentication Service, read and validated as Synapse's
 //! `synapse/config/mas.py` does (a strict model that ignores unknown keys).
 
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::ConfigError;
 use super::synapse::{bool_key, str_key};
@@ -108,7 +108,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Option<MasConfig>, String> {
-        MasConfig::from_mapping(&serde_yaml::from_str(yaml).unwrap()).map_err(|e| e.to_string())
+        MasConfig::from_mapping(&yaml_serde::from_str(yaml).unwrap()).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod worker;
 
 use std::path::{Path, PathBuf};
 
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 pub use database::DatabaseConfig;
 pub use synapse::SynapseConfig;
@@ -68,7 +68,7 @@ impl Config {
 
 fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", path.display())))?;
-    match serde_yaml::from_str::<Value>(&text) {
+    match yaml_serde::from_str::<Value>(&text) {
         Ok(Value::Mapping(m)) => Ok(m),
         Ok(Value::Null) => Ok(Mapping::new()),
         Ok(_) => Err(ConfigError::new(format!("config file {} must contain a YAML mapping at the top level", path.display()))),
@@ -84,7 +84,7 @@ mod tests {
     #[test]
     fn errors_are_one_line_whatever_the_file_holds() {
         let yaml = "server_name: hs\nkeys_worker: {\"bad\\n\\nkey\": 1}\n";
-        let mapping: Mapping = serde_yaml::from_str(yaml).unwrap();
+        let mapping: Mapping = yaml_serde::from_str(yaml).unwrap();
         let err = Config::from_mapping(mapping, Vec::new()).unwrap_err().to_string();
         assert!(!err.contains('\n') && err.contains("bad\\n\\nkey"), "{err}");
     }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::{ConfigError, DatabaseConfig};
 
@@ -83,7 +83,7 @@ impl SynapseConfig {
         let database = DatabaseConfig::from_mapping(m)?;
         let redis = match m.get("redis") {
             None | Some(Value::Null) => RedisConfig::default(),
-            Some(v) => serde_yaml::from_value(v.clone()).map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
+            Some(v) => yaml_serde::from_value(v.clone()).map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
         };
         let worker_replication_secret = match (str_key(m, "worker_replication_secret")?, m.get("worker_replication_secret_path")) {
             (Some(s), _) => Some(s),
@@ -197,7 +197,7 @@ fn device_lists_writer(m: &Mapping) -> Result<Option<InstanceLocation>, ConfigEr
 /// One `instance_map` entry.
 pub(super) fn instance_location(name: &str, entry: &Value) -> Result<InstanceLocation, ConfigError> {
     let e: InstanceEntry =
-        serde_yaml::from_value(entry.clone()).map_err(|e| ConfigError::new(format!("invalid `instance_map.{name}`: {e}")))?;
+        yaml_serde::from_value(entry.clone()).map_err(|e| ConfigError::new(format!("invalid `instance_map.{name}`: {e}")))?;
     match (e.path, e.host, e.port) {
         (Some(path), _, _) => Ok(InstanceLocation::Unix { path }),
         (None, Some(host), Some(port)) => Ok(InstanceLocation::Tcp { host, port, tls: e.tls }),
@@ -233,7 +233,7 @@ pub(super) fn bool_key(m: &Mapping, key: &str, default: bool) -> Result<bool, Co
 pub(super) fn string_list(m: &Mapping, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_yaml::from_value(v.clone()).map(Some).map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
+        Some(v) => yaml_serde::from_value(v.clone()).map(Some).map_err(|_| ConfigError::new(format!("`{key}` must be a list of strings"))),
     }
 }
 
@@ -242,7 +242,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<SynapseConfig, ConfigError> {
-        SynapseConfig::from_mapping(&serde_yaml::from_str(yaml).unwrap())
+        SynapseConfig::from_mapping(&yaml_serde::from_str(yaml).unwrap())
     }
 
     const DB: &str = "database: {name: sqlite3, args: {database: x.db}}\n";

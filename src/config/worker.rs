@@ -3,7 +3,7 @@
 //! Unknown keys are an error that names the key.
 
 use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::ConfigError;
 
@@ -149,10 +149,10 @@ impl WorkerConfig {
         for (name, raw) in env {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
             // A value is read as a YAML scalar, so numbers and booleans work.
-            let value = serde_yaml::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
+            let value = yaml_serde::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
             map.insert(Value::String(key.to_ascii_lowercase()), value);
         }
-        serde_yaml::from_value(Value::Mapping(map))
+        yaml_serde::from_value(Value::Mapping(map))
             .map_err(|e| ConfigError::new(format!("invalid `{SECTION}` setting (in a config file or a {ENV_PREFIX}* variable): {e}")))
     }
 }
@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn env_overrides_file() {
-        let section: Value = serde_yaml::from_str("listen: 1.2.3.4:1\nmax_body_bytes: 5").unwrap();
+        let section: Value = yaml_serde::from_str("listen: 1.2.3.4:1\nmax_body_bytes: 5").unwrap();
         let c = WorkerConfig::from_section(
             section,
             env(&[("SYNAPSE_KEYS_WORKER_LISTEN", "127.0.0.1:9"), ("OTHER", "x"), ("SYNAPSE_KEYS_WORKER_LOG_JSON", "true")]),
@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let section: Value = serde_yaml::from_str("listne: x").unwrap();
+        let section: Value = yaml_serde::from_str("listne: x").unwrap();
         let err = WorkerConfig::from_section(section, env(&[])).unwrap_err().to_string();
         assert!(err.contains("listne"), "{err}");
         let err = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_BOGUS", "1")])).unwrap_err().to_string();
@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn the_writer_settings_keep_their_old_names() {
-        let section: Value = serde_yaml::from_str("master_timeout_ms: 1234\nmaster_breaker_ms: 99").unwrap();
+        let section: Value = yaml_serde::from_str("master_timeout_ms: 1234\nmaster_breaker_ms: 99").unwrap();
         let c = WorkerConfig::from_section(section, env(&[])).unwrap();
         assert_eq!((c.writer_timeout_ms, c.writer_breaker_ms), (1234, 99));
         let c = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_MASTER_TIMEOUT_MS", "77")])).unwrap();
@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn wrong_type_is_an_error() {
-        let section: Value = serde_yaml::from_str("max_body_bytes: lots").unwrap();
+        let section: Value = yaml_serde::from_str("max_body_bytes: lots").unwrap();
         assert!(WorkerConfig::from_section(section, env(&[])).is_err());
     }
 

@@ -1,10 +1,11 @@
-//! Name resolution for federation: SRV lookups (hickory, system resolver
-//! configuration) and the address resolver reqwest uses, which applies the
-//! IP filter to every address and follows SRV targets. Names under
+//! Name resolution for federation, all through hickory with the system's
+//! resolver configuration and hosts file (no blocking `getaddrinfo`
+//! threads): SRV lookups, and the address resolver reqwest uses, which
+//! applies the IP filter to every address and follows SRV targets. Names under
 //! `.invalid` never resolve and cause no DNS traffic (RFC 6761).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ fn is_invalid_tld(name: &str) -> bool {
     n == "invalid" || n.ends_with(".invalid")
 }
 
-/// SRV lookups.
+/// SRV and address lookups.
 #[derive(Clone)]
 pub enum Dns {
     System(Option<Arc<TokioResolver>>),
@@ -85,6 +86,20 @@ impl Dns {
     }
 }
 
+impl Dns {
+    /// The addresses of `name` (an IP literal is its own address).
+    pub async fn addresses(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        match self {
+            Dns::System(Some(r)) => r.lookup_ip(name).await.map(|found| found.iter().collect()).map_err(|e| e.to_string()),
+            Dns::System(None) => Err("no system DNS configuration".into()),
+            Dns::Fixed(_) => Err(format!("no address for {name} in a fixed table")),
+        }
+    }
+}
+
 /// Most SRV substitutions remembered at once.
 const MAX_SUBSTITUTIONS: u64 = 10_000;
 
@@ -93,6 +108,7 @@ const MAX_SUBSTITUTIONS: u64 = 10_000;
 #[derive(Clone)]
 pub struct FilteringResolver {
     filter: Arc<IpFilter>,
+    dns: Dns,
     /// SRV substitutions (host → target), set just before each request, so
     /// bounded in number (least recently set go first) and age.
     via: moka::sync::Cache<String, String>,
@@ -100,7 +116,7 @@ pub struct FilteringResolver {
 
 impl FilteringResolver {
     /// `ttl`: how long a substitution is kept (the discovery cache's TTL).
-    pub fn new(filter: Arc<IpFilter>, ttl: Duration) -> Self {
+    pub fn new(filter: Arc<IpFilter>, ttl: Duration, dns: Dns) -> Self {
         let via = moka::sync::Cache::builder()
             .max_capacity(MAX_SUBSTITUTIONS)
             .time_to_live(ttl.max(Duration::from_secs(1)))
@@ -108,7 +124,7 @@ impl FilteringResolver {
             // resolves: admit every new one.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        Self { filter, via }
+        Self { filter, dns, via }
     }
 
     /// From now on, connections to `host` go to the addresses of `target`.
@@ -146,9 +162,13 @@ impl Resolve for FilteringResolver {
             if is_invalid_tld(&lookup) {
                 return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
             }
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((lookup.as_str(), 0))
+            let found: Vec<SocketAddr> = this
+                .dns
+                .addresses(&lookup)
                 .await
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(ResolveError::Lookup(e.to_string())) })?
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(ResolveError::Lookup(e)) })?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
                 .collect();
             if found.is_empty() {
                 return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
@@ -178,14 +198,17 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_names_and_blocked_addresses_do_not_resolve() {
-        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60));
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60), Dns::system());
         let err = r.resolve("remote.invalid".parse().unwrap()).await.err().unwrap();
         assert!(err.to_string().contains("DNSLookupError"), "{err}");
         // localhost resolves to loopback, which the default list blocks.
         let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
         assert!(err.to_string().contains("blocked"), "{err}");
-        let open =
-            FilteringResolver::new(Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()), Duration::from_secs(60));
+        let open = FilteringResolver::new(
+            Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()),
+            Duration::from_secs(60),
+            Dns::system(),
+        );
         let addrs: Vec<_> = open.resolve("localhost".parse().unwrap()).await.unwrap().collect();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
         assert_eq!(Dns::system().srv("_matrix-fed._tcp.x.invalid").await, None);
@@ -199,7 +222,7 @@ mod tests {
 
     #[test]
     fn substitutions_are_bounded() {
-        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60));
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60), Dns::system());
         for i in 0..(MAX_SUBSTITUTIONS + 500) {
             r.connect_via(&format!("h{i}.invalid"), "t.invalid");
         }

@@ -64,7 +64,8 @@ impl FederationClient {
         };
         let f = &s.federation;
         let filter = Arc::new(IpFilter::new(f.ip_range_blocklist.as_deref(), &f.ip_range_whitelist)?);
-        let resolver = FilteringResolver::new(filter, Duration::from_millis(w.discovery_cache_ttl_ms));
+        let dns = Dns::system();
+        let resolver = FilteringResolver::new(filter, Duration::from_millis(w.discovery_cache_ttl_ms), dns.clone());
         let build = |redirects: &dyn Fn() -> reqwest::redirect::Policy| {
             TlsClients::build(f, || {
                 reqwest::Client::builder()
@@ -78,7 +79,7 @@ impl FederationClient {
         let http = build(&reqwest::redirect::Policy::none)?;
         let hops_filter = Arc::clone(resolver.filter());
         let well_known = HttpWellKnown { http: build(&|| checked_redirects(Arc::clone(&hops_filter), 5))?, filter: resolver.clone() };
-        let discovery = Discovery::new(Dns::system(), Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
+        let discovery = Discovery::new(dns, Box::new(well_known), Duration::from_millis(w.discovery_cache_ttl_ms));
         Ok(Self {
             signer,
             http,
@@ -227,17 +228,12 @@ async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>,
     Ok(body)
 }
 
+/// What Python's `urllib.parse.quote(s, safe="")` leaves as it is.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(b'-').remove(b'~');
+
 /// Python's `urllib.parse.quote(s, safe="")`, as Synapse encodes path args.
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"_.-~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// Redirects followed at most `max` times, each hop checked: a host name is

@@ -87,7 +87,7 @@ mod tests {
     #[test]
     fn verification_chosen_per_host() {
         let settings = FederationSettings::from_mapping(
-            &serde_yaml::from_str("federation_certificate_verification_whitelist: ['*.internal.test', 'lab.test']").unwrap(),
+            &yaml_serde::from_str("federation_certificate_verification_whitelist: ['*.internal.test', 'lab.test']").unwrap(),
             None,
         )
         .unwrap();

@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::App;
 use crate::error::MatrixError;
@@ -61,7 +62,11 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(cors))
         .layer(CatchPanicLayer::custom(|_| MatrixError::internal("handler panicked").into_response()))
-        .layer(middleware::from_fn_with_state(Arc::clone(&app), observe::observe))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), observe::metrics))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(observe::access_log())
+        .layer(SetRequestIdLayer::x_request_id(observe::FreshId))
+        .layer(middleware::from_fn(observe::drop_odd_request_id))
         .with_state(app)
 }
 
@@ -114,12 +119,12 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde_yaml::Value;
+    use yaml_serde::Value;
 
     /// `openapi/openapi.yaml` describes exactly the routes the router serves.
     #[test]
     fn openapi_paths_match_router() {
-        let doc: Value = serde_yaml::from_str(include_str!("../../openapi/openapi.yaml")).unwrap();
+        let doc: Value = yaml_serde::from_str(include_str!("../../openapi/openapi.yaml")).unwrap();
         let mut documented = BTreeSet::new();
         for (path, item) in doc["paths"].as_mapping().unwrap() {
             let item = match item.get("$ref").and_then(Value::as_str) {

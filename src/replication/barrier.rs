@@ -223,7 +223,7 @@ mod tests {
         let store = Store::create_sqlite_fixture(&path, SEED).await.unwrap();
         let Store::Sqlite(pool) = store.clone() else { unreachable!() };
         let yaml = format!("server_name: hs\ndatabase: {{name: sqlite3, args: {{database: {}}}}}\n", path.display());
-        let config = Config::from_mapping(serde_yaml::from_str(&yaml).unwrap(), Vec::new()).unwrap();
+        let config = Config::from_mapping(yaml_serde::from_str(&yaml).unwrap(), Vec::new()).unwrap();
         (App::new(config, store).unwrap(), pool)
     }
 

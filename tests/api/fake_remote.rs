@@ -136,7 +136,7 @@ impl Drop for FakeRemote {
 
 /// The test Synapse's signing key file: `(version, seed)`.
 pub fn homeserver_signing_seed() -> (String, [u8; 32]) {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&env().homeserver_yaml).unwrap()).unwrap();
+    let yaml: yaml_serde::Value = yaml_serde::from_str(&std::fs::read_to_string(&env().homeserver_yaml).unwrap()).unwrap();
     let path = yaml["signing_key_path"].as_str().expect("signing_key_path in homeserver.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let parts: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();

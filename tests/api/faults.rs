@@ -101,7 +101,7 @@ fn host_port(url: &str) -> (String, u16) {
 /// reached through proxies the test controls.
 fn config_through(pg: u16, redis: u16, writer: u16) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&env().homeserver_yaml).unwrap();
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut config: yaml_serde::Value = yaml_serde::from_str(&text).unwrap();
     config["database"]["args"]["port"] = pg.into();
     config["database"]["args"]["host"] = "127.0.0.1".into();
     config["redis"]["port"] = redis.into();
@@ -109,7 +109,7 @@ fn config_through(pg: u16, redis: u16, writer: u16) -> std::path::PathBuf {
     config["instance_map"]["main"]["port"] = writer.into();
     config["instance_map"]["main"]["host"] = "127.0.0.1".into();
     let path = std::env::temp_dir().join(format!("{}.yaml", unique("faults")));
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::write(&path, yaml_serde::to_string(&config).unwrap()).unwrap();
     path
 }
 

@@ -62,6 +62,12 @@ async fn request_ids_are_honoured_or_made() {
     assert_eq!(made.len(), 16);
     let again = http().get(format!("{}/health", worker.url)).send().await.unwrap();
     assert_ne!(again.headers()["x-request-id"].to_str().unwrap(), made);
+    // An ID we would not log (spaces, or too long) is replaced.
+    for odd in ["has spaces".to_owned(), "x".repeat(129)] {
+        let resp = http().get(format!("{}/health", worker.url)).header("X-Request-Id", &odd).send().await.unwrap();
+        let given = resp.headers()["x-request-id"].to_str().unwrap();
+        assert!(given != odd && given.len() == 16, "{given}");
+    }
 }
 
 /// Everything every test logs, at debug level, in one buffer.
