@@ -86,6 +86,25 @@ impl App {
         }))
     }
 
+    /// What an operator should know about `config` before the first
+    /// request: the parts it leaves out. Logged as warnings at start-up
+    /// (the demo, which needs none of those parts, stays quiet).
+    pub fn limitations(config: &Config) -> Vec<String> {
+        let mut said = Vec::new();
+        if config.synapse.signing_key_path.is_none() {
+            said.push("no signing_key_path: direct federation (the fallback when the writer is down) is disabled".to_owned());
+        }
+        match &config.synapse.device_lists_writer {
+            Some(crate::config::synapse::InstanceLocation::Unix { path }) => said.push(format!(
+                "the device-lists writer listens on a UNIX socket ({}), which is not supported: resyncs go to remote servers directly",
+                path.display()
+            )),
+            None => said.push("no instance_map entry for the device-lists writer: resyncs go to remote servers directly".to_owned()),
+            Some(_) => {}
+        }
+        said
+    }
+
     /// Opens the database named by the config (lazily: no connection yet).
     pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
         let store = Store::connect(&config.synapse.database, &config.worker)?;

@@ -41,4 +41,15 @@ impl Demo {
             self.token
         )
     }
+
+    /// What the demo prints when it is up: what it serves, the request to
+    /// paste, and where the metrics and health checks are.
+    pub fn introduction(&self, addr: std::net::SocketAddr) -> String {
+        format!(
+            "synapse-keys-worker demo: answering /keys/query for {SERVER_NAME} (users @alice and @bob, with devices and \
+             cross-signing keys) on http://{addr}\n\nAsk for their keys:\n\n{}\n\nMetrics: http://{addr}/metrics   \
+             Health: http://{addr}/health   Stop: Ctrl-C\nTo serve a real homeserver: synapse-keys-worker -c homeserver.yaml\n",
+            self.curl_command(addr)
+        )
+    }
 }

@@ -43,6 +43,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(config.worker.log_json);
     let listen = config.worker.listen.clone();
     let config_mas = config.synapse.mas.clone();
+    for limitation in App::limitations(&config) {
+        tracing::warn!("{limitation}");
+    }
     let app = App::from_config(config)?;
     if let Err(e) = app.store.ping().await {
         tracing::warn!(error = %e, "database not reachable yet; serving anyway (requests get 503 until it is)");
@@ -61,17 +64,14 @@ async fn run_demo(listen: Option<String>) -> anyhow::Result<()> {
     if let Some(listen) = listen {
         worker.listen = listen;
     }
-    telemetry::init(worker.log_json);
+    // Only what a newcomer needs: no per-request lines (RUST_LOG brings
+    // them back), no notes about federation the demo does not use.
+    telemetry::init_with_default(worker.log_json, "warn");
     let listen = worker.listen.clone();
     let demo = Demo::create(worker).await?;
     let app = App::new(demo.config.clone(), demo.store.clone())?;
     let server = Server::bind(app, &listen).await?;
-    println!(
-        "synapse-keys-worker demo: serving {} (SQLite database {})\nTry:\n\n{}\n",
-        synapse_keys_worker::demo::SERVER_NAME,
-        demo.db_path.display(),
-        demo.curl_command(server.local_addr())
-    );
+    println!("{}", demo.introduction(server.local_addr()));
     let result = server.run_until(shutdown_signal()).await;
     let _ = std::fs::remove_file(&demo.db_path);
     result?;

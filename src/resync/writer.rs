@@ -67,14 +67,8 @@ impl Writer {
                 let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
                 Some(format!("{}://{host}:{port}", if *tls { "https" } else { "http" }))
             }
-            Some(InstanceLocation::Unix { path }) => {
-                tracing::warn!(path = %path.display(), "the device-lists writer listens on a UNIX socket, which is not supported: resyncs go to remote servers directly");
-                None
-            }
-            None => {
-                tracing::warn!("no instance_map entry for the device-lists writer: resyncs go to remote servers directly");
-                None
-            }
+            // Said at start-up: see `crate::App::limitations`.
+            Some(InstanceLocation::Unix { .. }) | None => None,
         };
         let http = reqwest::Client::builder()
             .user_agent(crate::federation::USER_AGENT)

@@ -3,6 +3,7 @@
 
 mod appservice;
 mod bounded;
+mod demo;
 mod differential;
 mod errors;
 mod fake_mas;
