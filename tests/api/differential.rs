@@ -103,15 +103,12 @@ async fn setup() -> (Synapse, World, Worker) {
 #[tokio::test]
 async fn every_requester_every_query_matches_synapse() {
     let (_hs, world, worker) = setup().await;
-    let mut compared = 0;
     for (who, session) in world.requesters() {
         for body in world.queries() {
             let (status, answer) = assert_same(&worker, &Ask::keys_query("v3", &session.token, TokenIn::Header, &body)).await;
             assert_eq!(status, StatusCode::OK, "{who}: {answer}");
-            compared += 1;
         }
     }
-    assert_eq!(compared, 25);
 }
 
 #[tokio::test]
@@ -159,8 +156,7 @@ async fn answers_carry_keys_and_signatures() {
 #[tokio::test]
 async fn puppet_token_acts_as_the_puppeted_user() {
     let (hs, world, worker) = setup().await;
-    let admin = hs.register("admin").await;
-    hs.make_admin(&admin).await;
+    let admin = hs.register_admin("admin").await;
     let r = hs.admin(Method::POST, &format!("/_synapse/admin/v1/users/{}/login", world.alice.user_id), &admin.session, json!({})).await;
     let puppet_token = r["access_token"].as_str().unwrap();
     let body = &world.queries()[0];

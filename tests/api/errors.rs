@@ -50,8 +50,7 @@ async fn token_errors_match_synapse() {
 #[tokio::test]
 async fn expired_locked_and_deactivated_match_synapse() {
     let hs = Synapse::new();
-    let admin = hs.register("admin").await;
-    hs.make_admin(&admin).await;
+    let admin = hs.register_admin("admin").await;
     let worker = spawn_worker().await;
     let body = json!({"device_keys": {}});
 
@@ -98,8 +97,7 @@ async fn expired_locked_and_deactivated_match_synapse() {
     assert_eq!(status, StatusCode::OK, "Synapse answers a deactivated user's puppet token");
 
     // A deactivated admin's puppet tokens go with the admin's own.
-    let admin2 = hs.register("admin2").await;
-    hs.make_admin(&admin2).await;
+    let admin2 = hs.register_admin("admin2").await;
     let target = hs.register("puppeted").await;
     let puppet2 = puppet_token(&admin2, &target).await;
     let (status, _) = assert_same(&worker, &Ask::keys_query("v3", &puppet2, TokenIn::Header, &body)).await;

@@ -11,24 +11,23 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
-use crate::helpers::{Ask, Session, Synapse, TokenIn, env, poll_until, spawn_worker_with};
+use crate::helpers::{Ask, Session, Synapse, TokenIn, env, eventually_some, poll_until, spawn_worker_with};
 use crate::tcp_proxy::TcpProxy;
 
 const ROUNDS: usize = 25;
 
 /// Long-polls `/sync` from `since` until `device_lists.changed` names
 /// `user`; returns the new `since`.
-async fn sync_until_changed(hs: &Synapse, who: &Session, mut since: String, user: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "/sync never reported {user}'s change");
-        let r = hs.get(&format!("/_matrix/client/v3/sync?timeout=10000&since={since}"), &who.token).await;
-        since = r["next_batch"].as_str().unwrap().to_owned();
+async fn sync_until_changed(hs: &Synapse, who: &Session, since: String, user: &str) -> String {
+    let since = std::sync::Mutex::new(since);
+    eventually_some(Duration::from_secs(30), || async {
+        let r = hs.get(&format!("/_matrix/client/v3/sync?timeout=10000&since={}", since.lock().unwrap()), &who.token).await;
+        let next = r["next_batch"].as_str().unwrap().to_owned();
         let changed = r["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
-        if changed.iter().any(|u| u == user) {
-            return since;
-        }
-    }
+        *since.lock().unwrap() = next.clone();
+        changed.iter().any(|u| u == user).then_some(next)
+    })
+    .await
 }
 
 fn device_ids(answer: &Value, user: &str) -> Vec<String> {

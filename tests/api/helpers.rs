@@ -349,11 +349,28 @@ impl Synapse {
         self.call(Method::DELETE, &format!("/_matrix/client/v3/devices/{device_id}"), Some(&user.session.token), body).await;
     }
 
-    /// Makes `user` a server admin (test setup) and returns a token usable
-    /// on the admin API.
-    pub async fn make_admin(&self, user: &TestUser) {
-        let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
-        sqlx::query("UPDATE users SET admin = 1 WHERE name = $1").bind(&user.user_id).execute(&pool).await.unwrap();
+    /// A new server admin, registered with Synapse's own
+    /// `register_new_matrix_user` (shared-secret registration), then logged in.
+    pub async fn register_admin(&self, prefix: &str) -> TestUser {
+        let username = unique(prefix);
+        let password = format!("pw-{username}");
+        let tool = std::path::Path::new(&std::env::var("SKW_TEST_VENV_BIN").expect("SKW_TEST_VENV_BIN")).join("register_new_matrix_user");
+        let mut command = std::process::Command::new(tool);
+        command.args(["-c", env().homeserver_yaml.to_str().unwrap(), "-u", &username, "-p", &password, "--admin"]).arg(&env().synapse_url);
+        let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().unwrap();
+        assert!(out.status.success(), "register_new_matrix_user: {}", String::from_utf8_lossy(&out.stderr));
+        let user_id = format!("@{username}:{}", env().server_name);
+        let session = session_of(
+            &self
+                .call(
+                    Method::POST,
+                    "/_matrix/client/v3/login",
+                    None,
+                    json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user_id}, "password": password}),
+                )
+                .await,
+        );
+        TestUser { user_id, password, session }
     }
 
     pub async fn admin(&self, method: Method, path: &str, admin: &Session, body: Value) -> Value {
@@ -463,8 +480,21 @@ pub async fn poll_until(limit: std::time::Duration, mut done: impl FnMut() -> bo
 
 /// Polls `check` every 10 ms until it is true; fails the test after `limit`.
 pub async fn eventually<F: std::future::Future<Output = bool>>(limit: std::time::Duration, mut check: impl FnMut() -> F) {
+    eventually_some(limit, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await
+}
+
+/// The one polling loop of the tests: polls `check` every 10 ms until it
+/// gives a value; fails the test after `limit`.
+pub async fn eventually_some<T, F: std::future::Future<Output = Option<T>>>(limit: std::time::Duration, mut check: impl FnMut() -> F) -> T {
     let deadline = std::time::Instant::now() + limit;
-    while !check().await {
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
         assert!(std::time::Instant::now() < deadline, "condition not met within {limit:?}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

@@ -293,11 +293,7 @@ async fn hung_database_gives_503_within_budget() {
     assert!(took < Duration::from_secs(4), "answered in {took:?}");
     assert_eq!(get("/health").send(&worker.url).await.0, StatusCode::OK);
     proxy.set_frozen(false);
-    let recovered_by = Instant::now() + Duration::from_secs(20);
-    while ask.send(&worker.url).await.0 != StatusCode::OK {
-        assert!(Instant::now() < recovered_by, "did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(20), || async { ask.send(&worker.url).await.0 == StatusCode::OK }).await;
 }
 
 /// The database restarts (connections dropped, then refused, then back):
@@ -313,11 +309,7 @@ async fn database_restart_is_survived() {
     let (status, ready) = get("/ready").send(&worker.url).await;
     assert_eq!((status, ready["database"]["ok"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!(false)));
     proxy.set_open(true);
-    let recovered_by = Instant::now() + Duration::from_secs(20);
-    while ask.send(&worker.url).await.0 != StatusCode::OK {
-        assert!(Instant::now() < recovered_by, "did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(20), || async { ask.send(&worker.url).await.0 == StatusCode::OK }).await;
     assert_eq!(get("/ready").send(&worker.url).await.0, StatusCode::OK);
 }
 
