@@ -3,6 +3,7 @@
 
 mod appservice;
 mod bounded;
+mod dashboard;
 mod differential;
 mod errors;
 mod fake_mas;
