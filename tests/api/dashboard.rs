@@ -32,8 +32,8 @@ use crate::tcp_proxy::TcpProxy;
 /// How long the traffic runs while Prometheus records.
 const RECORD: Duration = Duration::from_secs(40);
 /// Concurrent query loops, each sending one request every `PACE`.
-const LOOPS: usize = 4;
-const PACE: Duration = Duration::from_millis(40);
+const LOOPS: usize = 3;
+const PACE: Duration = Duration::from_millis(60);
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
