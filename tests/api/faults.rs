@@ -92,14 +92,14 @@ struct World {
     writer: TcpProxy,
 }
 
-fn host_port(url: &str) -> (String, u16) {
+pub fn host_port(url: &str) -> (String, u16) {
     let u = url::Url::parse(url).unwrap();
     (u.host_str().unwrap().to_owned(), u.port().unwrap())
 }
 
 /// The test homeserver's config with the database, Redis and the writer
 /// reached through proxies the test controls.
-fn config_through(pg: u16, redis: u16, writer: u16) -> std::path::PathBuf {
+pub fn config_through(pg: u16, redis: u16, writer: u16) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&env().homeserver_yaml).unwrap();
     let mut config: yaml_serde::Value = yaml_serde::from_str(&text).unwrap();
     config["database"]["args"]["port"] = pg.into();

@@ -3,6 +3,7 @@
 
 mod appservice;
 mod bounded;
+mod dashboard;
 mod demo;
 mod differential;
 mod errors;
