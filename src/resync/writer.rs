@@ -67,7 +67,7 @@ impl Writer {
                 let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
                 Some(format!("{}://{host}:{port}", if *tls { "https" } else { "http" }))
             }
-            // Said at start-up: see `crate::App::limitations`.
+            // Said at start-up (App::limitations).
             Some(InstanceLocation::Unix { .. }) | None => None,
         };
         let http = reqwest::Client::builder()
