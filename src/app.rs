@@ -105,6 +105,17 @@ impl App {
         said
     }
 
+    /// What following Synapse's replication stream needs of this app.
+    pub fn follower(&self) -> replication::Follower {
+        replication::Follower {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            caches: Arc::clone(&self.caches),
+            invalidator: Arc::clone(&self.invalidator),
+            status: Arc::clone(&self.replication),
+        }
+    }
+
     /// Opens the database named by the config (lazily: no connection yet).
     pub fn from_config(config: Config) -> anyhow::Result<Arc<Self>> {
         let store = Store::connect(&config.synapse.database, &config.worker)?;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use super::Follower;
 use super::Invalidator;
 use super::protocol::{self, Command};
-use crate::App;
 use crate::config::synapse::RedisConfig;
 
 /// How long after `REPLICATE` we wait for the writers' positions.
@@ -47,7 +47,7 @@ pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
     Ok(client)
 }
 
-pub async fn run(app: Arc<App>, invalidator: Arc<Invalidator>, client: redis::Client) {
+pub async fn run(app: Arc<Follower>, invalidator: Arc<Invalidator>, client: redis::Client) {
     let mut positions: HashMap<(String, String), i64> = HashMap::new();
     let mut delay = Duration::from_millis(250);
     loop {
@@ -56,8 +56,8 @@ pub async fn run(app: Arc<App>, invalidator: Arc<Invalidator>, client: redis::Cl
             tracing::warn!(error = %e, "replication stream lost; caches off until it is back");
         }
         app.caches.set_trusted(false);
-        app.replication.set_lost();
-        app.replication.count_reconnect();
+        app.status.set_lost();
+        app.status.count_reconnect();
         if connected_at.elapsed() > Duration::from_secs(30) {
             delay = Duration::from_millis(250);
         }
@@ -67,7 +67,7 @@ pub async fn run(app: Arc<App>, invalidator: Arc<Invalidator>, client: redis::Cl
 }
 
 async fn session(
-    app: &App,
+    app: &Follower,
     inv: &Invalidator,
     client: &redis::Client,
     positions: &mut HashMap<(String, String), i64>,
@@ -83,7 +83,7 @@ async fn session(
     // Subscribed first, so nothing published from here on is missed; then
     // ask every writer for its position.
     let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("REPLICATE ").query_async(&mut conn).await?;
-    app.replication.set_connected();
+    app.status.set_connected();
     tracing::info!(channel, "following Synapse's replication stream");
 
     // Positions known before this session: a writer whose position we did
@@ -98,7 +98,7 @@ async fn session(
         tokio::select! {
             msg = messages.next() => {
                 let Some(msg) = msg else { anyhow::bail!("subscription closed") };
-                app.replication.touch();
+                app.status.touch();
                 let line: String = msg.get_payload().unwrap_or_default();
                 match protocol::parse(&line) {
                     Command::Rdata { stream, instance, token, row } => {
@@ -133,7 +133,7 @@ async fn session(
             _ = ping.tick() => {
                 let pong: String = tokio::time::timeout(Duration::from_secs(3), redis::cmd("PING").query_async(&mut conn)).await??;
                 anyhow::ensure!(pong == "PONG", "unexpected PING answer {pong}");
-                app.replication.touch();
+                app.status.touch();
             }
         }
     }
@@ -143,8 +143,8 @@ fn stream_name(s: &str) -> &'static str {
     if s == "caches" { "caches" } else { "device_lists" }
 }
 
-fn trust(app: &App) {
-    app.replication.set_caught_up();
+fn trust(app: &Follower) {
+    app.status.set_caught_up();
     app.caches.set_trusted(true);
 }
 
@@ -168,7 +168,7 @@ async fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
 /// previous position is not the last one we saw.
 #[allow(clippy::too_many_arguments)]
 async fn position(
-    app: &App,
+    app: &Follower,
     inv: &Invalidator,
     positions: &mut HashMap<(String, String), i64>,
     stream: String,
@@ -197,7 +197,14 @@ async fn position(
 }
 
 /// Applies the rows of `stream` written by `instance` in `(after, upto]`.
-pub(super) async fn catch_up(app: &App, inv: &Invalidator, stream: &str, instance: &str, after: i64, upto: i64) -> Result<(), sqlx::Error> {
+pub(super) async fn catch_up(
+    app: &Follower,
+    inv: &Invalidator,
+    stream: &str,
+    instance: &str,
+    after: i64,
+    upto: i64,
+) -> Result<(), sqlx::Error> {
     let n = match stream {
         "device_lists" => {
             let rows = app.store.device_list_changes(after, upto, Some(instance)).await?;
@@ -215,6 +222,6 @@ pub(super) async fn catch_up(app: &App, inv: &Invalidator, stream: &str, instanc
         }
     };
     tracing::info!(stream, instance, after, upto, rows = n, "caught up from the database");
-    app.replication.count_caught_up_rows(n);
+    app.status.count_caught_up_rows(n);
     Ok(())
 }

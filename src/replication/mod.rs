@@ -20,8 +20,21 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 pub use barrier::{Barrier, StaleMarks};
 pub use invalidate::Invalidator;
 
-use crate::App;
+use crate::cache::Caches;
 use crate::config::Config;
+use crate::store::Store;
+
+/// What following the stream needs: the settings, the stream tables, the
+/// caches it turns on and off, the invalidations it applies, and the
+/// status it reports.
+#[derive(Clone)]
+pub struct Follower {
+    pub config: Config,
+    pub store: Store,
+    pub caches: Arc<Caches>,
+    pub invalidator: Arc<Invalidator>,
+    pub status: Arc<Status>,
+}
 
 /// What `/ready` and the metrics report about the stream.
 #[derive(Debug, Default)]
@@ -101,9 +114,10 @@ impl Status {
 /// Starts following the stream, per the config: Redis when enabled, else
 /// polling (PostgreSQL only: SQLite-backed Synapse writes no cache stream,
 /// so the caches stay off there).
-pub fn start(app: &Arc<App>) {
+pub fn start(app: Follower) {
+    let app = Arc::new(app);
     let config: &Config = &app.config;
-    let status = &app.replication;
+    let status = &app.status;
     if !config.worker.caches_enabled {
         status.set_mode("off");
         return;
@@ -113,7 +127,7 @@ pub fn start(app: &Arc<App>) {
         match listener::redis_client(&config.synapse.redis) {
             Ok(client) => {
                 status.set_mode("redis");
-                tokio::spawn(listener::run(Arc::clone(app), invalidator, client));
+                tokio::spawn(listener::run(Arc::clone(&app), invalidator, client));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot use the redis settings; caches stay off");
@@ -122,7 +136,7 @@ pub fn start(app: &Arc<App>) {
         }
     } else if matches!(app.store, crate::store::Store::Postgres(_)) {
         status.set_mode("poll");
-        tokio::spawn(poller::run(Arc::clone(app), invalidator));
+        tokio::spawn(poller::run(Arc::clone(&app), invalidator));
     } else {
         status.set_mode("off");
     }

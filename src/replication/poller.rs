@@ -6,13 +6,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Follower;
 use super::Invalidator;
-use crate::App;
 
 /// How far below the newest id seen each poll looks again.
 const WINDOW: i64 = 200;
 
-pub async fn run(app: Arc<App>, inv: Arc<Invalidator>) {
+pub async fn run(app: Arc<Follower>, inv: Arc<Invalidator>) {
     let every = Duration::from_millis(app.config.worker.poll_interval_ms.max(50));
     let mut heads: Option<(i64, i64)> = None;
     let mut seen_users: HashSet<(i64, String)> = HashSet::new();
@@ -20,15 +20,15 @@ pub async fn run(app: Arc<App>, inv: Arc<Invalidator>) {
     loop {
         match poll(&app, &inv, &mut heads, &mut seen_users, &mut seen_caches).await {
             Ok(()) => {
-                app.replication.set_connected();
-                app.replication.set_caught_up();
+                app.status.set_connected();
+                app.status.set_caught_up();
                 app.caches.set_trusted(true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "polling the stream tables failed; caches off");
                 app.caches.set_trusted(false);
                 app.invalidator.everything().await;
-                app.replication.set_lost();
+                app.status.set_lost();
                 heads = None;
             }
         }
@@ -37,7 +37,7 @@ pub async fn run(app: Arc<App>, inv: Arc<Invalidator>) {
 }
 
 async fn poll(
-    app: &App,
+    app: &Follower,
     inv: &Invalidator,
     heads: &mut Option<(i64, i64)>,
     seen_users: &mut HashSet<(i64, String)>,
