@@ -181,7 +181,7 @@ impl Barrier {
         for (id, user) in changes {
             if id > progress.floor.unwrap_or(after) && progress.applied.insert((id, user.to_owned())) {
                 self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
-                self.invalidator.user_changed(user).await;
+                self.invalidator.user_changed(user);
             }
         }
         // Every writer's rows up to its position are in this snapshot and
@@ -195,7 +195,7 @@ impl Barrier {
             let head = changes_head(&progress.applied);
             tracing::warn!(floor, head, "read barrier: too many unconfirmed changes; dropping every cached entry");
             self.counters.resets.fetch_add(1, Ordering::Relaxed);
-            self.invalidator.everything().await;
+            self.invalidator.everything();
             progress.applied.clear();
             progress.floor = Some(head);
         }

@@ -14,19 +14,19 @@ pub struct Invalidator {
 
 impl Invalidator {
     /// A user's devices, keys or signatures changed (a `device_lists` row).
-    pub async fn user_changed(&self, user: &str) {
+    pub fn user_changed(&self, user: &str) {
         self.caches.invalidate_user(user);
         self.coordinator.invalidate(user);
     }
 
     /// Everything held may be stale.
-    pub async fn everything(&self) {
+    pub fn everything(&self) {
         self.caches.invalidate_all();
         self.coordinator.invalidate_all();
     }
 
     /// One of Synapse's own cache invalidations (a `caches` row).
-    pub async fn synapse_cache(&self, func: &str, keys: Option<&[String]>) {
+    pub fn synapse_cache(&self, func: &str, keys: Option<&[String]>) {
         let first = keys.and_then(|k| k.first()).map(String::as_str);
         match (func, first) {
             ("get_user_by_access_token", Some(token)) => self.caches.invalidate_token(token),

@@ -102,7 +102,7 @@ async fn session(
                 let line: String = msg.get_payload().unwrap_or_default();
                 match protocol::parse(&line) {
                     Command::Rdata { stream, instance, token, row } => {
-                        apply_row(inv, &stream, &row).await;
+                        apply_row(inv, &stream, &row);
                         if let (Some(t), true) = (token, STREAMS.contains(&stream.as_str())) {
                             let p = positions.entry((stream, instance)).or_insert(t);
                             *p = (*p).max(t);
@@ -126,7 +126,7 @@ async fn session(
                 if reconnecting && reported.len() < STREAMS.len() {
                     // Some stream never reported: we cannot tell what we missed.
                     tracing::warn!("not every stream reported its position; dropping all cached entries");
-                    app.invalidator.everything().await;
+                    app.invalidator.everything();
                 }
                 trust(app);
             }
@@ -148,16 +148,16 @@ fn trust(app: &Follower) {
     app.caches.set_trusted(true);
 }
 
-async fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
+fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
     match stream {
         "device_lists" => {
             if let Some(user) = protocol::device_list_user(row) {
-                inv.user_changed(user).await;
+                inv.user_changed(user);
             }
         }
         "caches" => {
             if let Some((func, keys)) = protocol::cache_row(row) {
-                inv.synapse_cache(func, keys.as_deref()).await;
+                inv.synapse_cache(func, keys.as_deref());
             }
         }
         _ => {}
@@ -181,14 +181,14 @@ async fn position(
     match positions.get(&key).copied() {
         None if reconnecting => {
             tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries");
-            app.invalidator.everything().await;
+            app.invalidator.everything();
         }
         None => {}
         Some(last) if new <= last => return,
         Some(last) if prev != last => {
             if let Err(e) = catch_up(app, inv, &key.0, &key.1, last, new).await {
                 tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries");
-                app.invalidator.everything().await;
+                app.invalidator.everything();
             }
         }
         Some(_) => {}
@@ -209,14 +209,14 @@ pub(super) async fn catch_up(
         "device_lists" => {
             let rows = app.store.device_list_changes(after, upto, Some(instance)).await?;
             for r in &rows {
-                inv.user_changed(&r.user_id).await;
+                inv.user_changed(&r.user_id);
             }
             rows.len()
         }
         _ => {
             let rows = app.store.cache_invalidations(after, upto, Some(instance)).await?;
             for r in &rows {
-                inv.synapse_cache(&r.cache_func, r.keys.as_deref()).await;
+                inv.synapse_cache(&r.cache_func, r.keys.as_deref());
             }
             rows.len()
         }

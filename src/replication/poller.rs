@@ -27,7 +27,7 @@ pub async fn run(app: Arc<Follower>, inv: Arc<Invalidator>) {
             Err(e) => {
                 tracing::warn!(error = %e, "polling the stream tables failed; caches off");
                 app.caches.set_trusted(false);
-                app.invalidator.everything().await;
+                app.invalidator.everything();
                 app.status.set_lost();
                 heads = None;
             }
@@ -51,12 +51,12 @@ async fn poll(
     };
     for row in app.store.device_list_changes(dl_last - WINDOW, dl_head, None).await? {
         if seen_users.insert((row.stream_id, row.user_id.clone())) {
-            inv.user_changed(&row.user_id).await;
+            inv.user_changed(&row.user_id);
         }
     }
     for row in app.store.cache_invalidations(cache_last - WINDOW, cache_head, None).await? {
         if seen_caches.insert(row.stream_id) {
-            inv.synapse_cache(&row.cache_func, row.keys.as_deref()).await;
+            inv.synapse_cache(&row.cache_func, row.keys.as_deref());
         }
     }
     seen_users.retain(|(id, _)| *id > dl_head - 2 * WINDOW);

@@ -175,7 +175,7 @@ async fn resync_results_fetched_before_an_invalidation_are_not_kept() {
     let first = send();
     poll_until(Duration::from_secs(10), || writer.calls() == 1).await;
     // Bob's devices change while the writer works on the old list.
-    worker.app.invalidator.user_changed(&bob).await;
+    worker.app.invalidator.user_changed(&bob);
     let second = send();
     poll_until(Duration::from_secs(10), || writer.calls() == 2).await;
     // The old result arrives: its caller gets it, nobody after the change.
