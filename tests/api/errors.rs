@@ -58,6 +58,8 @@ async fn expired_locked_and_deactivated_match_synapse() {
     // past expiry, as a refresh-token login's would have.
     let user = hs.register("expiring").await;
     let fresh = hs.login(&user, None).await;
+    // Fixture write to Synapse's database: the expiry itself (Synapse's
+    // shortest refresh-token lifetime is minutes, its API sets none).
     let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
     sqlx::query("UPDATE access_tokens SET valid_until_ms = 1000 WHERE token = $1").bind(&fresh.token).execute(&pool).await.unwrap();
     let expired = expect(&worker, Ask::keys_query("v3", &fresh.token, TokenIn::Header, &body), 401, "M_UNKNOWN_TOKEN").await;

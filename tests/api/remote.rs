@@ -49,7 +49,11 @@ async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
     (port, accepted)
 }
 
-/// The remote user joins a room this server is in (test fixture row).
+/// The remote user joins a room this server is in. A fixture write to
+/// Synapse's database (one `current_state_events` row): a real join needs a
+/// second homeserver federating with the test Synapse, which the fake
+/// remote is not; the worker-mode world with a real second homeserver is
+/// to replace it.
 pub async fn share_a_room(user_id: &str) {
     let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
     let id = unique("room");
@@ -312,6 +316,9 @@ async fn destination_in_backoff_is_answered_at_once() {
     let s = setup().await;
     let dest = format!("{}.invalid", unique("down"));
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Fixture write to Synapse's database: the backoff row Synapse keeps
+    // after failing to reach a destination (making Synapse fail for real
+    // takes its own retry schedule, minutes).
     let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
     sqlx::query("INSERT INTO destinations (destination, retry_last_ts, retry_interval, failure_ts) VALUES ($1, $2, $3, $2)")
         .bind(&dest)

@@ -175,7 +175,9 @@ async fn expired_accounts_refused_like_synapse() {
 }
 
 /// Adds `user_id` as a joined member of `room_id` in the variant's
-/// database (test fixture row).
+/// database: a fixture write (one `current_state_events` row), because a
+/// remote user's real join needs a second homeserver federating with this
+/// one (to be replaced by the real-federation world).
 async fn join_remote_member(room_id: &str, user_id: &str) {
     sqlx::query(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",
