@@ -1,4 +1,4 @@
-"""Runs inside scripts/test.sh (SKW_TEST_CMD): creates users and keys through
+"""Runs in the test world (scripts/world.py run): creates users and keys through
 Synapse, starts the release binary, and measures Synapse and us with wrk on
 the same requests. Prints a table; figures are ratios against Synapse from
 the same run. Loopback only; every run is bounded in time."""
