@@ -115,7 +115,6 @@ impl Caches {
         ]
     }
 
-    /// Everything held about `user` (their devices, keys, signatures).
     /// Whether the caches answer (the replication stream is followed).
     pub fn trusted(&self) -> bool {
         self.trust.get()
@@ -126,6 +125,7 @@ impl Caches {
         self.trust.set(trusted);
     }
 
+    /// Everything held about `user` (their devices, keys, signatures).
     pub fn invalidate_user(&self, user: &str) {
         let key = user.to_owned();
         self.devices.invalidate(&key);
@@ -143,6 +143,39 @@ impl Caches {
     pub fn invalidate_tokens_of(&self, user: &str) {
         let user = user.to_owned();
         self.tokens.invalidate_if(move |_, row| row.user_id == user || row.token_owner == user);
+    }
+
+    pub fn invalidate_all_tokens(&self) {
+        self.tokens.invalidate_all();
+    }
+
+    /// `user`'s cross-signing keys; everyone's when `None`.
+    pub fn invalidate_cross_signing_keys(&self, user: Option<&str>) {
+        match user {
+            Some(u) => self.cross_signing.invalidate(&u.to_owned()),
+            None => self.cross_signing.invalidate_all(),
+        }
+    }
+
+    /// The signatures `signer` made.
+    pub fn invalidate_signatures_by(&self, signer: &str) {
+        self.signatures.invalidate(&signer.to_owned());
+    }
+
+    /// `user`'s devices (with and without keys).
+    pub fn invalidate_devices(&self, user: &str) {
+        let key = user.to_owned();
+        self.devices.invalidate(&key);
+        self.device_ids.invalidate(&key);
+    }
+
+    /// What Synapse's tables say about remote `user`; about everyone when
+    /// `None`.
+    pub fn invalidate_remote(&self, user: Option<&str>) {
+        match user {
+            Some(u) => self.remote.invalidate(&u.to_owned()),
+            None => self.remote.invalidate_all(),
+        }
     }
 
     pub fn invalidate_all(&self) {

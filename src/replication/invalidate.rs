@@ -30,35 +30,31 @@ impl Invalidator {
         let first = keys.and_then(|k| k.first()).map(String::as_str);
         match (func, first) {
             ("get_user_by_access_token", Some(token)) => self.caches.invalidate_token(token),
-            ("get_user_by_access_token", None) => self.caches.tokens.invalidate_all(),
+            ("get_user_by_access_token", None) => self.caches.invalidate_all_tokens(),
             // What the token cache holds about a user besides the token.
             ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status" | "get_expiration_ts_for_user", Some(user)) => {
                 self.caches.invalidate_tokens_of(user)
             }
             ("get_user_locked_status" | "get_user_by_id" | "get_user_deactivated_status" | "get_expiration_ts_for_user", None) => {
-                self.caches.tokens.invalidate_all()
+                self.caches.invalidate_all_tokens()
             }
-            ("_get_bare_e2e_cross_signing_keys", Some(user)) => self.caches.cross_signing.invalidate(&user.to_owned()),
-            ("_get_bare_e2e_cross_signing_keys", None) => self.caches.cross_signing.invalidate_all(),
+            ("_get_bare_e2e_cross_signing_keys", user) => self.caches.invalidate_cross_signing_keys(user),
             ("_get_e2e_cross_signing_signatures_for_device", Some(key)) => {
-                self.caches.signatures.invalidate(&signature_cache_signer(key).into_owned())
+                self.caches.invalidate_signatures_by(&signature_cache_signer(key))
             }
-            ("get_device" | "get_devices_by_user", Some(user)) => {
-                self.caches.devices.invalidate(&user.to_owned());
-                self.caches.device_ids.invalidate(&user.to_owned());
-            }
+            ("get_device" | "get_devices_by_user", Some(user)) => self.caches.invalidate_devices(user),
             // Room membership changed: [room_id, members...]; alone, the room.
             ("cs_cache_fake", _) => match keys {
                 Some([_room, members @ ..]) if !members.is_empty() => {
                     for m in members {
-                        self.caches.remote.invalidate(m);
+                        self.caches.invalidate_remote(Some(m));
                     }
                 }
-                _ => self.caches.remote.invalidate_all(),
+                _ => self.caches.invalidate_remote(None),
             },
-            ("dr_cache_fake", _) => self.caches.remote.invalidate_all(),
+            ("dr_cache_fake", _) => self.caches.invalidate_remote(None),
             ("get_device_list_last_stream_id_for_remote" | "get_cached_devices_for_user" | "_get_cached_user_device", Some(user)) => {
-                self.caches.remote.invalidate(&user.to_owned());
+                self.caches.invalidate_remote(Some(user));
                 self.coordinator.invalidate(user);
             }
             _ => {}
