@@ -164,7 +164,10 @@ async fn redis_outage_bypasses_caches_and_catches_up() {
     proxy.set_open(true);
     poll_until(Duration::from_secs(30), || app.caches.trusted()).await;
     assert!(app.replication.reconnects() >= 1);
-    assert!(app.replication.caught_up_rows() > caught_before, "missed rows were read from the database");
+    // The caches may be trusted again before every stream reported its
+    // position (a slow Synapse: everything is dropped instead); the rows
+    // missed are read from the database when the position does come.
+    poll_until(Duration::from_secs(30), || app.replication.caught_up_rows() > caught_before).await;
     converges(&worker, &carol.session, &both).await;
     // Caching resumes: carol's entries (unchanged) are hits again.
     let before = hits(&worker);
