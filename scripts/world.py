@@ -983,7 +983,7 @@ def cmd_status(args):
     for proc in PROCESSES:
         r = w.procs.get(proc.name, {})
         state = "done" if proc.job else ("running" if r and alive(r) else "stopped")
-        print(f"{proc.name:16} pid {r.get('pid', '-'):<8} {state:8} {w.path(proc.name + '.log')}")
+        print(f"{proc.name:30} pid {r.get('pid', '-'):<8} {state:8} {w.path(proc.name + '.log')}")
     print(f"world {w.dir}: {'healthy' if why is None else why}")
     return 0 if why is None else 1
 

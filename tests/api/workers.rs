@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use synapse_keys_worker::config::Config;
+use synapse_keys_worker::config::synapse::InstanceLocation;
 
 use crate::helpers::{Ask, Synapse, TokenIn, Worker, eventually, poll_until, spawn_worker_with};
 
@@ -92,7 +93,14 @@ async fn changes_written_by_either_device_list_writer_reach_our_caches() {
     let bob = main.register("bob").await;
     main.upload_device_keys(&bob.session).await;
 
-    let worker = ready_worker(Config::load(std::slice::from_ref(&env.yaml), Vec::new()).unwrap()).await;
+    let config = Config::load(std::slice::from_ref(&env.yaml), Vec::new()).unwrap();
+    // Both writers are followed (the read barrier's floor covers both);
+    // resyncs go to the first one's replication listener.
+    assert_eq!(config.synapse.device_lists_writers, ["dl1", "dl2"]);
+    let dl1 = std::env::var("SKW_TEST_WORKERS_DL1_REPLICATION_URL").unwrap();
+    let port: u16 = dl1.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(config.synapse.device_lists_writer, Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port, tls: false }));
+    let worker = ready_worker(config).await;
     let body = json!({"device_keys": {&alice.user_id: [], &bob.user_id: []}});
     let ask = Ask::keys_query("v3", &bob.session.token, TokenIn::Header, &body);
     converges(&worker, &env.url, &ask, "before any change").await;
