@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The test world: PostgreSQL, Redis and three real Synapse homeservers on
-loopback, described once (PROCESSES below) and shared by the integration
+"""The test world: PostgreSQL, Redis and four real Synapse homeservers on
+loopback (one in worker mode), described once (PROCESSES below) and shared by the integration
 tests (scripts/test.sh), the bench (bench/run.sh) and anyone working on them.
 The demo (`cargo run --release`) needs none of it: it embeds SQLite.
 
@@ -35,10 +35,10 @@ The world
   (pg_isready, Redis' PING, Synapse's /health) or, for a one-shot job, that
   it succeeded, a deadline for that, and its signal to stop. Its output
   goes to `<state>/<name>.log`. Processes start as soon as what they wait
-  for is ready: initdb, Redis and the signing key together, then the three
-  Synapses and the SQLite schema together (on 2 busy cores the world is up
-  in 14-18 s this way, 18-28 s one at a time: `--jobs 1`). A Synapse worker
-  is one more entry, e.g.
+  for is ready: initdb, Redis and the signing key together, then the four
+  Synapses and the SQLite schema together, then the worker-mode Synapse's
+  three workers. A Synapse worker is one more entry (synapse_worker() writes
+  them for the worker-mode homeserver), e.g.
 
     Proc("synapse-worker1", after=("synapse",), ports=("synapse-worker1",),
          write=lambda w: w.path("synapse-worker1.yaml").write_text(
@@ -327,7 +327,7 @@ instance_map:
   main:
     host: 127.0.0.1
     port: $repl_port
-
+$instances
 redis:
   enabled: true
   host: 127.0.0.1
@@ -398,14 +398,16 @@ def write_appservice(w, file, id, localpart, regex, url="null"):
     return token
 
 
-def write_homeserver(w, name, server_name, database, extra, registration=True):
-    """`<name>.yaml` and `<name>-log.yaml`: a Synapse logging to `<name>.log`."""
+def write_homeserver(w, name, server_name, database, extra, registration=True, instances=()):
+    """`<name>.yaml` and `<name>-log.yaml`: a Synapse logging to `<name>.log`;
+    `instances` are more `instance_map` entries: (worker name, its port's name)."""
     write(w.path(f"{name}-log.yaml"), LOG_YAML, log=w.path(f"{name}.log"))
     write(w.path(f"{name}.yaml"), HOMESERVER_YAML, server_name=server_name, dir=w.dir, name=name,
           form_secret=secret(), registration=str(registration).lower(), database=database,
           pg_port=w.port("postgres"), port=w.port(name), repl_port=w.port(f"{name}-replication"),
           repl_secret=w.values["replication_secret"], redis_port=w.port("redis"),
-          rl="{per_second: 10000, burst_count: 100000}")
+          rl="{per_second: 10000, burst_count: 100000}",
+          instances="".join(f"  {i}:\n    host: 127.0.0.1\n    port: {w.port(p)}\n" for i, p in instances))
     with w.path(f"{name}.yaml").open("a") as f:
         f.write(extra + "\n")
 
@@ -426,16 +428,45 @@ class Proc:
     cwd: Callable[[World], Path] | None = None
 
 
-def synapse(name, server_name, database, extra, registration=True, ports=()):
+def synapse(name, server_name, database, extra, registration=True, ports=(), instances=()):
     """A Synapse homeserver with a client/federation and a replication listener."""
     return Proc(
         name,
         after=("databases", "redis", "signing-key"),
         ports=(name, f"{name}-replication", *ports),
-        write=lambda w: write_homeserver(w, name, server_name(w), database, extra(w), registration),
+        write=lambda w: write_homeserver(w, name, server_name(w), database, extra(w), registration, instances),
         cmd=lambda w: [VPY, "-m", "synapse.app.homeserver", "-c", w.path(f"{name}.yaml")],
         ready=health(name, f"{name}-replication"),
     )
+
+
+def synapse_worker(main, worker, *resources):
+    """A generic worker of the homeserver `main`, named `worker` (in
+    `instance_map`, `stream_writers`), with one HTTP listener per resource
+    (each also serves /health) on the port `<main>-<worker>-<resource>`."""
+    name = f"{main}-{worker}"
+    ports = tuple(f"{name}-{r}" for r in resources)
+
+    def write_worker(w):
+        write(w.path(f"{name}-log.yaml"), LOG_YAML, log=w.path(f"{name}.log"))
+        w.path(f"{name}.yaml").write_text(
+            f"worker_app: synapse.app.generic_worker\nworker_name: {worker}\n"
+            f"worker_log_config: {w.path(f'{name}-log.yaml')}\nworker_listeners:\n" + "".join(
+                f"  - {{type: http, port: {w.port(p)}, bind_addresses: ['127.0.0.1'], resources: [{{names: [{r}]}}]}}\n"
+                for r, p in zip(resources, ports)))
+
+    return Proc(name, after=(main,), ports=ports, write=write_worker,
+                cmd=lambda w: [VPY, "-m", "synapse.app.generic_worker", "-c", w.path(f"{main}.yaml"),
+                               "-c", w.path(f"{name}.yaml")],
+                ready=health(*ports))
+
+
+def workers_synapse_extra(w):
+    # Device lists are written by two workers, not the main process: main
+    # hands each change to one of them at random (notify_device_update),
+    # and the first (dl1) alone takes resyncs and federation's device-list
+    # EDUs. Its own server name keeps its Redis channels apart.
+    return "stream_writers:\n  device_lists: [dl1, dl2]"
 
 
 def write_postgres_dirs(w):
@@ -494,7 +525,7 @@ def write_sqlite_config(w):
 def create_databases(w):
     psql = [w.tools.pg / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
             "-p", w.port("postgres"), "-U", "synapse", "-d", "postgres"]
-    for db in ("synapse", "synapse_variant", "synapse_mas"):
+    for db in ("synapse", "synapse_variant", "synapse_mas", "synapse_workers"):
         psql += ["-c", f"CREATE DATABASE {db} OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"]
     return psql
 
@@ -526,6 +557,14 @@ PROCESSES = [
             ports=("synapse-variant-appservice",)),
     synapse("synapse-mas", lambda w: f"mas.{w.server_name}", "synapse_mas", mas_synapse_extra,
             registration=False, ports=("mas",)),
+    # Worker mode: a main process, two device-list writers and a client reader.
+    synapse("synapse-workers", lambda w: f"workers.{w.server_name}", "synapse_workers", workers_synapse_extra,
+            instances=(("dl1", "synapse-workers-dl1-replication"), ("dl2", "synapse-workers-dl2-replication"))),
+    # The writers serve the client API too, so a test can pick the writer
+    # of a change by where it sends the request.
+    synapse_worker("synapse-workers", "dl1", "replication", "client"),
+    synapse_worker("synapse-workers", "dl2", "replication", "client"),
+    synapse_worker("synapse-workers", "client_reader", "client"),
     # The SQLite store's tests read a schema made by Synapse itself.
     Proc("sqlite-schema", job=True, after=("signing-key",), timeout=300, write=write_sqlite_config,
          cwd=lambda w: w.dir,
@@ -559,6 +598,17 @@ def test_env(w):
         "SKW_TEST_MAS_HOMESERVER_YAML": w.path("synapse-mas.yaml"),
         "SKW_TEST_MAS_PORT": w.port("mas"),
         "SKW_TEST_PROMETHEUS": w.tools.prometheus,
+        # Worker mode (stream_writers.device_lists: [dl1, dl2]); its
+        # database is on the same PostgreSQL.
+        "SKW_TEST_WORKERS_SYNAPSE_URL": w.url("synapse-workers"),
+        "SKW_TEST_WORKERS_HOMESERVER_YAML": w.path("synapse-workers.yaml"),
+        "SKW_TEST_WORKERS_CLIENT_READER_URL": w.url("synapse-workers-client_reader-client"),
+        "SKW_TEST_WORKERS_DL1_REPLICATION_URL": w.url("synapse-workers-dl1-replication"),
+        "SKW_TEST_WORKERS_DL2_REPLICATION_URL": w.url("synapse-workers-dl2-replication"),
+        "SKW_TEST_WORKERS_DL1_CLIENT_URL": w.url("synapse-workers-dl1-client"),
+        "SKW_TEST_WORKERS_DL2_CLIENT_URL": w.url("synapse-workers-dl2-client"),
+        "SKW_TEST_WORKERS_PG_URL": f"postgres://synapse@127.0.0.1:{w.port('postgres')}/synapse_workers",
+        "SKW_TEST_WORKERS_SERVER_NAME": f"workers.{w.server_name}",
     }
 
 
@@ -933,7 +983,7 @@ def cmd_status(args):
     for proc in PROCESSES:
         r = w.procs.get(proc.name, {})
         state = "done" if proc.job else ("running" if r and alive(r) else "stopped")
-        print(f"{proc.name:16} pid {r.get('pid', '-'):<8} {state:8} {w.path(proc.name + '.log')}")
+        print(f"{proc.name:30} pid {r.get('pid', '-'):<8} {state:8} {w.path(proc.name + '.log')}")
     print(f"world {w.dir}: {'healthy' if why is None else why}")
     return 0 if why is None else 1
 

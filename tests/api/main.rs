@@ -23,4 +23,5 @@ mod sqlite;
 mod tcp_proxy;
 mod tooling;
 mod variant;
+mod workers;
 mod writer_proxy;
