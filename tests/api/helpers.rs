@@ -478,6 +478,24 @@ pub async fn poll_until(limit: std::time::Duration, mut done: impl FnMut() -> bo
     eventually(limit, || std::future::ready(done())).await
 }
 
+/// The service in-process, once its caches are trusted (the replication
+/// stream followed and caught up).
+pub async fn ready_worker(config: Config) -> Worker {
+    let w = spawn_worker_with(config).await;
+    let app = w.app.clone();
+    poll_until(std::time::Duration::from_secs(10), || app.caches.trusted()).await;
+    w
+}
+
+/// Cache hits on device keys, cross-signing keys and signatures so far.
+pub fn hits(w: &Worker) -> u64 {
+    let c = &w.app.caches;
+    [&c.devices.counters, &c.cross_signing.counters, &c.signatures.counters]
+        .iter()
+        .map(|k| k.hits.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
+
 /// Polls `check` every 10 ms until it is true; fails the test after `limit`.
 pub async fn eventually<F: std::future::Future<Output = bool>>(limit: std::time::Duration, mut check: impl FnMut() -> F) {
     eventually_some(limit, || {

@@ -12,23 +12,13 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
-use crate::helpers::{Ask, Session, Synapse, TokenIn, Worker, env, eventually, eventually_some, poll_until, spawn_worker_with};
+use crate::helpers::{
+    Ask, Session, Synapse, TokenIn, Worker, env, eventually, eventually_some, hits, poll_until, ready_worker, spawn_worker_with,
+};
 use crate::tcp_proxy::TcpProxy;
 
 fn config() -> Config {
     Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap()
-}
-
-async fn ready_worker(config: Config) -> Worker {
-    let w = spawn_worker_with(config).await;
-    let app = w.app.clone();
-    poll_until(Duration::from_secs(10), || app.caches.trusted()).await;
-    w
-}
-
-fn hits(w: &Worker) -> u64 {
-    let c = &w.app.caches;
-    [&c.devices.counters, &c.cross_signing.counters, &c.signatures.counters].iter().map(|k| k.hits.load(Ordering::Relaxed)).sum()
 }
 
 /// Polls until `worker` answers `body` for `who` exactly as Synapse does;

@@ -9,14 +9,13 @@
 //! sent to each writer in turn, so our caches are right only if they follow
 //! both writers.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
 use synapse_keys_worker::config::Config;
 use synapse_keys_worker::config::synapse::InstanceLocation;
 
-use crate::helpers::{Ask, Synapse, TokenIn, Worker, eventually, poll_until, spawn_worker_with};
+use crate::helpers::{Ask, Synapse, TokenIn, Worker, eventually, hits, poll_until, ready_worker};
 
 /// What scripts/world.py exports about the worker-mode homeserver.
 struct Workers {
@@ -36,18 +35,6 @@ fn workers() -> Workers {
         dl1_url: var("SKW_TEST_WORKERS_DL1_CLIENT_URL"),
         dl2_url: var("SKW_TEST_WORKERS_DL2_CLIENT_URL"),
     }
-}
-
-async fn ready_worker(config: Config) -> Worker {
-    let w = spawn_worker_with(config).await;
-    let app = w.app.clone();
-    poll_until(Duration::from_secs(10), || app.caches.trusted()).await;
-    w
-}
-
-fn hits(w: &Worker) -> u64 {
-    let c = &w.app.caches;
-    [&c.devices.counters, &c.cross_signing.counters, &c.signatures.counters].iter().map(|k| k.hits.load(Ordering::Relaxed)).sum()
 }
 
 /// Polls until we answer `ask` exactly as the worker-mode Synapse does.
