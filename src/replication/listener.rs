@@ -3,7 +3,7 @@
 //! rows as they come, and read rows we missed from the database. Reconnects
 //! with backoff; never crashes the process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,9 +87,11 @@ async fn session(
     tracing::info!(channel, "following Synapse's replication stream");
 
     // Positions known before this session: a writer whose position we did
-    // not know may have written while we were away.
+    // not know may have written while we were away, and every writer we
+    // knew must report again (each is caught up on its own) before the
+    // caches are trusted.
     let reconnecting = !positions.is_empty();
-    let mut reported: Vec<&str> = Vec::new();
+    let mut awaited = Awaited::new(positions);
     let settle_by = Instant::now() + SETTLE;
     let mut settled = false;
     let mut messages = pubsub.into_on_message();
@@ -109,24 +111,28 @@ async fn session(
                         }
                     }
                     Command::Position { stream, instance, prev, new } if STREAMS.contains(&stream.as_str()) => {
-                        if !settled && !reported.contains(&stream_name(&stream)) {
-                            reported.push(stream_name(&stream));
-                        }
+                        awaited.reported(&stream, &instance);
                         position(app, inv, positions, stream, instance, prev, new, reconnecting).await;
                     }
                     _ => {}
                 }
-                if !settled && reported.len() == STREAMS.len() {
+                if !settled && awaited.done() {
                     settled = true;
                     trust(app);
                 }
             }
             _ = tokio::time::sleep_until(settle_by), if !settled => {
                 settled = true;
-                if reconnecting && reported.len() < STREAMS.len() {
-                    // Some stream never reported: we cannot tell what we missed.
-                    tracing::warn!("not every stream reported its position; dropping all cached entries");
+                if reconnecting && !awaited.done() {
+                    // Some stream or writer never reported: we cannot tell
+                    // what it wrote while we were away. Nothing cached is
+                    // kept, and a silent writer is forgotten (should it
+                    // speak again, it is one we did not follow).
+                    tracing::warn!(silent = ?awaited.silent(), "not every writer reported its position; dropping all cached entries");
                     app.invalidator.everything();
+                    for key in awaited.silent() {
+                        positions.remove(&key);
+                    }
                 }
                 trust(app);
             }
@@ -139,8 +145,30 @@ async fn session(
     }
 }
 
-fn stream_name(s: &str) -> &'static str {
-    if s == "caches" { "caches" } else { "device_lists" }
+/// Who has yet to report a position after `REPLICATE`: every stream we
+/// follow, and every writer whose position we knew before this session.
+struct Awaited {
+    streams: Vec<&'static str>,
+    writers: HashSet<(String, String)>,
+}
+
+impl Awaited {
+    fn new(known: &HashMap<(String, String), i64>) -> Self {
+        Self { streams: STREAMS.to_vec(), writers: known.keys().cloned().collect() }
+    }
+
+    fn reported(&mut self, stream: &str, instance: &str) {
+        self.streams.retain(|s| *s != stream);
+        self.writers.remove(&(stream.to_owned(), instance.to_owned()));
+    }
+
+    fn done(&self) -> bool {
+        self.streams.is_empty() && self.writers.is_empty()
+    }
+
+    fn silent(&self) -> Vec<(String, String)> {
+        self.writers.iter().cloned().collect()
+    }
 }
 
 fn trust(app: &Follower) {
@@ -222,6 +250,38 @@ pub(super) async fn catch_up(
         }
     };
     tracing::info!(stream, instance, after, upto, rows = n, "caught up from the database");
-    app.status.count_caught_up_rows(n);
+    app.status.count_caught_up_rows(stream, instance, n);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconnect_waits_for_every_writer_it_knew() {
+        let known = HashMap::from([
+            (("device_lists".to_owned(), "dl1".to_owned()), 5),
+            (("device_lists".to_owned(), "dl2".to_owned()), 7),
+            (("caches".to_owned(), "main".to_owned()), 9),
+        ]);
+        let mut awaited = Awaited::new(&known);
+        awaited.reported("device_lists", "dl1");
+        awaited.reported("caches", "main");
+        // Both streams have spoken, but dl2 (which may have written while
+        // we were away) has not.
+        assert!(!awaited.done());
+        assert_eq!(awaited.silent(), [("device_lists".to_owned(), "dl2".to_owned())]);
+        awaited.reported("device_lists", "dl2");
+        assert!(awaited.done());
+    }
+
+    #[test]
+    fn a_first_connection_waits_for_each_stream_once() {
+        let mut awaited = Awaited::new(&HashMap::new());
+        awaited.reported("device_lists", "dl2");
+        assert!(!awaited.done());
+        awaited.reported("caches", "client_reader");
+        assert!(awaited.done());
+    }
 }

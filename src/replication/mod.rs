@@ -14,6 +14,7 @@ mod listener;
 mod poller;
 pub mod protocol;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
@@ -46,6 +47,8 @@ pub struct Status {
     reconnects: AtomicU64,
     /// Rows invalidated through catch-up reads of the stream tables.
     caught_up_rows: AtomicU64,
+    /// The same, by stream and writer.
+    caught_up_rows_by: std::sync::Mutex<HashMap<(String, String), u64>>,
     /// Unix ms of the last message, keepalive answer or poll.
     last_seen_ms: AtomicI64,
 }
@@ -72,6 +75,12 @@ impl Status {
     /// Rows invalidated through catch-up reads of the stream tables.
     pub fn caught_up_rows(&self) -> u64 {
         self.caught_up_rows.load(Ordering::Relaxed)
+    }
+
+    /// Rows of `stream` written by `writer` read back through catch-up.
+    pub fn caught_up_rows_of(&self, stream: &str, writer: &str) -> u64 {
+        let by = self.caught_up_rows_by.lock().unwrap_or_else(|e| e.into_inner());
+        by.get(&(stream.to_owned(), writer.to_owned())).copied().unwrap_or(0)
     }
 
     /// Unix ms of the last message, keepalive answer or poll (0: none yet).
@@ -106,8 +115,10 @@ impl Status {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn count_caught_up_rows(&self, n: usize) {
+    fn count_caught_up_rows(&self, stream: &str, writer: &str, n: usize) {
         self.caught_up_rows.fetch_add(n as u64, Ordering::Relaxed);
+        let mut by = self.caught_up_rows_by.lock().unwrap_or_else(|e| e.into_inner());
+        *by.entry((stream.to_owned(), writer.to_owned())).or_default() += n as u64;
     }
 }
 

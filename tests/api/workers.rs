@@ -15,7 +15,10 @@ use serde_json::json;
 use synapse_keys_worker::config::Config;
 use synapse_keys_worker::config::synapse::InstanceLocation;
 
-use crate::helpers::{Ask, Synapse, TokenIn, Worker, eventually, hits, poll_until, ready_worker};
+use crate::fake_remote::{FakeRemote, Route, homeserver_verify_key};
+use crate::helpers::{Ask, Synapse, TokenIn, Worker, eventually, hits, poll_until, ready_worker, unique};
+use crate::remote::{our_calls, share_a_room_on, synapse_calls};
+use crate::tcp_proxy::TcpProxy;
 
 /// What scripts/world.py exports about the worker-mode homeserver.
 struct Workers {
@@ -136,4 +139,118 @@ async fn changes_written_by_either_device_list_writer_reach_our_caches() {
             converges(&worker, &env.url, &ask, &step).await;
         }
     }
+}
+
+/// The worker-mode homeserver's config for our service, with Redis reached
+/// through `redis` (a proxy a test can cut) when given.
+fn config_via(env: &Workers, redis: Option<&TcpProxy>) -> Config {
+    let mut config = Config::load(std::slice::from_ref(&env.yaml), Vec::new()).unwrap();
+    if let Some(proxy) = redis {
+        config.synapse.redis.host = Some("127.0.0.1".into());
+        config.synapse.redis.port = Some(proxy.port);
+    }
+    config
+}
+
+fn proxy_to(url: &str) -> String {
+    let url = url::Url::parse(url).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
+}
+
+/// Redis goes away while both writers write. When it is back, each writer
+/// reports its position and the rows it wrote meanwhile are read back from
+/// the database for that writer: both users' entries leave our caches
+/// before anyone asks us (so the read barrier, which would find the rows
+/// too, plays no part), and our answer becomes Synapse's.
+#[tokio::test]
+async fn a_redis_outage_while_both_writers_write_is_caught_up_per_writer() {
+    let env = workers();
+    let main = Synapse::at(&env.url);
+    let db = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let (alice, carol, bob) = (main.register("alice").await, main.register("carol").await, main.register("bob").await);
+    let (dl1, dl2) = (Synapse::at(&env.dl1_url), Synapse::at(&env.dl2_url));
+    let alice_phone = dl1.login(&alice, Some("phone")).await;
+    let carol_phone = dl2.login(&carol, Some("phone")).await;
+
+    let redis = TcpProxy::start(&proxy_to(&std::env::var("SKW_TEST_REDIS_URL").unwrap())).await;
+    let worker = ready_worker(config_via(&env, Some(&redis))).await;
+    let body = json!({"device_keys": {&alice.user_id: [], &carol.user_id: []}});
+    let ask = Ask::keys_query("v3", &bob.session.token, TokenIn::Header, &body);
+    converges(&worker, &env.url, &ask, "before the outage").await;
+    cached(&worker, &ask, &alice.user_id).await;
+    cached(&worker, &ask, &carol.user_id).await;
+
+    let app = worker.app.clone();
+    redis.set_open(false);
+    poll_until(Duration::from_secs(15), || !app.replication.connected()).await;
+    let (dl1_before, dl2_before) =
+        (app.replication.caught_up_rows_of("device_lists", "dl1"), app.replication.caught_up_rows_of("device_lists", "dl2"));
+    // Keys uploaded to a writer are written by that writer.
+    dl1.upload_device_keys(&alice_phone).await;
+    dl2.upload_device_keys(&carol_phone).await;
+    assert_eq!(last_writer(&db, &alice.user_id).await, "dl1");
+    assert_eq!(last_writer(&db, &carol.user_id).await, "dl2");
+
+    // The caches are trusted again only once every writer we followed has
+    // reported its position, and each one's missed rows were applied.
+    redis.set_open(true);
+    poll_until(Duration::from_secs(30), || app.caches.trusted()).await;
+    assert!(app.replication.caught_up_rows_of("device_lists", "dl1") > dl1_before, "dl1's rows were not read back");
+    assert!(app.replication.caught_up_rows_of("device_lists", "dl2") > dl2_before, "dl2's rows were not read back");
+    for user in [&alice.user_id, &carol.user_id] {
+        assert!(app.caches.devices.get(user).is_none(), "{user} is still cached after the catch-up");
+    }
+    converges(&worker, &env.url, &ask, "after the outage").await;
+}
+
+/// Resyncs go to the first writer (dl1), which asks the remote itself;
+/// with dl1 unreachable our service asks the remote directly, signed as
+/// the homeserver, and answers within the client's timeout.
+#[tokio::test]
+async fn with_the_first_writer_down_stale_users_are_fetched_directly() {
+    let env = workers();
+    let main = Synapse::at(&env.url);
+    let me = main.register("asker").await;
+    let server_name = std::env::var("SKW_TEST_WORKERS_SERVER_NAME").unwrap();
+    let (key_id, public) = homeserver_verify_key();
+    let remote = FakeRemote::start(&server_name, &key_id, public).await;
+    let user = |name: &str| {
+        let user = remote.add_user(&unique(name)).user_id;
+        remote.add_device(&user, "PHONE", Some("Phone"));
+        user
+    };
+    let (bob, dan) = (user("bob"), user("dan"));
+    for u in [&bob, &dan] {
+        share_a_room_on(&env.pg_url, &server_name, u).await;
+    }
+
+    let dl1 = TcpProxy::start(&proxy_to(&std::env::var("SKW_TEST_WORKERS_DL1_REPLICATION_URL").unwrap())).await;
+    let mut config = config_via(&env, None);
+    config.synapse.device_lists_writer = Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port: dl1.port, tls: false });
+    let worker = ready_worker(config).await;
+    let ask = |u: &str| {
+        let mut ask = Ask::keys_query("v3", &me.session.token, TokenIn::Header, &json!({"device_keys": {u: []}}));
+        ask.path.push_str("?timeout=5000");
+        ask
+    };
+
+    // dl1 up: the resync goes to it, and it (not we) asks the remote.
+    let (status, answer) = ask(&bob).send(&worker.url).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["device_keys"][&bob].as_object().map(|d| d.len()), Some(1), "{answer}");
+    assert_eq!(synapse_calls(&remote, Route::UserDevices), 1, "dl1 resynced bob");
+    assert_eq!(our_calls(&remote, Route::UserDevices), 0);
+    converges(&worker, &env.url, &ask(&bob), "bob, resynced by dl1").await;
+
+    // dl1 down: dan is fetched by us, with a signature the remote accepts.
+    dl1.set_open(false);
+    let (status, answer) = ask(&dan).send(&worker.url).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["device_keys"][&dan].as_object().map(|d| d.len()), Some(1), "{answer}");
+    assert_eq!(answer["failures"], json!({}));
+    let ours: Vec<_> = remote.calls(Route::UserDevices).into_iter().filter(|c| c.user_agent.starts_with("synapse-keys-worker")).collect();
+    assert_eq!(ours.len(), 1, "we asked the remote once");
+    assert!(ours[0].verified && ours[0].origin == server_name, "signed as {server_name}: {:?}", ours[0].origin);
+    assert!(worker.app.remote.coordinator.writer_breaker_open());
+    assert_eq!(synapse_calls(&remote, Route::UserDevices), 1, "nobody else asked for dan");
 }
