@@ -8,8 +8,10 @@
 # Parts:
 #   system  Debian packages, via apt-get (as root or through sudo): the
 #           PostgreSQL server, Redis, Prometheus (for the dashboard test),
+#           nginx (the reverse proxy of the client test, tests/client),
 #           and what psycopg2 compiles against (libpq-dev, gcc). The
-#           packages' own services are kept from starting (policy-rc.d).
+#           packages' own services are kept from starting (policy-rc.d):
+#           nothing binds port 80; the tests start nginx themselves.
 #   venv    target/synapse-venv: the pinned Synapse with its postgres and
 #           redis extras, and the pinned tools below. The marker file
 #           target/synapse-venv/.skw-synapse-spec records what it holds; a
@@ -49,7 +51,7 @@ apt_install() {
         die "not root and no sudo: cannot install $*"
     fi
     # Keep the packages' own services (postgres on 5432, redis on 6379,
-    # prometheus on 9090) from being started by their postinst scripts,
+    # prometheus on 9090, nginx on 80) from being started by their postinst scripts,
     # unless a policy already exists.
     local policy=/usr/sbin/policy-rc.d added=0 rc=0
     if [ ! -e "$policy" ]; then
@@ -79,6 +81,7 @@ install_system() {
     [ -n "$(pg_bindir)" ] || pkgs+=(postgresql)
     command -v redis-server >/dev/null || pkgs+=(redis-server)
     command -v prometheus >/dev/null || pkgs+=(prometheus)
+    nginx_bin >/dev/null || pkgs+=(nginx)
     # Only needed if the venv has to be (re)built: psycopg2 compiles against libpq.
     command -v pg_config >/dev/null || pkgs+=(libpq-dev)
     command -v cc >/dev/null || command -v gcc >/dev/null || pkgs+=(gcc)
@@ -86,6 +89,12 @@ install_system() {
     [ -n "$(pg_bindir)" ] || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
     command -v redis-server >/dev/null || die "redis-server not found"
     command -v prometheus >/dev/null || die "prometheus not found"
+    nginx_bin >/dev/null || die "nginx not found"
+}
+
+# nginx lives in /usr/sbin, which a non-root PATH may lack.
+nginx_bin() {
+    command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; }
 }
 
 # -------------------------------------------------------------------- venv ---

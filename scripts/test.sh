@@ -5,9 +5,10 @@
 # denied and cargo deny. Then it installs what is missing
 # (scripts/install.sh: Debian packages, the pinned Synapse in a venv under
 # target/) and runs `cargo test --locked` in a throw-away test world
-# (scripts/world.py: PostgreSQL, Redis and three Synapses on loopback, the
-# SKW_TEST_* variables the tests read), torn down afterwards. Works from any
-# cwd.
+# (scripts/world.py: PostgreSQL, Redis and four Synapses on loopback, the
+# SKW_TEST_* variables the tests read), torn down afterwards; a full run
+# then runs the client test (tests/client: matrix-rust-sdk through nginx,
+# a crate of its own) in the same world. Works from any cwd.
 #
 # Environment knobs:
 #   SKW_TEST_SERVER_NAME  Synapse server_name (default hs.test.invalid)
@@ -22,15 +23,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$EPOCHSECONDS
+# The client test's crate; it builds into the same target dir as the
+# service, so what the two share is built once.
+CLIENT=tests/client/Cargo.toml
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 if [ -z "${SKW_TEST_CMD:-}" ] && [ "$#" -eq 0 ]; then
-    echo "== cargo fmt --check; cargo clippy --all-targets -- -D warnings; cargo deny"
+    echo "== cargo fmt --check; cargo clippy --all-targets -- -D warnings; cargo deny (the service, then $CLIENT)"
     cargo fmt --check || { echo "!! run cargo fmt" >&2; exit 1; }
     cargo clippy --locked --all-targets -- -D warnings
+    cargo fmt --check --manifest-path "$CLIENT" || { echo "!! run cargo fmt --manifest-path $CLIENT" >&2; exit 1; }
+    cargo clippy --locked --all-targets --manifest-path "$CLIENT" -- -D warnings
     bash scripts/install.sh deny
     # The advisory database is out of reach here (no internet beyond the
     # package registries), so `advisories` is not checked: said, not hidden.
     target/tools/bin/cargo-deny check bans licenses sources
+    target/tools/bin/cargo-deny --manifest-path "$CLIENT" check bans licenses sources
 fi
 
 bash scripts/install.sh system venv
@@ -38,4 +46,8 @@ world=("${SKW_PYTHON:-python3}" scripts/world.py --started-at "$started" run --)
 if [ -n "${SKW_TEST_CMD:-}" ]; then
     exec "${world[@]}" bash -c "$SKW_TEST_CMD" skw-test "$@"
 fi
-exec "${world[@]}" cargo test --locked "$@"
+if [ "$#" -gt 0 ]; then
+    exec "${world[@]}" cargo test --locked "$@"
+fi
+# A full run: the main suite, then the client test, in one world.
+exec "${world[@]}" bash -c 'cargo test --locked && cargo test --locked --manifest-path "$1"' skw-test "$CLIENT"

@@ -609,7 +609,16 @@ def test_env(w):
         "SKW_TEST_WORKERS_DL2_CLIENT_URL": w.url("synapse-workers-dl2-client"),
         "SKW_TEST_WORKERS_PG_URL": f"postgres://synapse@127.0.0.1:{w.port('postgres')}/synapse_workers",
         "SKW_TEST_WORKERS_SERVER_NAME": f"workers.{w.server_name}",
+        # The reverse proxy of the client test (tests/client); empty if
+        # nginx is not installed (that test then fails and says so).
+        "SKW_TEST_NGINX": nginx_bin(),
     }
+
+
+def nginx_bin():
+    """nginx's path: on PATH, or /usr/sbin (not on a non-root PATH), or ""."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    return found or ""
 
 
 # ------------------------------------------------------- process handling ---
