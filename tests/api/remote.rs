@@ -34,7 +34,7 @@ pub async fn closed_port() -> u16 {
 }
 
 /// A listener that accepts connections and never answers: the writer hangs.
-async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
+pub async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -55,13 +55,18 @@ async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
 /// remote is not; the worker-mode world with a real second homeserver is
 /// to replace it.
 pub async fn share_a_room(user_id: &str) {
-    let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+    share_a_room_in(&env().pg_url, &env().server_name, user_id).await;
+}
+
+/// [`share_a_room`] on the homeserver whose database is `pg_url`.
+pub async fn share_a_room_in(pg_url: &str, server_name: &str, user_id: &str) {
+    let pool = sqlx::PgPool::connect(pg_url).await.unwrap();
     let id = unique("room");
     sqlx::query(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",
     )
     .bind(format!("$ev-{id}"))
-    .bind(format!("!{id}:{}", env().server_name))
+    .bind(format!("!{id}:{server_name}"))
     .bind(user_id)
     .execute(&pool)
     .await
