@@ -57,8 +57,9 @@ fn failure(outcome: PassOutcome) -> MatrixError {
 }
 
 /// `headers` without the hop-by-hop ones (RFC 9110 7.6.1, and whatever
-/// `Connection` names), `Host` (the writer's, set by the client) and
-/// `Content-Length` (set from the streamed body's own length).
+/// `Connection` names), `Expect` (answered here already), `Host` (the
+/// writer's, set by the client) and `Content-Length` (set from the
+/// streamed body's own length).
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -78,6 +79,7 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
                 | "trailer"
                 | "transfer-encoding"
                 | "upgrade"
+                | "expect"
                 | "host"
                 | "content-length"
         ) || named.iter().any(|n| n == name)
@@ -129,6 +131,7 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
             ("host", "us:8585"),
+            ("expect", "100-continue"),
             ("content-length", "12"),
             ("uber-trace-id", "abc"),
         ] {

@@ -4,6 +4,13 @@
 //! HTTP concerns (the secret, which headers pass) are the handler's
 //! (`http/replication_pass.rs`); this is the client, its bounds and its
 //! counters.
+//!
+//! It has one target, the first device-list writer. Synapse sends a worker's
+//! resyncs (and `handle_new_device_update`) to that writer only, but other
+//! device calls to any writer at random, and each writer's stream catch-up
+//! to that writer. So only the first writer's `instance_map` entry may name
+//! us: a call meant for another writer, passed to the first, would get the
+//! wrong writer's rows (docs/deployment.md, way A).
 
 use std::time::Duration;
 
