@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -286,4 +287,70 @@ async fn pass_through_answers_as_the_writer_does() {
     assert_eq!(statuses, [StatusCode::OK, StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND]);
     assert_eq!(worker.app.remote.pass.counted("get_repl_stream_updates", PassOutcome::Answered), 2);
     assert_eq!(worker.app.remote.pass.counted("other", PassOutcome::Answered), 1);
+}
+
+/// What the echo writer received: method, path and query, headers, body.
+type Received = (String, String, Vec<(String, String)>, Vec<u8>);
+
+/// A writer that records each request and answers 201 with a header of its
+/// own and the request body back, in 64 KiB chunks.
+async fn echo_writer() -> (u16, Arc<Mutex<Vec<Received>>>) {
+    let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let headers = parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned())).collect();
+            log.lock().unwrap().push((parts.method.to_string(), parts.uri.to_string(), headers, bytes.to_vec()));
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(65_536).map(|c| Ok(c.to_vec())).collect();
+            axum::http::Response::builder()
+                .status(201)
+                .header("x-writer", "echo")
+                .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, seen)
+}
+
+/// Method, path, query, end-to-end headers and a body larger than our
+/// `max_body_bytes` (the pass-through streams, the writer sets the limit)
+/// reach the writer as sent; its status, headers and body come back.
+#[tokio::test]
+async fn pass_through_forwards_the_request_and_the_answer_unchanged() {
+    let secret = format!("Bearer {}", var("SKW_TEST_REPLICATION_SECRET"));
+    let (port, seen) = echo_writer().await;
+    let worker = spawn_worker_with(with_writer(workers_config(), port)).await;
+    let body: Vec<u8> = (0..12 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    assert!(body.len() > worker.app.config.worker.max_body_bytes);
+    let path = "/_synapse/replication/send_events/abc%2Fdef/txn1?x=1&y=%40a";
+    let resp = http()
+        .put(format!("{}{path}", worker.url))
+        .header("Authorization", &secret)
+        .header("Content-Type", "application/json")
+        .header("X-Trace", "one")
+        .header("Connection", "X-Private")
+        .header("X-Private", "hop")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.headers()["x-writer"], "echo");
+    assert_eq!(resp.bytes().await.unwrap(), body, "the answer's body");
+    let (method, uri, headers, received) = seen.lock().unwrap().pop().expect("the writer got the call");
+    assert_eq!((method.as_str(), uri.as_str()), ("PUT", path));
+    assert_eq!(received, body, "the request's body");
+    let header = |name: &str| headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    assert_eq!(header("authorization"), [secret.as_str()]);
+    assert_eq!(header("x-trace"), ["one"]);
+    assert_eq!(header("content-type"), ["application/json"]);
+    assert_eq!(header("content-length"), [body.len().to_string().as_str()]);
+    assert!(header("x-private").is_empty() && header("connection").iter().all(|v| !v.contains("X-Private")), "{headers:?}");
+    assert_eq!(worker.app.remote.pass.counted("send_events", PassOutcome::Answered), 1);
 }
