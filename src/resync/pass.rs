@@ -20,14 +20,14 @@ use prometheus_client::metrics::family::Family;
 
 use crate::config::Config;
 
-/// Longest a passed-through call may take, body included. Synapse's
-/// replication client gives each attempt 60 s to answer and then, for most
-/// endpoints, retries the same transaction ID (the writer answers a repeat
-/// from its response cache). Bounding at 60 s or less would turn that retry
-/// into our 504, which Synapse does not retry but hands to its client; above
-/// it, Synapse's own timeout fires first and its retry logic applies as if
-/// we were not there. We still end what it abandoned, 30 s later.
-pub const PASS_TIMEOUT: Duration = Duration::from_secs(90);
+// How long a passed-through call may take, body included:
+// `replication_pass_timeout_ms`, 90 s by default. Synapse's replication
+// client gives each attempt 60 s to answer and then, for most endpoints,
+// retries the same transaction ID (the writer answers a repeat from its
+// response cache). Bounding at 60 s or less would turn that retry into our
+// 504, which Synapse does not retry but hands to its client; above it,
+// Synapse's own timeout fires first and its retry logic applies as if we
+// were not there. We still end what it abandoned, 30 s later.
 
 /// A writer that does not accept the connection within this is unreachable.
 pub const PASS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,7 +86,8 @@ pub enum PassOutcome {
     NoWriter,
     /// Refused, reset or closed before it answered.
     Unreachable,
-    /// No answer within [`PASS_TIMEOUT`] (or no connection within [`PASS_CONNECT_TIMEOUT`]).
+    /// No answer within `replication_pass_timeout_ms` (or no connection
+    /// within [`PASS_CONNECT_TIMEOUT`]).
     Timeout,
 }
 
@@ -124,7 +125,7 @@ impl WriterPass {
         let http = reqwest::Client::builder()
             .user_agent(crate::federation::USER_AGENT)
             .connect_timeout(PASS_CONNECT_TIMEOUT)
-            .timeout(PASS_TIMEOUT)
+            .timeout(Duration::from_millis(config.worker.replication_pass_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self { http, base: super::writer::base_url(config), calls: Family::default() })
@@ -145,7 +146,7 @@ impl WriterPass {
 
     /// Sends `method path_and_query` with `headers` and `body` to the
     /// writer; the answer's body is read as the caller reads it, still
-    /// within [`PASS_TIMEOUT`].
+    /// within `replication_pass_timeout_ms`.
     pub async fn send(
         &self,
         method: reqwest::Method,

@@ -254,6 +254,28 @@ async fn pass_through_answers_a_prompt_502_when_the_writer_is_unreachable() {
     }
 }
 
+/// A writer that accepts the call and never answers costs a worker
+/// `replication_pass_timeout_ms` (90 s by default, above Synapse's 60 s; 1 s
+/// here), then a 504 Matrix error.
+#[tokio::test]
+async fn pass_through_gives_up_on_a_hanging_writer_with_a_504() {
+    let secret = format!("Bearer {}", var("SKW_TEST_REPLICATION_SECRET"));
+    let (port, accepted) = hanging_listener().await;
+    let mut config = with_writer(workers_config(), port);
+    assert_eq!(config.worker.replication_pass_timeout_ms, 90_000);
+    config.worker.replication_pass_timeout_ms = 1_000;
+    let worker = spawn_worker_with(config).await;
+    let started = Instant::now();
+    let resp = notify(&worker.url).header("Authorization", &secret).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(10), "answered in {took:?}");
+    assert_eq!(worker.app.remote.pass.counted("notify_device_update", PassOutcome::Timeout), 1);
+}
+
 /// Through us or straight to dl1, a worker gets the same answer: a GET
 /// with a query string (the stream catch-up a worker makes), the writer's
 /// own 400 for a bad query, and its 404 for a path it does not serve.
