@@ -235,20 +235,26 @@ async fn pass_through_refuses_a_wrong_or_missing_secret_without_forwarding() {
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
+/// A worker's call with the right secret: answered `status` with an
+/// `M_UNKNOWN` Matrix error, after how long.
+async fn failed_call(worker: &Worker, status: StatusCode) -> Duration {
+    let started = Instant::now();
+    let resp = notify(&worker.url).header("Authorization", format!("Bearer {}", var("SKW_TEST_REPLICATION_SECRET"))).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), status);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+    took
+}
+
 #[tokio::test]
 async fn pass_through_answers_a_prompt_502_when_the_writer_is_unreachable() {
-    let secret = format!("Bearer {}", var("SKW_TEST_REPLICATION_SECRET"));
     let stopped = spawn_worker_with(with_writer(workers_config(), closed_port().await)).await;
     let mut config = workers_config();
     config.synapse.device_lists_writer = None;
     let none = spawn_worker_with(config).await;
     for (worker, outcome) in [(&stopped, PassOutcome::Unreachable), (&none, PassOutcome::NoWriter)] {
-        let started = Instant::now();
-        let resp = notify(&worker.url).header("Authorization", &secret).send().await.unwrap();
-        let took = started.elapsed();
-        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-        let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+        let took = failed_call(worker, StatusCode::BAD_GATEWAY).await;
         assert!(took < Duration::from_secs(5), "answered in {took:?}");
         assert_eq!(worker.app.remote.pass.counted("notify_device_update", outcome), 1);
     }
@@ -259,18 +265,12 @@ async fn pass_through_answers_a_prompt_502_when_the_writer_is_unreachable() {
 /// here), then a 504 Matrix error.
 #[tokio::test]
 async fn pass_through_gives_up_on_a_hanging_writer_with_a_504() {
-    let secret = format!("Bearer {}", var("SKW_TEST_REPLICATION_SECRET"));
     let (port, accepted) = hanging_listener().await;
     let mut config = with_writer(workers_config(), port);
     assert_eq!(config.worker.replication_pass_timeout_ms, 90_000);
     config.worker.replication_pass_timeout_ms = 1_000;
     let worker = spawn_worker_with(config).await;
-    let started = Instant::now();
-    let resp = notify(&worker.url).header("Authorization", &secret).send().await.unwrap();
-    let took = started.elapsed();
-    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+    let took = failed_call(&worker, StatusCode::GATEWAY_TIMEOUT).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(10), "answered in {took:?}");
     assert_eq!(worker.app.remote.pass.counted("notify_device_update", PassOutcome::Timeout), 1);
