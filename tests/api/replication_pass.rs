@@ -376,3 +376,26 @@ async fn pass_through_forwards_the_request_and_the_answer_unchanged() {
     assert!(header("x-private").is_empty() && header("connection").iter().all(|v| !v.contains("X-Private")), "{headers:?}");
     assert_eq!(worker.app.remote.pass.counted("send_events", PassOutcome::Answered), 1);
 }
+
+/// Endpoint names are labels only when Synapse has them: 2,000 invented
+/// ones add no series to `/metrics`.
+#[tokio::test]
+async fn invented_endpoints_do_not_grow_the_metrics() {
+    use futures::StreamExt;
+    let worker = spawn_worker_with(with_writer(workers_config(), closed_port().await)).await;
+    let client = http();
+    let send = |from: usize| {
+        let (client, url) = (client.clone(), worker.url.clone());
+        async move {
+            let calls = (from..from + 1_000).map(|i| client.post(format!("{url}/_synapse/replication/invented_{i}/x")).send());
+            let statuses: Vec<u16> =
+                futures::stream::iter(calls).buffer_unordered(50).map(|r| r.unwrap().status().as_u16()).collect().await;
+            assert!(statuses.iter().all(|s| *s == 401), "{:?}", &statuses[..5]);
+        }
+    };
+    send(0).await;
+    let before = worker.app.metrics.render().lines().count();
+    send(1_000).await;
+    assert_eq!(worker.app.metrics.render().lines().count(), before, "no series added");
+    assert_eq!(worker.app.remote.pass.counted("other", PassOutcome::Refused), 2_000);
+}
