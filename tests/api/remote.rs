@@ -55,11 +55,11 @@ pub async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
 /// remote is not; the worker-mode world with a real second homeserver is
 /// to replace it.
 pub async fn share_a_room(user_id: &str) {
-    share_a_room_in(&env().pg_url, &env().server_name, user_id).await;
+    share_a_room_on(&env().pg_url, &env().server_name, user_id).await;
 }
 
-/// [`share_a_room`] on the homeserver whose database is `pg_url`.
-pub async fn share_a_room_in(pg_url: &str, server_name: &str, user_id: &str) {
+/// `share_a_room` on the homeserver `server_name` whose database is `pg_url`.
+pub async fn share_a_room_on(pg_url: &str, server_name: &str, user_id: &str) {
     let pool = sqlx::PgPool::connect(pg_url).await.unwrap();
     let id = unique("room");
     sqlx::query(

@@ -20,7 +20,7 @@ use synapse_keys_worker::resync::pass::PassOutcome;
 
 use crate::fake_remote::{FakeRemote, Route, homeserver_verify_key};
 use crate::helpers::{Session, Synapse, TestUser, Worker, eventually, eventually_some, http, ready_worker, spawn_worker_with, unique};
-use crate::remote::{closed_port, hanging_listener, share_a_room_in, synapse_calls, with_writer};
+use crate::remote::{closed_port, hanging_listener, share_a_room_on, synapse_calls, with_writer};
 use crate::workers::last_writer;
 
 fn var(name: &str) -> String {
@@ -135,7 +135,7 @@ async fn client_reader_resyncs_reach_us_and_its_device_calls_reach_the_writer() 
     let bob = remote.add_user(&unique("bob")).user_id;
     remote.add_device(&bob, "PHONE", Some("Phone"));
     remote.add_device(&bob, "LAPTOP", None);
-    share_a_room_in(&var("SKW_TEST_WORKERS_PG_URL"), &server_name, &bob).await;
+    share_a_room_on(&var("SKW_TEST_WORKERS_PG_URL"), &server_name, &bob).await;
     let alice = main.register("alice").await;
     let answer = via_reader.post("/_matrix/client/v3/keys/query", &alice.session.token, json!({"device_keys": {&bob: []}})).await;
     assert_eq!(answer["device_keys"][&bob].as_object().map(|d| d.len()), Some(2), "{answer}");
