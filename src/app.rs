@@ -14,6 +14,7 @@ use crate::federation::FederationClient;
 use crate::keys::context::PerUser;
 use crate::keys::{KeysError, RemoteUser, UserQuery};
 use crate::resync::Coordinator;
+use crate::resync::pass::WriterPass;
 use crate::store::Store;
 use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
 use crate::{appservice_keys, http, keys, mas, metrics, replication};
@@ -39,17 +40,20 @@ pub struct App {
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
-/// first) and the federation client.
+/// first), the federation client, and the pass-through of workers' other
+/// replication calls to the writer.
 #[derive(Debug)]
 pub struct Remote {
     pub coordinator: Arc<Coordinator>,
     pub federation: Arc<FederationClient>,
+    pub pass: Arc<WriterPass>,
 }
 
 impl App {
     pub fn new(config: Config, store: Store) -> anyhow::Result<Arc<Self>> {
         let federation = Arc::new(FederationClient::from_config(&config)?);
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
+        let pass = Arc::new(WriterPass::from_config(&config)?);
         let caches = Arc::new(Caches::new(&config.worker));
         let replication = Arc::new(replication::Status::default());
         let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
@@ -62,6 +66,7 @@ impl App {
             caches: Arc::clone(&caches),
             coordinator: Arc::clone(&coordinator),
             federation: Arc::clone(&federation),
+            pass: Arc::clone(&pass),
             replication: Arc::clone(&replication),
             barrier: Arc::clone(&barrier),
             store: store.clone(),
@@ -77,7 +82,7 @@ impl App {
             config,
             store,
             caches,
-            remote: Remote { coordinator, federation },
+            remote: Remote { coordinator, federation, pass },
             replication,
             invalidator,
             barrier,

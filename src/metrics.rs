@@ -48,6 +48,7 @@ pub struct Sources {
     pub caches: Arc<Caches>,
     pub coordinator: Arc<Coordinator>,
     pub federation: Arc<FederationClient>,
+    pub pass: Arc<crate::resync::pass::WriterPass>,
     pub replication: Arc<replication::Status>,
     pub barrier: Arc<replication::Barrier>,
     pub store: Store,
@@ -71,6 +72,11 @@ impl Metrics {
                 mas.metrics.duration.clone(),
             );
         }
+        registry.register(
+            "replication_passthrough",
+            "Workers' replication calls passed through to the device-lists writer, by endpoint and outcome",
+            sources.pass.calls.clone(),
+        );
         registry.register_collector(Box::new(sources));
         Self { registry, requests, duration, in_flight }
     }

@@ -39,6 +39,10 @@ pub struct WorkerConfig {
     /// (`master_breaker_ms` is read as this too.)
     #[serde(alias = "master_breaker_ms")]
     pub writer_breaker_ms: u64,
+    /// How long a replication call passed through to the writer may take,
+    /// in ms, body included; above the 60 s Synapse gives each attempt, so
+    /// its own timeout and retry apply (see `resync::pass`).
+    pub replication_pass_timeout_ms: u64,
     /// How long a token introspection by MAS may take, in ms, before the
     /// request is answered 503 (delegated auth only).
     pub mas_timeout_ms: u64,
@@ -102,6 +106,7 @@ impl Default for WorkerConfig {
             log_json: false,
             writer_timeout_ms: 3_000,
             writer_breaker_ms: 30_000,
+            replication_pass_timeout_ms: 90_000,
             mas_timeout_ms: 3_000,
             mas_breaker_ms: 10_000,
             resync_cache_ttl_ms: 60_000,

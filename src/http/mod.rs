@@ -10,6 +10,7 @@ pub mod limit;
 mod observe;
 pub mod params;
 mod ready;
+mod replication_pass;
 mod resync_rpc;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
@@ -43,8 +44,22 @@ fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
         t.push((Method::POST, path, post(keys_query::keys_query)));
     }
     t.push((Method::POST, "/_synapse/replication/multi_user_device_resync/{txn_id}", post(resync_rpc::resync_rpc)));
+    // Every other replication call goes on to the device-lists writer.
+    let pass = replication_pass::replication_pass;
+    for (method, handler) in [
+        (Method::GET, get(pass)),
+        (Method::POST, post(pass)),
+        (Method::PUT, put(pass)),
+        (Method::DELETE, delete(pass)),
+        (Method::PATCH, patch(pass)),
+    ] {
+        t.push((method, REPLICATION_PASS_PATH, handler));
+    }
     t
 }
+
+/// The pass-through's route: any path under `/_synapse/replication/`.
+pub const REPLICATION_PASS_PATH: &str = "/_synapse/replication/{*path}";
 
 /// (method, path) of every route served.
 pub fn routes() -> Vec<(Method, &'static str)> {
@@ -138,7 +153,8 @@ mod tests {
                 documented.insert((method.as_str().unwrap().to_uppercase(), path.as_str().unwrap().to_owned()));
             }
         }
-        let served: BTreeSet<_> = super::routes().into_iter().map(|(m, p)| (m.to_string(), p.to_owned())).collect();
+        // OpenAPI has no catch-all: `{*path}` is documented as `{path}`.
+        let served: BTreeSet<_> = super::routes().into_iter().map(|(m, p)| (m.to_string(), p.replace("{*", "{"))).collect();
         assert_eq!(served, documented, "left: router, right: openapi.yaml");
     }
 }

@@ -55,7 +55,7 @@ pub async fn resync_rpc(
 
 /// Exactly one `Authorization: Bearer <secret>`, compared in constant time.
 /// Without a configured secret the endpoint serves nobody.
-fn check_secret(secret: Option<&str>, headers: &HeaderMap) -> Result<(), MatrixError> {
+pub(super) fn check_secret(secret: Option<&str>, headers: &HeaderMap) -> Result<(), MatrixError> {
     let denied = || MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Invalid or missing replication secret");
     let secret = secret.ok_or_else(denied)?;
     let mut values = headers.get_all(header::AUTHORIZATION).iter();

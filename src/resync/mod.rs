@@ -19,6 +19,7 @@
 
 pub mod devices;
 mod inflight;
+pub mod pass;
 pub mod writer;
 
 use std::collections::HashMap;

@@ -60,16 +60,21 @@ pub enum WriterError {
     Failed(String),
 }
 
+/// `http(s)://host:port` of the device-lists writer our config names;
+/// `None` without one over TCP (said at start-up, `App::limitations`).
+pub fn base_url(config: &Config) -> Option<String> {
+    match &config.synapse.device_lists_writer {
+        Some(InstanceLocation::Tcp { host, port, tls }) => {
+            let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            Some(format!("{}://{host}:{port}", if *tls { "https" } else { "http" }))
+        }
+        Some(InstanceLocation::Unix { .. }) | None => None,
+    }
+}
+
 impl Writer {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let base = match &config.synapse.device_lists_writer {
-            Some(InstanceLocation::Tcp { host, port, tls }) => {
-                let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-                Some(format!("{}://{host}:{port}", if *tls { "https" } else { "http" }))
-            }
-            // Said at start-up (App::limitations).
-            Some(InstanceLocation::Unix { .. }) | None => None,
-        };
+        let base = base_url(config);
         let http = reqwest::Client::builder()
             .user_agent(crate::federation::USER_AGENT)
             .connect_timeout(Duration::from_millis(config.worker.writer_timeout_ms))

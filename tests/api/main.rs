@@ -18,6 +18,7 @@ mod operations;
 mod remote;
 mod remote_fidelity;
 mod replication;
+mod replication_pass;
 mod schema;
 mod sqlite;
 mod tcp_proxy;

@@ -34,7 +34,7 @@ pub async fn closed_port() -> u16 {
 }
 
 /// A listener that accepts connections and never answers: the writer hangs.
-async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
+pub async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));

@@ -489,7 +489,8 @@ async fn schemathesis_finds_nothing() {
         schemathesis(&url, &token, "^/(_matrix|health|ready|metrics)", &[]);
         // Valid-looking user IDs of several servers, or that Synapse's
         // server-name rules refuse, are 400: JSON Schema cannot say which.
-        schemathesis(&url, &secret, "^/_synapse/replication/", &["--exclude-checks", "positive_data_acceptance"]);
+        // The pass-through's answers are the writer's, not ours to check.
+        schemathesis(&url, &secret, "^/_synapse/replication/multi_user_device_resync/", &["--exclude-checks", "positive_data_acceptance"]);
     })
     .await
     .unwrap();

@@ -66,7 +66,7 @@ async fn cached(worker: &Worker, ask: &Ask, user: &str) {
 
 /// The writer (`dl1` or `dl2`) of `user`'s newest device-list change.
 /// Read only: the test writes nothing into Synapse's database.
-async fn last_writer(db: &sqlx::PgPool, user: &str) -> String {
+pub async fn last_writer(db: &sqlx::PgPool, user: &str) -> String {
     sqlx::query_scalar("SELECT instance_name FROM device_lists_stream WHERE user_id = $1 ORDER BY stream_id DESC LIMIT 1")
         .bind(user)
         .fetch_one(db)
