@@ -16,8 +16,6 @@ pub enum FedError {
     /// Not in `federation_domain_whitelist`: Synapse's `FederationDeniedError`.
     #[error("403: Federation denied with {0}.")]
     Denied(String),
-    #[error("destination {0} resolves only to blocked IP addresses")]
-    Blocked(String),
     /// Could not connect, no (complete) answer in time, or (as Synapse
     /// counts them) a 5xx or 429 answer: Synapse's `RequestSendFailed`.
     #[error("Failed to send request: {0}")]
@@ -77,7 +75,7 @@ impl FedError {
             FedError::Transport(_) | FedError::BadResponse(_) => true,
             // 5xx and 429 are `Transport` (see `http`): an `Http` error is
             // the remote's answer.
-            FedError::Http { .. } | FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) | FedError::Denied(_) => false,
+            FedError::Http { .. } | FedError::BackingOff(_) | FedError::Disabled | FedError::Denied(_) => false,
         }
     }
 
