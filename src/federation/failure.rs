@@ -33,7 +33,15 @@ impl FedError {
         // The innermost cause names the problem (DNS, refused, TLS, ...).
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
+            if let Some(dns) = next.downcast_ref::<super::dns::ResolveError>() {
+                return FedError::Transport(format!("DNSLookupError: {dns}"));
+            }
             cause = next;
+        }
+        let refused = cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            // Twisted's `ConnectionRefusedError`, as Synapse words it.
+            return FedError::Transport("ConnectionRefusedError: Connection was refused by other side: 111: Connection refused.".into());
         }
         if e.is_timeout() {
             FedError::Transport(format!("TimeoutError: {cause}"))
