@@ -579,9 +579,10 @@ PROCESSES = [
 # "synapse-fed" (the one our service serves in tests/api/federation.rs) and
 # "synapse-remote" (its users are the remote users). Each one's server name
 # is "localhost:<its federation port>": a name with an explicit port is
-# used as is by server discovery (no well-known or SRV lookup), and
-# localhost resolves (hosts file) to 127.0.0.1, the one address the
-# whitelist opens (::1 stays blocked). Not an IP literal: Synapse checks
+# used as is by server discovery (no well-known or SRV lookup). localhost
+# resolves to 127.0.0.1 and, depending on the resolver and the hosts file,
+# ::1; the whitelist opens both (Synapse, and we, refuse a name if any of
+# its addresses is blocked). Not an IP literal: Synapse checks
 # an IP-literal server name against ip_range_blacklist alone, whitelist or
 # not (BlocklistingAgentWrapper), so 127.0.0.1:<port> would be refused
 # under the default blocklist. The federation
@@ -591,7 +592,7 @@ PROCESSES = [
 # the shared template), and trusted_key_servers is empty, so each fetches
 # the other's signing key from the other itself, over that TLS listener.
 # Unlike the other homeservers, these two keep Synapse's default
-# ip_range_blocklist (which blocks loopback): 127.0.0.1 is reachable only
+# ip_range_blacklist (which blocks loopback): loopback is reachable only
 # because ip_range_whitelist names it.
 def fed_server_name(name):
     return lambda w: f"localhost:{w.port(f'{name}-federation')}"
@@ -618,7 +619,7 @@ def federating_synapse(name, database):
         tls_listener = (f"listeners:\n  - type: http\n    port: {w.port(f'{name}-federation')}\n"
                         "    bind_addresses: ['127.0.0.1']\n    tls: true\n"
                         "    resources:\n      - names: [federation, keys]\n")
-        text = text[:start] + text[end:]
+        text = text[:start] + text[end:].replace("ip_range_whitelist: ['127.0.0.1']", "ip_range_whitelist: ['127.0.0.1', '::1']", 1)
         config.write_text(text.replace("listeners:\n", tls_listener, 1))
 
     proc.write = write_federating

@@ -227,7 +227,7 @@ async fn writer_down_we_ask_the_real_remote_and_it_accepts_our_signature() {
 }
 
 /// Loopback is reachable only because the test config's
-/// `ip_range_whitelist` opens 127.0.0.1 (these homeservers keep Synapse's
+/// `ip_range_whitelist` opens it (these homeservers keep Synapse's
 /// default blocklist), and the self-signed certificate is accepted only
 /// because `federation_verify_certificates` is false: without either, we
 /// never reach the remote.
@@ -238,7 +238,7 @@ async fn loopback_needs_the_whitelist_and_self_signed_needs_no_verification() {
     p.share_a_room().await;
     let mut no_whitelist = with_writer(config(), closed_port().await);
     assert_eq!(no_whitelist.synapse.federation.ip_range_blocklist, None, "Synapse's default blocklist");
-    assert_eq!(no_whitelist.synapse.federation.ip_range_whitelist, ["127.0.0.1"]);
+    assert_eq!(no_whitelist.synapse.federation.ip_range_whitelist, ["127.0.0.1", "::1"]);
     assert!(!no_whitelist.synapse.federation.verify_certificates);
     no_whitelist.synapse.federation.ip_range_whitelist.clear();
     let mut verifying = with_writer(config(), closed_port().await);
@@ -254,27 +254,35 @@ async fn loopback_needs_the_whitelist_and_self_signed_needs_no_verification() {
     }
 }
 
-/// A user whose server name is an IP literal: Synapse checks the literal
-/// against its blocklist alone (the whitelist does not count for
-/// literals), so 127.0.0.1 is refused although the whitelist names it.
-/// So are we, with Synapse's words.
+/// Destinations we cannot reach, failed in Synapse's words: a server name
+/// that is an IP literal (Synapse checks literals against its blocklist
+/// alone, so 127.0.0.1 is refused although the whitelist names it), a name
+/// that does not resolve, and a port nobody listens on.
 #[tokio::test]
-async fn ip_literal_destination_is_refused_like_synapse_whitelist_or_not() {
+async fn unreachable_destinations_fail_in_synapses_words() {
     let env = fed();
-    let ours = Synapse::at(&env.url);
-    let alice: TestUser = ours.register("alice").await;
-    // A fresh destination each run: Synapse's backoff from an earlier run
-    // would change its answer.
-    let port = closed_port().await;
-    let user = format!("@nobody:127.0.0.1:{port}");
+    let alice: TestUser = Synapse::at(&env.url).register("alice").await;
+    // Fresh destinations each run: Synapse backs off from a failed one,
+    // which would change its answer.
+    let literal = format!("127.0.0.1:{}", closed_port().await);
+    let nowhere = format!("{}.invalid", crate::helpers::unique("nowhere"));
+    let refused = format!("localhost:{}", closed_port().await);
     let worker = spawn_worker_with(config()).await;
-    let ask = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &json!({"device_keys": {&user: []}}));
+    let users: serde_json::Map<String, Value> = [&literal, &nowhere, &refused].iter().map(|d| (format!("@x:{d}"), json!([]))).collect();
+    let ask = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &json!({ "device_keys": users }));
+    // Ours first: Synapse's failure puts the destination in backoff.
     let mine = ask.send(&worker.url).await;
     let theirs = ask.send(&env.url).await;
     assert_eq!(mine, theirs, "left: ours, right: Synapse's");
+    let failures = &theirs.1["failures"];
+    assert_eq!(failures[&literal]["message"], "Failed to send request: SynapseError: 403: IP address blocked");
     assert_eq!(
-        theirs.1["failures"][format!("127.0.0.1:{port}")]["message"],
-        "Failed to send request: SynapseError: 403: IP address blocked"
+        failures[&nowhere]["message"],
+        format!("Failed to send request: DNSLookupError: DNS lookup failed: no results for hostname lookup: {nowhere}.")
+    );
+    assert_eq!(
+        failures[&refused]["message"],
+        "Failed to send request: ConnectionRefusedError: Connection was refused by other side: 111: Connection refused."
     );
 }
 
