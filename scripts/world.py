@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The test world: PostgreSQL, Redis and four real Synapse homeservers on
-loopback (one in worker mode), described once (PROCESSES below) and shared by the integration
+"""The test world: PostgreSQL, Redis and six real Synapse homeservers on
+loopback (one in worker mode, two federating with each other over TLS),
+described once (PROCESSES below) and shared by the integration
 tests (scripts/test.sh), the bench (bench/run.sh) and anyone working on them.
 The demo (`cargo run --release`) needs none of it: it embeds SQLite.
 
@@ -35,9 +36,9 @@ The world
   (pg_isready, Redis' PING, Synapse's /health) or, for a one-shot job, that
   it succeeded, a deadline for that, and its signal to stop. Its output
   goes to `<state>/<name>.log`. Processes start as soon as what they wait
-  for is ready: initdb, Redis and the signing key together, then the four
-  Synapses and the SQLite schema together, then the worker-mode Synapse's
-  three workers. A Synapse worker is one more entry (synapse_worker() writes
+  for is ready: initdb, Redis, the signing key and the federation TLS
+  certificate together, then the six Synapses and the SQLite schema
+  together, then the worker-mode Synapse's three workers. A Synapse worker is one more entry (synapse_worker() writes
   them for the worker-mode homeserver), e.g.
 
     Proc("synapse-worker1", after=("synapse",), ports=("synapse-worker1",),

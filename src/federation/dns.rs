@@ -230,6 +230,17 @@ mod tests {
         }
     }
 
+    /// `localhost` is 127.0.0.1 and ::1 to our resolver (RFC 6761), whatever
+    /// the hosts file says; Synapse's resolver reads the hosts file
+    /// (docs/compatibility.md).
+    #[tokio::test]
+    async fn localhost_is_both_loopbacks() {
+        let mut found = Dns::system().addresses("localhost").await.unwrap();
+        found.sort();
+        found.dedup();
+        assert_eq!(found, ["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+    }
+
     /// A name with an allowed and a blocked address is refused whole, as
     /// Synapse refuses it; with allowed addresses only, all are used.
     #[tokio::test]
