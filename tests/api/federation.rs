@@ -64,25 +64,37 @@ impl Pair {
     }
 
     /// The remote user makes a room and invites ours (the invite goes over
-    /// federation before createRoom answers), and ours joins it (a join
-    /// over federation: make_join and send_join to the remote).
+    /// federation before createRoom answers), and ours joins it: a join
+    /// over federation (make_join and send_join to the remote; Synapse
+    /// joins with partial state, then fetches the rest).
     async fn share_a_room(&self) {
-        let room = self
-            .remote
-            .post(
-                "/_matrix/client/v3/createRoom",
-                &self.bob.session.token,
-                json!({"preset": "private_chat", "invite": [&self.local.user_id]}),
-            )
-            .await;
+        self.share_a_room_of(Side::Theirs).await;
+    }
+
+    /// A room made by one side, the other invited and joining it over
+    /// federation.
+    async fn share_a_room_of(&self, side: Side) {
+        let ((owner_hs, owner), (member_hs, member)) = match side {
+            Side::Theirs => ((&self.remote, &self.bob), (&self.ours, &self.local)),
+            Side::Ours => ((&self.ours, &self.local), (&self.remote, &self.bob)),
+        };
+        let body = json!({"preset": "private_chat", "invite": [&member.user_id]});
+        let room = owner_hs.post("/_matrix/client/v3/createRoom", &owner.session.token, body).await;
         let room_id = room["room_id"].as_str().unwrap().to_owned();
-        self.ours.post(&format!("/_matrix/client/v3/rooms/{room_id}/join"), &self.local.session.token, json!({})).await;
+        member_hs.post(&format!("/_matrix/client/v3/rooms/{room_id}/join"), &member.session.token, json!({})).await;
     }
 
     /// Ours asking for bob's devices.
     fn ask(&self) -> Ask {
         Ask::keys_query("v3", &self.local.session.token, TokenIn::Header, &json!({"device_keys": {&self.bob.user_id: []}}))
     }
+}
+
+/// Whose homeserver makes the shared room.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Theirs,
+    Ours,
 }
 
 /// The device IDs with keys a `/keys/query` answer gives for `user`.
@@ -108,8 +120,19 @@ fn our_requests_at_remote(env: &Fed, path: &str) -> Vec<String> {
 /// from its cache, which is the only source adding an empty `unsigned`.)
 #[tokio::test]
 async fn remote_keys_arrive_as_edus_and_are_served_from_synapses_cache() {
+    edus_reach_synapses_cache_and_us(Side::Theirs).await;
+}
+
+/// The same with the room on our side: bob joins it over federation
+/// (full state on our homeserver from the start).
+#[tokio::test]
+async fn remote_keys_arrive_as_edus_in_a_room_of_ours() {
+    edus_reach_synapses_cache_and_us(Side::Ours).await;
+}
+
+async fn edus_reach_synapses_cache_and_us(side: Side) {
     let p = Pair::new().await;
-    p.share_a_room().await;
+    p.share_a_room_of(side).await;
     // Synapse starts tracking bob's list on the first query for him.
     p.ours.post("/_matrix/client/v3/keys/query", &p.local.session.token, json!({"device_keys": {&p.bob.user_id: []}})).await;
     let worker = ready_worker(config()).await;
