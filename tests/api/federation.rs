@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
-use crate::helpers::{Ask, Synapse, TestUser, TokenIn, converges, ready_worker, spawn_worker_with};
+use crate::helpers::{Ask, Synapse, TestUser, TokenIn, converges, eventually, eventually_some, ready_worker, spawn_worker_with};
 use crate::remote::{closed_port, with_writer};
 use crate::writer_proxy::CountingProxy;
 
@@ -240,13 +240,42 @@ async fn writer_down_we_ask_the_real_remote_and_it_accepts_our_signature() {
     assert_eq!(ours["failures"], json!({}));
     assert_eq!(worker.app.remote.coordinator.outcomes().fallback_ok, 1);
     let path = format!("GET /_matrix/federation/v1/user/devices/{}", percent(&p.bob.user_id));
-    let accepted = our_requests_at_remote(&p.env, &path);
+    // Synapse writes the access-log line once the response is sent.
+    let accepted = eventually_some(LOG_WAIT, || async { Some(our_requests_at_remote(&p.env, &path)).filter(|l| !l.is_empty()) }).await;
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     assert!(accepted[0].contains(&format!("{{{}}}", p.env.server_name)), "authenticated as us: {}", accepted[0]);
     assert!(accepted[0].contains(&format!(" 200 \"{path}")), "{}", accepted[0]);
     // Synapse, asked next, resyncs him through its own main process.
     let theirs = ask.send(&p.env.url).await;
     assert_eq!((status, ours), theirs, "left: ours, right: Synapse's");
+}
+
+/// A remote user sharing no room with ours: nobody tracks his list, so
+/// Synapse and we both ask his server's `/user/keys/query` directly (the
+/// writer is not involved); the remote accepts our signed request and
+/// both answers are the same.
+#[tokio::test]
+async fn untracked_remote_user_is_asked_over_federation_like_synapse() {
+    let p = Pair::new().await;
+    let (keys, _) = p.remote.upload_device_keys(&p.bob.session).await;
+    p.remote.setup_cross_signing(&p.bob.session).await;
+    let proxy = CountingProxy::start_for(&config()).await;
+    let worker = spawn_worker_with(with_writer(config(), proxy.port)).await;
+    let ask = p.ask();
+    let path = "POST /_matrix/federation/v1/user/keys/query";
+    let accepted = || {
+        let from_us = format!("{{{}}}", p.env.server_name);
+        our_requests_at_remote(&p.env, path).into_iter().filter(|l| l.contains(&from_us) && l.contains(" 200 ")).count()
+    };
+    let before = accepted();
+    let ours = ask.send(&worker.url).await;
+    // Synapse writes the access-log line once the response is sent.
+    eventually(LOG_WAIT, || async { accepted() == before + 1 }).await;
+    let theirs = ask.send(&p.env.url).await;
+    assert_eq!(ours, theirs, "left: ours, right: Synapse's");
+    assert_eq!(theirs.1["device_keys"][&p.bob.user_id][&p.bob.session.device_id]["keys"], keys["keys"], "{}", theirs.1);
+    assert!(theirs.1["master_keys"][&p.bob.user_id].is_object(), "{}", theirs.1);
+    assert_eq!(proxy.calls(), 0, "no resync for a user sharing no room");
 }
 
 /// Loopback is reachable only because the test config's
@@ -308,6 +337,9 @@ async fn unreachable_destinations_fail_in_synapses_words() {
         "Failed to send request: ConnectionRefusedError: Connection was refused by other side: 111: Connection refused."
     );
 }
+
+/// How long the remote may take to log a request it answered.
+const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn percent(user_id: &str) -> String {
     synapse_keys_worker::federation::percent_encode(user_id)
