@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The test world: PostgreSQL, Redis and four real Synapse homeservers on
-loopback (one in worker mode), described once (PROCESSES below) and shared by the integration
+"""The test world: PostgreSQL, Redis and six real Synapse homeservers on
+loopback (one in worker mode, two federating with each other over TLS),
+described once (PROCESSES below) and shared by the integration
 tests (scripts/test.sh), the bench (bench/run.sh) and anyone working on them.
 The demo (`cargo run --release`) needs none of it: it embeds SQLite.
 
@@ -35,9 +36,9 @@ The world
   (pg_isready, Redis' PING, Synapse's /health) or, for a one-shot job, that
   it succeeded, a deadline for that, and its signal to stop. Its output
   goes to `<state>/<name>.log`. Processes start as soon as what they wait
-  for is ready: initdb, Redis and the signing key together, then the four
-  Synapses and the SQLite schema together, then the worker-mode Synapse's
-  three workers. A Synapse worker is one more entry (synapse_worker() writes
+  for is ready: initdb, Redis, the signing key and the federation TLS
+  certificate together, then the six Synapses and the SQLite schema
+  together, then the worker-mode Synapse's three workers. A Synapse worker is one more entry (synapse_worker() writes
   them for the worker-mode homeserver), e.g.
 
     Proc("synapse-worker1", after=("synapse",), ports=("synapse-worker1",),
@@ -525,7 +526,7 @@ def write_sqlite_config(w):
 def create_databases(w):
     psql = [w.tools.pg / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
             "-p", w.port("postgres"), "-U", "synapse", "-d", "postgres"]
-    for db in ("synapse", "synapse_variant", "synapse_mas", "synapse_workers"):
+    for db in ("synapse", "synapse_variant", "synapse_mas", "synapse_workers", *FEDERATION_DATABASES):
         psql += ["-c", f"CREATE DATABASE {db} OWNER synapse ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"]
     return psql
 
@@ -574,6 +575,94 @@ PROCESSES = [
 ]
 
 
+# ------------------------------------------------------- real federation ---
+# Two homeservers federating with each other over TLS on loopback:
+# "synapse-fed" (the one our service serves in tests/api/federation.rs) and
+# "synapse-remote" (its users are the remote users). Each one's server name
+# is "localhost:<its federation port>": a name with an explicit port is
+# used as is by server discovery (no well-known or SRV lookup). localhost
+# resolves to 127.0.0.1 and, depending on the resolver and the hosts file,
+# ::1; the whitelist opens both (Synapse, and we, refuse a name if any of
+# its addresses is blocked). Not an IP literal: Synapse checks
+# an IP-literal server name against ip_range_blacklist alone, whitelist or
+# not (BlocklistingAgentWrapper), so 127.0.0.1:<port> would be refused
+# under the default blocklist. The federation
+# listener (federation and keys) speaks TLS with a self-signed certificate
+# made at world start; the other listeners are the usual plain ones.
+# Certificates are not verified (federation_verify_certificates: false, in
+# the shared template), and trusted_key_servers is empty, so each fetches
+# the other's signing key from the other itself, over that TLS listener.
+# Unlike the other homeservers, these two keep Synapse's default
+# ip_range_blacklist (which blocks loopback): loopback is reachable only
+# because ip_range_whitelist names it.
+def fed_server_name(name):
+    return lambda w: f"localhost:{w.port(f'{name}-federation')}"
+
+
+def tls_certificate_cmd(w):
+    return ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+            "-keyout", w.path("federation-tls.key"), "-out", w.path("federation-tls.crt"),
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+
+
+def federating_synapse(name, database):
+    proc = synapse(name, fed_server_name(name), database, lambda w: (
+        f"tls_certificate_path: {w.path('federation-tls.crt')}\n"
+        f"tls_private_key_path: {w.path('federation-tls.key')}"), ports=(f"{name}-federation",))
+    plain = proc.write
+
+    def write_federating(w):
+        plain(w)
+        config = w.path(f"{name}.yaml")
+        text = config.read_text()
+        start = text.index("ip_range_blacklist:\n")
+        end = text.index("ip_range_whitelist:")
+        tls_listener = (f"listeners:\n  - type: http\n    port: {w.port(f'{name}-federation')}\n"
+                        "    bind_addresses: ['127.0.0.1']\n    tls: true\n"
+                        "    resources:\n      - names: [federation, keys]\n")
+        text = text[:start] + text[end:].replace("ip_range_whitelist: ['127.0.0.1']", "ip_range_whitelist: ['127.0.0.1', '::1']", 1)
+        config.write_text(text.replace("listeners:\n", tls_listener, 1))
+
+    proc.write = write_federating
+    proc.after = (*proc.after, "tls-certificate")
+    proc.ready = lambda w: health(name, f"{name}-replication")(w) and tls_listening(w, f"{name}-federation")
+    return proc
+
+
+def tls_listening(w, port_name):
+    try:
+        with socket.create_connection(("127.0.0.1", w.port(port_name)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+FEDERATION_PROCESSES = [
+    Proc("tls-certificate", job=True, timeout=30, cmd=tls_certificate_cmd,
+         ready=lambda w: w.path("federation-tls.crt").stat().st_size > 0),
+    federating_synapse("synapse-fed", "synapse_fed"),
+    federating_synapse("synapse-remote", "synapse_remote"),
+]
+PROCESSES += FEDERATION_PROCESSES
+FEDERATION_DATABASES = ("synapse_fed", "synapse_remote")
+
+
+def federation_test_env(w):
+    return {
+        # The homeserver our service serves (its users are the local ones).
+        "SKW_TEST_FED_SYNAPSE_URL": w.url("synapse-fed"),
+        "SKW_TEST_FED_HOMESERVER_YAML": w.path("synapse-fed.yaml"),
+        "SKW_TEST_FED_SERVER_NAME": fed_server_name("synapse-fed")(w),
+        "SKW_TEST_FED_PG_URL": f"postgres://synapse@127.0.0.1:{w.port('postgres')}/synapse_fed",
+        "SKW_TEST_FED_LOG": w.path("synapse-fed.log"),
+        # The remote homeserver, federating with it over TLS.
+        "SKW_TEST_REMOTE_SYNAPSE_URL": w.url("synapse-remote"),
+        "SKW_TEST_REMOTE_SERVER_NAME": fed_server_name("synapse-remote")(w),
+        "SKW_TEST_REMOTE_FEDERATION_URL": f"https://localhost:{w.port('synapse-remote-federation')}",
+        "SKW_TEST_REMOTE_LOG": w.path("synapse-remote.log"),
+    }
+
+
 def test_env(w):
     """What the tests read (tests/api): names and meanings are a contract."""
     return {
@@ -612,6 +701,7 @@ def test_env(w):
         # The reverse proxy of the client test (tests/client); empty if
         # nginx is not installed (that test then fails and says so).
         "SKW_TEST_NGINX": nginx_bin(),
+        **federation_test_env(w),
     }
 
 

@@ -22,9 +22,13 @@ pub struct FederationSettings {
     pub custom_ca_pem: Option<Vec<Vec<u8>>>,
     /// `federation_client_minimum_tls_version`: "1", "1.1", "1.2" or "1.3".
     pub min_tls_version: String,
-    /// `ip_range_blocklist` (or the older `ip_range_blacklist`); `None` means
-    /// Synapse's default list.
+    /// What federation may not reach, as `config/server.py` reads it:
+    /// `federation_ip_range_blacklist` when set, else `ip_range_blacklist`
+    /// (Synapse reads no `ip_range_blocklist` key); `None` means Synapse's
+    /// default list.
     pub ip_range_blocklist: Option<Vec<String>>,
+    /// `ip_range_whitelist`, unless `federation_ip_range_blacklist` is set
+    /// (then Synapse's federation has no whitelist at all).
     pub ip_range_whitelist: Vec<String>,
     /// `outbound_federation_restricted_to`: the `instance_map` locations of
     /// the instances that proxy our federation requests (we are never one
@@ -40,8 +44,14 @@ impl FederationSettings {
             verification_whitelist: verification_whitelist(m)?,
             custom_ca_pem: custom_ca_list(m)?,
             min_tls_version: min_tls_version(m)?,
-            ip_range_blocklist: string_list(m, "ip_range_blocklist")?.or(string_list(m, "ip_range_blacklist")?),
-            ip_range_whitelist: string_list(m, "ip_range_whitelist")?.unwrap_or_default(),
+            ip_range_blocklist: match string_list(m, "federation_ip_range_blacklist")? {
+                Some(list) => Some(list),
+                None => string_list(m, "ip_range_blacklist")?,
+            },
+            ip_range_whitelist: match m.contains_key("federation_ip_range_blacklist") {
+                true => Vec::new(),
+                false => string_list(m, "ip_range_whitelist")?.unwrap_or_default(),
+            },
             proxy_locations: proxy_locations(m, replication_secret)?,
         })
     }
@@ -170,6 +180,19 @@ mod tests {
         assert!(parse("federation_certificate_verification_whitelist: ['bücher.de']").unwrap_err().to_string().contains("IDNA"));
         let two = b"junk\n-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
         assert_eq!(first_pem_certificate(two).unwrap(), b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n");
+    }
+
+    #[test]
+    fn ip_ranges_read_as_synapse_reads_them() {
+        let f = parse("ip_range_blacklist: ['10.0.0.0/8']\nip_range_whitelist: ['127.0.0.1']").unwrap();
+        assert_eq!((f.ip_range_blocklist, f.ip_range_whitelist), (Some(vec!["10.0.0.0/8".into()]), vec!["127.0.0.1".into()]));
+        // Synapse has no `ip_range_blocklist` key: the default list applies.
+        assert_eq!(parse("ip_range_blocklist: ['10.0.0.0/8']").unwrap().ip_range_blocklist, None);
+        // The older federation-only list wins, and takes the whitelist away.
+        let f =
+            parse("federation_ip_range_blacklist: ['1.2.3.0/24']\nip_range_blacklist: ['10.0.0.0/8']\nip_range_whitelist: ['127.0.0.1']")
+                .unwrap();
+        assert_eq!((f.ip_range_blocklist, f.ip_range_whitelist), (Some(vec!["1.2.3.0/24".into()]), Vec::<String>::new()));
     }
 
     #[test]

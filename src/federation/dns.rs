@@ -43,6 +43,9 @@ pub enum Dns {
     System(Option<Arc<TokioResolver>>),
     /// For tests: name → (target, port).
     Fixed(Arc<HashMap<String, (String, u16)>>),
+    /// For tests: name → addresses.
+    #[cfg(test)]
+    Addresses(Arc<HashMap<String, Vec<IpAddr>>>),
 }
 
 impl Dns {
@@ -69,6 +72,8 @@ impl Dns {
         }
         match self {
             Dns::Fixed(map) => map.get(name).cloned(),
+            #[cfg(test)]
+            Dns::Addresses(_) => None,
             Dns::System(None) => None,
             Dns::System(Some(r)) => {
                 let lookup = r.srv_lookup(name).await.ok()?;
@@ -96,6 +101,8 @@ impl Dns {
             Dns::System(Some(r)) => r.lookup_ip(name).await.map(|found| found.iter().collect()).map_err(|e| e.to_string()),
             Dns::System(None) => Err("no system DNS configuration".into()),
             Dns::Fixed(_) => Err(format!("no address for {name} in a fixed table")),
+            #[cfg(test)]
+            Dns::Addresses(map) => Ok(map.get(name).cloned().unwrap_or_default()),
         }
     }
 }
@@ -143,14 +150,21 @@ impl FilteringResolver {
     }
 }
 
+/// A name that gave no address we may connect to, worded as Twisted's
+/// `DNSLookupError` of a `HostnameEndpoint` whose resolver found nothing:
+/// Synapse's words for every failed lookup (its resolver drops errors)
+/// and for a name its IP filter refused.
 #[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("DNSLookupError: no address for {0}")]
-    NoAddress(String),
-    #[error("DNSLookupError: {0}")]
-    Lookup(String),
-    #[error("IP address blocked by ip_range_blocklist for {0}")]
-    Blocked(String),
+#[error("DNS lookup failed: no results for hostname lookup: {name}.")]
+pub struct ResolveError {
+    pub name: String,
+}
+
+impl ResolveError {
+    fn new(name: String, why: &str) -> Box<Self> {
+        tracing::debug!(%name, why, "no address to connect to");
+        Box::new(Self { name })
+    }
 }
 
 impl Resolve for FilteringResolver {
@@ -160,24 +174,20 @@ impl Resolve for FilteringResolver {
             let host = name.as_str().to_owned();
             let lookup = this.via.get(&host).unwrap_or_else(|| host.clone());
             if is_invalid_tld(&lookup) {
-                return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
+                return Err(ResolveError::new(lookup, ".invalid") as _);
             }
-            let found: Vec<SocketAddr> = this
-                .dns
-                .addresses(&lookup)
-                .await
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(ResolveError::Lookup(e)) })?
-                .into_iter()
-                .map(|ip| SocketAddr::new(ip, 0))
-                .collect();
-            if found.is_empty() {
-                return Err(Box::new(ResolveError::NoAddress(lookup)) as _);
+            let found = match this.dns.addresses(&lookup).await {
+                Ok(found) if !found.is_empty() => found,
+                Ok(_) => return Err(ResolveError::new(lookup, "no address") as _),
+                Err(e) => return Err(ResolveError::new(lookup, &e) as _),
+            };
+            // One blocked address refuses the name, as Synapse's
+            // `_IPBlockingResolver` does (it cannot fail the request from
+            // there, so it reports no results at all).
+            if found.iter().any(|ip| !this.filter.allows(*ip)) {
+                return Err(ResolveError::new(lookup, "an address is blocked by ip_range_blacklist") as _);
             }
-            let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| this.filter.allows(a.ip())).collect();
-            if allowed.is_empty() {
-                return Err(Box::new(ResolveError::Blocked(lookup)) as _);
-            }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
+            Ok(Box::new(found.into_iter().map(|ip| SocketAddr::new(ip, 0))) as Addrs)
         })
     }
 }
@@ -200,10 +210,10 @@ mod tests {
     async fn invalid_names_and_blocked_addresses_do_not_resolve() {
         let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &[]).unwrap()), Duration::from_secs(60), Dns::system());
         let err = r.resolve("remote.invalid".parse().unwrap()).await.err().unwrap();
-        assert!(err.to_string().contains("DNSLookupError"), "{err}");
+        assert_eq!(err.to_string(), "DNS lookup failed: no results for hostname lookup: remote.invalid.");
         // localhost resolves to loopback, which the default list blocks.
         let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
-        assert!(err.to_string().contains("blocked"), "{err}");
+        assert_eq!(err.to_string(), "DNS lookup failed: no results for hostname lookup: localhost.");
         let open = FilteringResolver::new(
             Arc::new(IpFilter::new(None, &["127.0.0.0/8".into(), "::1".into()]).unwrap()),
             Duration::from_secs(60),
@@ -216,8 +226,34 @@ mod tests {
         for target in ["localhost", "127.0.0.1", "::1"] {
             r.connect_via("srv.invalid", target);
             let err = r.resolve("srv.invalid".parse().unwrap()).await.err().unwrap();
-            assert!(err.to_string().contains("blocked"), "{target}: {err}");
+            assert_eq!(err.to_string(), format!("DNS lookup failed: no results for hostname lookup: {target}."));
         }
+    }
+
+    /// `localhost` is 127.0.0.1 and ::1 to our resolver (RFC 6761), whatever
+    /// the hosts file says; Synapse's resolver reads the hosts file
+    /// (docs/compatibility.md).
+    #[tokio::test]
+    async fn localhost_is_both_loopbacks() {
+        let mut found = Dns::system().addresses("localhost").await.unwrap();
+        found.sort();
+        found.dedup();
+        assert_eq!(found, ["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+    }
+
+    /// A name with an allowed and a blocked address is refused whole, as
+    /// Synapse refuses it; with allowed addresses only, all are used.
+    #[tokio::test]
+    async fn one_blocked_address_refuses_the_name() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let table = [("both.test", vec![ip("127.0.0.1"), ip("::1")]), ("v4.test", vec![ip("127.0.0.1"), ip("127.0.0.1")])];
+        let dns = Dns::Addresses(Arc::new(table.into_iter().map(|(n, a)| (n.to_owned(), a)).collect()));
+        let r = FilteringResolver::new(Arc::new(IpFilter::new(None, &["127.0.0.1".into()]).unwrap()), Duration::from_secs(60), dns);
+        let err = r.resolve("both.test".parse().unwrap()).await.err().unwrap();
+        assert_eq!(err.to_string(), "DNS lookup failed: no results for hostname lookup: both.test.");
+        assert_eq!(r.resolve("v4.test".parse().unwrap()).await.unwrap().count(), 2);
+        let err = r.resolve("none.test".parse().unwrap()).await.err().unwrap();
+        assert_eq!(err.to_string(), "DNS lookup failed: no results for hostname lookup: none.test.");
     }
 
     #[test]

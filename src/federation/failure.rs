@@ -16,8 +16,6 @@ pub enum FedError {
     /// Not in `federation_domain_whitelist`: Synapse's `FederationDeniedError`.
     #[error("403: Federation denied with {0}.")]
     Denied(String),
-    #[error("destination {0} resolves only to blocked IP addresses")]
-    Blocked(String),
     /// Could not connect, no (complete) answer in time, or (as Synapse
     /// counts them) a 5xx or 429 answer: Synapse's `RequestSendFailed`.
     #[error("Failed to send request: {0}")]
@@ -35,7 +33,15 @@ impl FedError {
         // The innermost cause names the problem (DNS, refused, TLS, ...).
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
+            if let Some(dns) = next.downcast_ref::<super::dns::ResolveError>() {
+                return FedError::Transport(format!("DNSLookupError: {dns}"));
+            }
             cause = next;
+        }
+        let refused = cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            // Twisted's `ConnectionRefusedError`, as Synapse words it.
+            return FedError::Transport("ConnectionRefusedError: Connection was refused by other side: 111: Connection refused.".into());
         }
         if e.is_timeout() {
             FedError::Transport(format!("TimeoutError: {cause}"))
@@ -77,7 +83,7 @@ impl FedError {
             FedError::Transport(_) | FedError::BadResponse(_) => true,
             // 5xx and 429 are `Transport` (see `http`): an `Http` error is
             // the remote's answer.
-            FedError::Http { .. } | FedError::BackingOff(_) | FedError::Disabled | FedError::Blocked(_) | FedError::Denied(_) => false,
+            FedError::Http { .. } | FedError::BackingOff(_) | FedError::Disabled | FedError::Denied(_) => false,
         }
     }
 

@@ -61,6 +61,20 @@ impl IpFilter {
     }
 }
 
+impl IpFilter {
+    /// For a host given as an IP literal (a server name, a well-known
+    /// answer, a redirect): Synapse's `BlocklistingAgentWrapper` checks
+    /// those against the blocklist alone, so the whitelist does not open
+    /// them (and 0.0.0.0 and :: are always blocked).
+    pub fn allows_literal(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        !ip.is_unspecified() && !self.blocked.iter().any(|n| n.contains(&ip))
+    }
+}
+
 fn parse_all<'a>(items: impl Iterator<Item = &'a str>) -> anyhow::Result<Vec<IpNet>> {
     items
         .map(|s| {
@@ -94,5 +108,15 @@ mod tests {
         let f = IpFilter::new(Some(&["10.0.0.0/8".to_string()]), &[]).unwrap();
         assert!(f.allows(ip("127.0.0.1")));
         assert!(IpFilter::new(Some(&["nonsense".to_string()]), &[]).is_err());
+    }
+
+    #[test]
+    fn literals_ignore_the_whitelist() {
+        let f = IpFilter::new(None, &["127.0.0.1".into(), "0.0.0.0".into()]).unwrap();
+        assert!(f.allows(ip("127.0.0.1")) && !f.allows_literal(ip("127.0.0.1")));
+        assert!(!f.allows_literal(ip("::ffff:127.0.0.1")) && !f.allows_literal(ip("0.0.0.0")));
+        assert!(f.allows_literal(ip("2606:4700::1111")));
+        let f = IpFilter::new(Some(&["10.0.0.0/8".to_string()]), &[]).unwrap();
+        assert!(f.allows_literal(ip("127.0.0.1")) && !f.allows_literal(ip("10.1.2.3")) && !f.allows_literal(ip("::")));
     }
 }

@@ -168,13 +168,13 @@ impl FederationClient {
         if let Some(proxy) = &self.proxy {
             // IP literals are refused before the proxy, as Synapse's
             // `BlocklistingAgentWrapper` around its `ProxyAgent` does.
-            self.check_literal(destination, split_host_port(destination).0)?;
+            self.check_literal(split_host_port(destination).0)?;
             let resp = proxy.send(method, destination, path, auth, bytes, self.max_response_bytes).await?;
             return parse_answer(resp.status, &resp.body);
         }
         let target = self.discovery.resolve(destination).await;
         let (host, _) = split_host_port(&target.authority);
-        self.check_literal(destination, host)?;
+        self.check_literal(host)?;
         if let Some(via) = &target.connect_via {
             self.resolver.connect_via(host, via);
         }
@@ -194,11 +194,16 @@ impl FederationClient {
         parse_answer(status, &body)
     }
 
-    /// An IP-literal host must pass the IP filter.
-    fn check_literal(&self, destination: &str, host: &str) -> Result<(), FedError> {
+    /// An IP-literal host must pass the blocklist (the whitelist does not
+    /// count for literals), refused as Synapse's `BlocklistingAgentWrapper`
+    /// refuses it: a `SynapseError` inside `RequestSendFailed`, which
+    /// backs off.
+    fn check_literal(&self, host: &str) -> Result<(), FedError> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         match host.parse::<std::net::IpAddr>() {
-            Ok(ip) if !self.resolver.filter().allows(ip) => Err(FedError::Blocked(destination.to_owned())),
+            Ok(ip) if !self.resolver.filter().allows_literal(ip) => {
+                Err(FedError::Transport("SynapseError: 403: IP address blocked".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -237,7 +242,7 @@ pub fn percent_encode(s: &str) -> String {
 /// Redirects followed at most `max` times, each hop checked: a host name is
 /// resolved through the filtering resolver (which drops blocked addresses),
 /// but an IP literal is connected to without resolving, so it is checked
-/// against the IP filter here.
+/// here, against the blocklist alone as Synapse checks literals.
 fn checked_redirects(filter: Arc<IpFilter>, max: usize) -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() > max {
@@ -257,7 +262,7 @@ fn blocked_literal(filter: &IpFilter, url: &url::Url) -> Option<std::net::IpAddr
         url::Host::Ipv6(v6) => std::net::IpAddr::V6(v6),
         url::Host::Domain(_) => return None,
     };
-    (!filter.allows(ip)).then_some(ip)
+    (!filter.allows_literal(ip)).then_some(ip)
 }
 
 /// `/.well-known/matrix/server` over HTTPS, size-capped, through the same
@@ -271,7 +276,7 @@ impl WellKnown for HttpWellKnown {
     fn fetch(&self, host: &str) -> BoxFuture<'_, Option<String>> {
         let host = host.to_owned();
         Box::pin(async move {
-            if host.parse::<std::net::IpAddr>().is_ok_and(|ip| !self.filter.filter().allows(ip)) {
+            if host.parse::<std::net::IpAddr>().is_ok_and(|ip| !self.filter.filter().allows_literal(ip)) {
                 return None;
             }
             let fut = self.http.for_host(&host).get(format!("https://{host}/.well-known/matrix/server")).send();
@@ -292,8 +297,9 @@ mod tests {
     use super::*;
 
     /// A server on 127.0.0.1 (allowed for this test) redirecting to
-    /// 127.0.0.2 (blocked, as by the default list): the hop is refused
-    /// before any connection to 127.0.0.2; an allowed hop is followed.
+    /// 127.0.0.2 (blocked): the hop is refused before any connection to
+    /// 127.0.0.2; an allowed hop is followed. Hops are IP literals, so
+    /// only the blocklist counts.
     #[tokio::test]
     async fn every_redirect_hop_is_checked() {
         let target = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
@@ -321,7 +327,7 @@ mod tests {
             .route("/done", axum::routing::get(|| async { "done" }));
         tokio::spawn(async move { axum::serve(origin, app).await });
 
-        let filter = Arc::new(IpFilter::new(None, &["127.0.0.1".into()]).unwrap());
+        let filter = Arc::new(IpFilter::new(Some(&["127.0.0.2".into()]), &[]).unwrap());
         let client = reqwest::Client::builder().redirect(checked_redirects(filter, 5)).build().unwrap();
         let get = |path: &str| client.get(format!("http://127.0.0.1:{origin_port}{path}")).send();
         let err = get("/blocked").await.unwrap_err();

@@ -473,6 +473,22 @@ fn compare(ask: &Ask, ours: (StatusCode, Value), theirs: (StatusCode, Value)) ->
     theirs
 }
 
+/// Polls until we answer `ask` exactly as the Synapse at `hs` does, with
+/// an answer `done` accepts (an answer both give before a change arrives
+/// is not the one the test waits for).
+pub async fn converges(worker: &Worker, hs: &str, ask: &Ask, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually_some(std::time::Duration::from_secs(15), || async {
+        let theirs = ask.send(hs).await;
+        let ours = ask.send(&worker.url).await;
+        if ours != theirs || !done(&theirs.1) {
+            println!("{what}: not yet:\nours:    {}\nSynapse: {}", ours.1, theirs.1);
+            return None;
+        }
+        Some(theirs.1)
+    })
+    .await
+}
+
 /// Polls `done` every few milliseconds until it holds; panics after `limit`.
 pub async fn poll_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) {
     eventually(limit, || std::future::ready(done())).await

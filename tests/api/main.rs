@@ -11,6 +11,7 @@ mod fake_mas;
 mod fake_remote;
 mod fake_writer;
 mod faults;
+mod federation;
 mod fresh_after_sync;
 mod helpers;
 mod mas;

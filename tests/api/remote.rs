@@ -50,10 +50,10 @@ pub async fn hanging_listener() -> (u16, Arc<AtomicUsize>) {
 }
 
 /// The remote user joins a room this server is in. A fixture write to
-/// Synapse's database (one `current_state_events` row): a real join needs a
-/// second homeserver federating with the test Synapse, which the fake
-/// remote is not; the worker-mode world with a real second homeserver is
-/// to replace it.
+/// Synapse's database (one `current_state_events` row): the fake remote
+/// (which the tests here need for its faults and call counts) cannot join
+/// rooms, it serves no make_join/send_join. The same paths with real joins
+/// against a real remote homeserver are in `federation.rs`.
 pub async fn share_a_room(user_id: &str) {
     share_a_room_on(&env().pg_url, &env().server_name, user_id).await;
 }

@@ -119,9 +119,9 @@ async fn federation_domain_whitelist_denies_like_synapse() {
     let f = variant();
     let (alice, alice_tok) = user(&f.url, "alice").await;
     let room_id = room_inviting(&f.url, &alice_tok, &[]).await;
-    // A remote member with no real federation: a fixture row in the
-    // variant's database (the only way to have one without a second
-    // homeserver). Needed so MSC4263 lets the user through and Synapse
+    // A remote member from a denied domain: a fixture row in the variant's
+    // database (federation with that domain is refused, so no real join
+    // can make one). Needed so MSC4263 lets the user through and Synapse
     // resyncs rather than asking `/user/keys/query` alone.
     let denied = format!("@{}:denied.test.invalid", unique("bob"));
     join_remote_member(&room_id, &denied).await;
@@ -175,9 +175,9 @@ async fn expired_accounts_refused_like_synapse() {
 }
 
 /// Adds `user_id` as a joined member of `room_id` in the variant's
-/// database: a fixture write (one `current_state_events` row), because a
-/// remote user's real join needs a second homeserver federating with this
-/// one (to be replaced by the real-federation world).
+/// database: a fixture write (one `current_state_events` row). Its one use
+/// is a member from a domain `federation_domain_whitelist` denies, whom no
+/// real join can bring in (federation with them is refused).
 async fn join_remote_member(room_id: &str, user_id: &str) {
     sqlx::query(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ($1, $2, 'm.room.member', $3, 'join')",

@@ -27,8 +27,12 @@ struct Shared {
 
 impl CountingProxy {
     pub async fn start() -> Self {
-        let config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
-        let Some(InstanceLocation::Tcp { host, port, .. }) = config.synapse.device_lists_writer else {
+        Self::start_for(&Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap()).await
+    }
+
+    /// In front of the device-lists writer `config` names.
+    pub async fn start_for(config: &Config) -> Self {
+        let Some(InstanceLocation::Tcp { host, port, .. }) = &config.synapse.device_lists_writer else {
             panic!("the harness configures instance_map.main over TCP")
         };
         let calls = Arc::new(AtomicUsize::new(0));

@@ -39,7 +39,6 @@ async fn two_users_through_nginx_exchange_encrypted_messages_and_see_new_devices
 /// (over TLS): the first user's client learns the remote user's devices
 /// from us, which get them from Synapse's device-list cache or the remote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the federating pair of homeservers in the test world (SKW_TEST_FED_*, SKW_TEST_REMOTE_SYNAPSE_URL)"]
 async fn a_local_and_a_remote_user_exchange_encrypted_messages_and_see_new_devices() {
     init_logging();
     let worker = Worker::start(&env("SKW_TEST_FED_HOMESERVER_YAML")).await;
