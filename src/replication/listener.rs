@@ -15,8 +15,12 @@ use super::Invalidator;
 use super::protocol::{self, Command};
 use crate::config::synapse::RedisConfig;
 
-/// How long after `REPLICATE` we wait for the writers' positions.
-const SETTLE: Duration = Duration::from_secs(2);
+/// How long after `REPLICATE` we wait for the writers' positions. Writers
+/// answer in milliseconds; a busy one may take seconds, and until every
+/// writer has answered (or this has passed) reads go to the database, which
+/// is slower but never stale. A writer silent this long is taken for gone:
+/// everything cached is dropped instead of caught up.
+const SETTLE: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
 const STREAMS: [&str; 2] = ["device_lists", "caches"];
 
@@ -91,7 +95,7 @@ async fn session(
     // knew must report again (each is caught up on its own) before the
     // caches are trusted.
     let reconnecting = !positions.is_empty();
-    let mut awaited = Awaited::new(positions);
+    let mut awaited = Awaited::new(positions, &app.config.synapse.device_lists_writers);
     let settle_by = Instant::now() + SETTLE;
     let mut settled = false;
     let mut messages = pubsub.into_on_message();
@@ -146,15 +150,19 @@ async fn session(
 }
 
 /// Who has yet to report a position after `REPLICATE`: every stream we
-/// follow, and every writer whose position we knew before this session.
+/// follow, every device-list writer the config names (so that their
+/// positions are known before the first gap, however slowly they answer),
+/// and every writer whose position we knew before this session.
 struct Awaited {
     streams: Vec<&'static str>,
     writers: HashSet<(String, String)>,
 }
 
 impl Awaited {
-    fn new(known: &HashMap<(String, String), i64>) -> Self {
-        Self { streams: STREAMS.to_vec(), writers: known.keys().cloned().collect() }
+    fn new(known: &HashMap<(String, String), i64>, device_list_writers: &[String]) -> Self {
+        let mut writers: HashSet<_> = known.keys().cloned().collect();
+        writers.extend(device_list_writers.iter().map(|w| ("device_lists".to_owned(), w.clone())));
+        Self { streams: STREAMS.to_vec(), writers }
     }
 
     fn reported(&mut self, stream: &str, instance: &str) {
@@ -265,7 +273,7 @@ mod tests {
             (("device_lists".to_owned(), "dl2".to_owned()), 7),
             (("caches".to_owned(), "main".to_owned()), 9),
         ]);
-        let mut awaited = Awaited::new(&known);
+        let mut awaited = Awaited::new(&known, &[]);
         awaited.reported("device_lists", "dl1");
         awaited.reported("caches", "main");
         // Both streams have spoken, but dl2 (which may have written while
@@ -277,11 +285,12 @@ mod tests {
     }
 
     #[test]
-    fn a_first_connection_waits_for_each_stream_once() {
-        let mut awaited = Awaited::new(&HashMap::new());
+    fn a_first_connection_waits_for_each_stream_and_each_device_list_writer() {
+        let mut awaited = Awaited::new(&HashMap::new(), &["dl1".to_owned(), "dl2".to_owned()]);
         awaited.reported("device_lists", "dl2");
-        assert!(!awaited.done());
         awaited.reported("caches", "client_reader");
+        assert!(!awaited.done(), "dl1 has not reported");
+        awaited.reported("device_lists", "dl1");
         assert!(awaited.done());
     }
 }
