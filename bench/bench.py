@@ -1,34 +1,53 @@
-"""Runs in the test world (scripts/world.py run): creates users and keys through
-Synapse, starts the release binary, and measures Synapse and us with wrk on
-the same requests. Prints a table; figures are ratios against Synapse from
-the same run. Loopback only; every run is bounded in time."""
+"""Runs in the test world (scripts/world.py run): creates users, devices and
+keys through Synapse's client API, starts the release binary (caches on, and
+caches off) and the bench's ceiling server, and measures Synapse, us and the
+ceiling with wrk on the same requests, in alternating rounds. Prints a table
+(median and spread of the rounds; ratios against Synapse and the ceiling from
+the same run) and writes it as JSON. Loopback only; every run is bounded.
+
+Environment: BENCH_SECONDS (per measurement, default 10), BENCH_ROUNDS
+(default 3), BENCH_USERS (users in the big query, default 1000), BENCH_TOKENS
+(requesters in the many-tokens scenario, default 1000), BENCH_BINARY and
+BENCH_CEILING (the builds to measure), BENCH_OUT (the JSON file)."""
 
 import json
 import os
 import re
 import socket
+import statistics
 import subprocess
+import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 SYNAPSE = os.environ["SKW_TEST_SYNAPSE_URL"]
 YAML = os.environ["SKW_TEST_HOMESERVER_YAML"]
-SERVER = os.environ["SKW_TEST_SERVER_NAME"]
-SECONDS = int(os.environ.get("BENCH_SECONDS", "15"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+USERS = int(os.environ.get("BENCH_USERS", "1000"))
+TOKENS = int(os.environ.get("BENCH_TOKENS", "1000"))
 HERE = os.path.dirname(os.path.abspath(__file__))
-BINARY = os.environ.get("BENCH_BINARY", os.path.join(HERE, "..", "target", "release", "synapse-keys-worker"))
+RELEASE = os.path.join(HERE, "..", "target", "release")
+BINARY = os.environ.get("BENCH_BINARY", os.path.join(RELEASE, "synapse-keys-worker"))
+CEILING = os.environ.get("BENCH_CEILING", os.path.join(RELEASE, "examples", "ceiling"))
+OUT = os.environ.get("BENCH_OUT", os.path.join(RELEASE, "..", "bench", "results.json"))
+QUERY = "/_matrix/client/v3/keys/query"
+WORK = tempfile.mkdtemp(prefix="skw-bench-")
 
 
-def call(url, body=None, token=None, method="POST"):
+def call(url, body=None, token=None, method="POST", full=False):
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", "Bearer " + token)
     with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read() or b"null")
+        data = r.read()
+        return (r.getheaders(), data) if full else json.loads(data or b"null")
 
 
-def user(i):
+def register(i):
+    """A user with one device and its keys, through Synapse's client API."""
     name = f"bench{i}-{os.getpid()}"
     r = call(f"{SYNAPSE}/_matrix/client/v3/register",
              {"username": name, "password": "pw-" + name, "auth": {"type": "m.login.dummy"}})
@@ -36,7 +55,13 @@ def user(i):
     keys = {"user_id": uid, "device_id": dev, "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
             "keys": {f"ed25519:{dev}": "A" * 43, f"curve25519:{dev}": "B" * 43}, "signatures": {uid: {f"ed25519:{dev}": "S" * 86}}}
     call(f"{SYNAPSE}/_matrix/client/v3/keys/upload", {"device_keys": keys}, tok)
-    return uid, tok
+    return {"user_id": uid, "token": tok, "device_id": dev, "password": "pw-" + name}
+
+
+def login(user):
+    r = call(f"{SYNAPSE}/_matrix/client/v3/login", {"type": "m.login.password", "password": user["password"],
+                                                      "identifier": {"type": "m.id.user", "user": user["user_id"]}})
+    return r["access_token"]
 
 
 def free_port():
@@ -47,70 +72,170 @@ def free_port():
     return port
 
 
-def start_worker(extra_env):
-    port = free_port()
-    env = dict(os.environ, RUST_LOG="warn", **extra_env)
-    p = subprocess.Popen([BINARY, "-c", YAML, "--listen", f"127.0.0.1:{port}"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def wait_ready(url, proc, ready):
     deadline = time.time() + 30
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: exited with {proc.returncode}")
         try:
-            ready = call(url + "/ready", method="GET")
-            if ready["database"]["ok"] and (extra_env or ready["replication"]["caught_up"]):
-                return p, url
-        except Exception:
+            if ready(url):
+                return
+        except OSError:
             pass
-        time.sleep(0.2)
-    raise SystemExit("the service did not become ready")
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not become ready")
 
 
-def wrk(url, token, body, connections=16):
-    env = dict(os.environ, BENCH_TOKEN=token, BENCH_BODY=json.dumps(body))
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s",
-                          os.path.join(HERE, "keys_query.lua"), url + "/_matrix/client/v3/keys/query"],
-                         env=env, capture_output=True, text=True, timeout=SECONDS + 60).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        raise SystemExit(f"errors during the run:\n{out}")
+def start_worker(extra_env):
+    url = f"http://127.0.0.1:{free_port()}"
+    env = dict(os.environ, RUST_LOG="warn", **extra_env)
+    p = subprocess.Popen([BINARY, "-c", YAML, "--listen", url.removeprefix("http://")], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ready(url):
+        r = call(url + "/ready", method="GET")
+        return r["database"]["ok"] and (extra_env or r["replication"]["caught_up"])
+
+    wait_ready(url, p, ready)
+    return p, url
+
+
+def start_ceiling(answer_of):
+    """The ceiling answering every request with the headers and body `answer_of`
+    (a worker's URL, token and body) gets from the service."""
+    url, token, body = answer_of
+    headers, data = call(url + QUERY, body, token, full=True)
+    skip = {"content-length", "date", "connection", "transfer-encoding"}
+    answer = {"headers": [[k, v] for k, v in headers if k.lower() not in skip], "body": data.decode()}
+    path = os.path.join(WORK, f"answer-{free_port()}.json")
+    with open(path, "w") as f:
+        json.dump(answer, f)
+    url = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.Popen([CEILING, url.removeprefix("http://"), path], stdout=subprocess.DEVNULL)
+    wait_ready(url, p, lambda u: call(u + QUERY, body, token, full=True)[1] == data)
+    return p, url
+
+
+def wrk(url, tokens, body, connections):
+    env = dict(os.environ, BENCH_TOKENS=tokens, BENCH_BODY=json.dumps(body))
+    run = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s",
+                          os.path.join(HERE, "keys_query.lua"), url + QUERY],
+                         env=env, capture_output=True, text=True, timeout=SECONDS + 60)
+    out = run.stdout
+    if run.returncode or re.search(r"Non-2xx or 3xx responses|Socket errors", out) or "Requests/sec" not in out:
+        raise SystemExit(f"errors during the run against {url}:\n{out}{run.stderr}")
 
     def pct(p):
         m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
-    return rps, pct(50), pct(99)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct(50), "p99": pct(99)}
+
+
+def rounds(targets, tokens, body, connections):
+    """ROUNDS rounds over `targets` (name -> URL), the order reversed every
+    other round; per target the median and spread of the rounds."""
+    seen = {name: [] for name in targets}
+    for r in range(ROUNDS):
+        for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
+            seen[name].append(wrk(targets[name], tokens, body, connections))
+    out = {}
+    for name, runs in seen.items():
+        rps = [x["rps"] for x in runs]
+        out[name] = {"rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+                     "p50": statistics.median(x["p50"] for x in runs), "p99": statistics.median(x["p99"] for x in runs)}
+    return out
+
+
+def token_file(tokens):
+    path = os.path.join(WORK, f"tokens-{len(tokens)}-{free_port()}.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(tokens) + "\n")
+    return path
 
 
 def main():
-    users = [user(i) for i in range(20)]
-    asker = users[0][1]
-    ten = {"device_keys": {u: [] for u, _ in users[:10]}}
-    big = {"device_keys": {**{u: [] for u, _ in users}, **{f"@nobody{i}:{SERVER}": [] for i in range(1000 - len(users))}}}
-    assert len(big["device_keys"]) == 1000
-    workers = []
-    cached, cached_url = start_worker({})
-    uncached, uncached_url = start_worker({"SYNAPSE_KEYS_WORKER_CACHES_ENABLED": "false"})
-    workers += [cached, uncached]
-    # Same answers before measuring.
-    assert call(cached_url + "/_matrix/client/v3/keys/query", ten, asker) == call(SYNAPSE + "/_matrix/client/v3/keys/query", ten, asker)
-    rows = []
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        users = list(pool.map(register, range(max(USERS, 10))))
+        requesters = list(pool.map(login, (users[1 + i % (len(users) - 1)] for i in range(TOKENS))))
+    print(f"set-up: {len(users)} users with keys, {len(requesters)} more devices, {time.time() - started:.0f} s", flush=True)
+    asker = users[0]["token"]
+    one, many = token_file([asker]), token_file(requesters)
+    ten = {"device_keys": {u["user_id"]: [] for u in users[:10]}}
+    single = {"device_keys": {users[1]["user_id"]: [users[1]["device_id"]]}}
+    big = {"device_keys": {u["user_id"]: [] for u in users[:USERS]}}
+    procs = []
     try:
-        for name, body, conns in [("10 local users, warm", ten, 16), ("1000-user query", big, 4)]:
-            s = wrk(SYNAPSE, asker, body, conns)
-            o = wrk(cached_url, asker, body, conns)
-            u = wrk(uncached_url, asker, body, conns)
-            rows.append((name, s, o, u))
+        cached, ours = start_worker({})
+        uncached, ours_off = start_worker({"SYNAPSE_KEYS_WORKER_CACHES_ENABLED": "false"})
+        procs += [cached, uncached]
+        for body in (ten, single, big):
+            assert call(ours + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
+            assert call(ours_off + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
+        scenarios = [
+            # key, what, ours, tokens, body, connections
+            ("a", "10 local users, all devices, warm", ours, one, ten, 16),
+            ("b", "one user, one device, warm", ours, one, single, 16),
+            ("c", f"{USERS} existing users in one query, warm", ours, one, big, 4),
+            ("d", "10 local users, caches off", ours_off, one, ten, 16),
+            ("e", f"10 local users, {TOKENS} requesters cycling", ours, many, ten, 16),
+        ]
+        results = []
+        sweep = concurrency_sweep(ours, asker, one, ten, procs)
+        for key, what, url, tokens, body, conns in scenarios:
+            ceiling, ceiling_url = start_ceiling((url, asker, body))
+            procs.append(ceiling)
+            r = rounds({"Synapse": SYNAPSE, "ours": url, "ceiling": ceiling_url}, tokens, body, conns)
+            ceiling.terminate()
+            ceiling.wait(timeout=30)
+            results.append({"key": key, "scenario": what, "connections": conns, **r})
+            print(f"({key}) {what}: ours {r['ours']['rps']:.0f} req/s, Synapse {r['Synapse']['rps']:.0f}, "
+                  f"ceiling {r['ceiling']['rps']:.0f}", flush=True)
     finally:
-        for p in workers:
+        for p in procs:
             p.terminate()
-    print(f"\n{'scenario':28} {'who':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}   ratios vs Synapse")
-    for name, s, o, u in rows:
-        print(f"{name:28} {'Synapse':18} {s[0]:9.1f} {s[1]:8.2f} {s[2]:8.2f}")
-        for who, r in [("ours, caches on", o), ("ours, caches off", u)]:
-            print(f"{'':28} {who:18} {r[0]:9.1f} {r[1]:8.2f} {r[2]:8.2f}   throughput x{r[0] / s[0]:.1f}, p99 1/{s[2] / r[2]:.1f}")
-    print(f"\n{SECONDS} s per measurement, wrk -t2, same database and machine, one run.")
+            p.wait(timeout=30)
+    report(results, sweep)
+
+
+def concurrency_sweep(ours, asker, tokens, body, procs):
+    """Scenario (a) at growing concurrency: one round per level, for the plot."""
+    ceiling, ceiling_url = start_ceiling((ours, asker, body))
+    procs.append(ceiling)
+    levels = [int(c) for c in os.environ.get("BENCH_SWEEP", "1,4,16,64").split(",")]
+    out = []
+    for c in levels:
+        row = {"connections": c}
+        for name, url in (("Synapse", SYNAPSE), ("ours", ours), ("ceiling", ceiling_url)):
+            row[name] = wrk(url, tokens, body, c)
+        out.append(row)
+        print(f"sweep, {c} connections: " + ", ".join(f"{n} {row[n]['rps']:.0f} req/s" for n in ("Synapse", "ours", "ceiling")),
+              flush=True)
+    ceiling.terminate()
+    ceiling.wait(timeout=30)
+    return out
+
+
+def report(results, sweep):
+    print(f"\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        ours, syn, ceil = r["ours"], r["Synapse"], r["ceiling"]
+        for who in ("Synapse", "ours", "ceiling"):
+            x = r[who]
+            ratios = (f"×{ours['rps'] / syn['rps']:.1f} req/s, p99 1/{syn['p99'] / ours['p99']:.0f}",
+                      f"{100 * ours['rps'] / ceil['rps']:.0f}% req/s") if who == "ours" else ("", "")
+            print(f"| {'(' + r['key'] + ') ' + r['scenario'] if who == 'Synapse' else ''} | {who} "
+                  f"| {x['rps']:.0f} ({x['rps_min']:.0f}–{x['rps_max']:.0f}) | {x['p50']:.2f} | {x['p99']:.2f} "
+                  f"| {ratios[0]} | {ratios[1]} |")
+    print(f"\n{ROUNDS} alternating rounds of {SECONDS} s per target, wrk -t2, same database and machine, one run.")
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        json.dump({"seconds": SECONDS, "rounds": ROUNDS, "nproc": os.cpu_count(), "results": results, "sweep": sweep},
+                  f, indent=1)
+    print(f"written to {os.path.normpath(OUT)}")
 
 
 main()

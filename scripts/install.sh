@@ -9,7 +9,8 @@
 #   system  Debian packages, via apt-get (as root or through sudo): the
 #           PostgreSQL server, Redis, Prometheus (for the dashboard test),
 #           nginx (the reverse proxy of the client test, tests/client),
-#           and what psycopg2 compiles against (libpq-dev, gcc). The
+#           wrk (the bench's load generator; a full test run smoke-runs
+#           the bench), and what psycopg2 compiles against (libpq-dev, gcc). The
 #           packages' own services are kept from starting (policy-rc.d):
 #           nothing binds port 80; the tests start nginx themselves.
 #   venv    target/synapse-venv: the pinned Synapse with its postgres and
@@ -18,7 +19,7 @@
 #           venv built for other pins is updated. Concurrent runs serialise
 #           on a lock.
 #   deny    cargo-deny into target/tools (a full test run checks deny.toml).
-#   wrk     the load generator of bench/run.sh.
+#   wrk     the load generator alone (bench/run.sh).
 #
 # Knobs: SKW_PYTHON, the interpreter that creates the venv (default python3).
 set -euo pipefail
@@ -82,6 +83,8 @@ install_system() {
     command -v redis-server >/dev/null || pkgs+=(redis-server)
     command -v prometheus >/dev/null || pkgs+=(prometheus)
     nginx_bin >/dev/null || pkgs+=(nginx)
+    # The bench's load generator; the test command runs a smoke bench.
+    command -v wrk >/dev/null || pkgs+=(wrk)
     # Only needed if the venv has to be (re)built: psycopg2 compiles against libpq.
     command -v pg_config >/dev/null || pkgs+=(libpq-dev)
     command -v cc >/dev/null || command -v gcc >/dev/null || pkgs+=(gcc)
@@ -90,6 +93,7 @@ install_system() {
     command -v redis-server >/dev/null || die "redis-server not found"
     command -v prometheus >/dev/null || die "prometheus not found"
     nginx_bin >/dev/null || die "nginx not found"
+    command -v wrk >/dev/null || die "wrk not found"
 }
 
 # nginx lives in /usr/sbin, which a non-root PATH may lack.
