@@ -45,9 +45,8 @@ pub struct Status {
     connected: AtomicBool,
     caught_up: AtomicBool,
     reconnects: AtomicU64,
-    /// Rows invalidated through catch-up reads of the stream tables.
-    caught_up_rows: AtomicU64,
-    /// The same, by stream and writer.
+    /// Rows invalidated through catch-up reads of the stream tables, by
+    /// stream and writer.
     caught_up_rows_by: std::sync::Mutex<HashMap<(String, String), u64>>,
     /// Unix ms of the last message, keepalive answer or poll.
     last_seen_ms: AtomicI64,
@@ -74,7 +73,7 @@ impl Status {
 
     /// Rows invalidated through catch-up reads of the stream tables.
     pub fn caught_up_rows(&self) -> u64 {
-        self.caught_up_rows.load(Ordering::Relaxed)
+        self.caught_up_rows_by.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
     }
 
     /// Rows of `stream` written by `writer` read back through catch-up.
@@ -116,7 +115,6 @@ impl Status {
     }
 
     fn count_caught_up_rows(&self, stream: &str, writer: &str, n: usize) {
-        self.caught_up_rows.fetch_add(n as u64, Ordering::Relaxed);
         let mut by = self.caught_up_rows_by.lock().unwrap_or_else(|e| e.into_inner());
         *by.entry((stream.to_owned(), writer.to_owned())).or_default() += n as u64;
     }

@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
-use crate::helpers::{Ask, Synapse, TestUser, TokenIn, converges, eventually, eventually_some, ready_worker, spawn_worker_with};
+use crate::helpers::{Ask, Synapse, TestUser, TokenIn, converges, eventually, eventually_some, ready_worker, spawn_worker_with, var};
 use crate::remote::{closed_port, with_writer};
 use crate::writer_proxy::CountingProxy;
 
@@ -26,7 +26,6 @@ struct Fed {
 }
 
 fn fed() -> Fed {
-    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run through `bash scripts/test.sh`"));
     Fed {
         url: var("SKW_TEST_FED_SYNAPSE_URL"),
         yaml: var("SKW_TEST_FED_HOMESERVER_YAML").into(),

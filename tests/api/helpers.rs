@@ -24,19 +24,19 @@ pub struct TestEnv {
     pub server_name: String,
 }
 
+/// A variable the harness (scripts/world.py) exports.
+pub fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the integration tests through `bash scripts/test.sh`"))
+}
+
 pub fn env() -> &'static TestEnv {
     static ENV: std::sync::OnceLock<TestEnv> = std::sync::OnceLock::new();
-    ENV.get_or_init(|| {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the integration tests through `bash scripts/test.sh`"))
-        };
-        TestEnv {
-            synapse_url: var("SKW_TEST_SYNAPSE_URL"),
-            homeserver_yaml: var("SKW_TEST_HOMESERVER_YAML").into(),
-            pg_url: var("SKW_TEST_PG_URL"),
-            sqlite_schema_db: var("SKW_TEST_SQLITE_SCHEMA_DB").into(),
-            server_name: var("SKW_TEST_SERVER_NAME"),
-        }
+    ENV.get_or_init(|| TestEnv {
+        synapse_url: var("SKW_TEST_SYNAPSE_URL"),
+        homeserver_yaml: var("SKW_TEST_HOMESERVER_YAML").into(),
+        pg_url: var("SKW_TEST_PG_URL"),
+        sqlite_schema_db: var("SKW_TEST_SQLITE_SCHEMA_DB").into(),
+        server_name: var("SKW_TEST_SERVER_NAME"),
     })
 }
 

@@ -11,7 +11,7 @@ use synapse_keys_worker::config::Config;
 
 use std::time::Duration;
 
-use crate::helpers::{Ask, TokenIn, eventually, http, spawn_worker_with, unique};
+use crate::helpers::{Ask, TokenIn, eventually, http, spawn_worker_with, unique, var};
 
 struct Variant {
     url: String,
@@ -19,7 +19,6 @@ struct Variant {
 }
 
 fn variant() -> Variant {
-    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run through `bash scripts/test.sh`"));
     Variant { url: var("SKW_TEST_VARIANT_SYNAPSE_URL"), yaml: var("SKW_TEST_VARIANT_HOMESERVER_YAML").into() }
 }
 

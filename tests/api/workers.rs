@@ -16,7 +16,7 @@ use synapse_keys_worker::config::Config;
 use synapse_keys_worker::config::synapse::InstanceLocation;
 
 use crate::fake_remote::{FakeRemote, Route, homeserver_verify_key};
-use crate::helpers::{Ask, Synapse, TokenIn, Worker, converges, eventually, hits, poll_until, ready_worker, unique};
+use crate::helpers::{Ask, Synapse, TokenIn, Worker, converges, eventually, hits, poll_until, ready_worker, unique, var};
 use crate::remote::{our_calls, share_a_room_on, synapse_calls};
 use crate::tcp_proxy::TcpProxy;
 
@@ -27,16 +27,19 @@ struct Workers {
     pg_url: String,
     dl1_url: String,
     dl2_url: String,
+    dl1_replication_url: String,
+    server_name: String,
 }
 
 fn workers() -> Workers {
-    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run through `bash scripts/test.sh`"));
     Workers {
         url: var("SKW_TEST_WORKERS_SYNAPSE_URL"),
         yaml: var("SKW_TEST_WORKERS_HOMESERVER_YAML").into(),
         pg_url: var("SKW_TEST_WORKERS_PG_URL"),
         dl1_url: var("SKW_TEST_WORKERS_DL1_CLIENT_URL"),
         dl2_url: var("SKW_TEST_WORKERS_DL2_CLIENT_URL"),
+        dl1_replication_url: var("SKW_TEST_WORKERS_DL1_REPLICATION_URL"),
+        server_name: var("SKW_TEST_WORKERS_SERVER_NAME"),
     }
 }
 
@@ -74,8 +77,7 @@ async fn changes_written_by_either_device_list_writer_reach_our_caches() {
     // Both writers are followed (the read barrier's floor covers both);
     // resyncs go to the first one's replication listener.
     assert_eq!(config.synapse.device_lists_writers, ["dl1", "dl2"]);
-    let dl1 = std::env::var("SKW_TEST_WORKERS_DL1_REPLICATION_URL").unwrap();
-    let port: u16 = dl1.rsplit_once(':').unwrap().1.parse().unwrap();
+    let port: u16 = env.dl1_replication_url.rsplit_once(':').unwrap().1.parse().unwrap();
     assert_eq!(config.synapse.device_lists_writer, Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port, tls: false }));
     let worker = ready_worker(config).await;
     let body = json!({"device_keys": {&alice.user_id: [], &bob.user_id: []}});
@@ -159,7 +161,7 @@ async fn a_redis_outage_while_both_writers_write_is_caught_up_per_writer() {
     let alice_phone = dl1.login(&alice, Some("phone")).await;
     let carol_phone = dl2.login(&carol, Some("phone")).await;
 
-    let redis = TcpProxy::start(&proxy_to(&std::env::var("SKW_TEST_REDIS_URL").unwrap())).await;
+    let redis = TcpProxy::start(&proxy_to(&var("SKW_TEST_REDIS_URL"))).await;
     let worker = ready_worker(config_via(&env, Some(&redis))).await;
     let body = json!({"device_keys": {&alice.user_id: [], &carol.user_id: []}});
     let ask = Ask::keys_query("v3", &bob.session.token, TokenIn::Header, &body);
@@ -198,7 +200,7 @@ async fn with_the_first_writer_down_stale_users_are_fetched_directly() {
     let env = workers();
     let main = Synapse::at(&env.url);
     let me = main.register("asker").await;
-    let server_name = std::env::var("SKW_TEST_WORKERS_SERVER_NAME").unwrap();
+    let server_name = env.server_name.clone();
     let (key_id, public) = homeserver_verify_key();
     let remote = FakeRemote::start(&server_name, &key_id, public).await;
     let user = |name: &str| {
@@ -211,7 +213,7 @@ async fn with_the_first_writer_down_stale_users_are_fetched_directly() {
         share_a_room_on(&env.pg_url, &server_name, u).await;
     }
 
-    let dl1 = TcpProxy::start(&proxy_to(&std::env::var("SKW_TEST_WORKERS_DL1_REPLICATION_URL").unwrap())).await;
+    let dl1 = TcpProxy::start(&proxy_to(&env.dl1_replication_url)).await;
     let mut config = config_via(&env, None);
     config.synapse.device_lists_writer = Some(InstanceLocation::Tcp { host: "127.0.0.1".into(), port: dl1.port, tls: false });
     let worker = ready_worker(config).await;
