@@ -27,6 +27,8 @@ started=$EPOCHSECONDS
 # service, so what the two share is built once.
 CLIENT=tests/client/Cargo.toml
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# One build per run: incremental state would only take disk (gigabytes).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 if [ -z "${SKW_TEST_CMD:-}" ] && [ "$#" -eq 0 ]; then
     echo "== cargo fmt --check; cargo clippy --all-targets -- -D warnings; cargo deny (the service, then $CLIENT)"
