@@ -7,8 +7,11 @@ the same run) and writes it as JSON. Loopback only; every run is bounded.
 
 Environment: BENCH_SECONDS (per measurement, default 10), BENCH_ROUNDS
 (default 3), BENCH_USERS (users in the big query, default 1000), BENCH_TOKENS
-(requesters in the many-tokens scenario, default 1000), BENCH_BINARY and
-BENCH_CEILING (the builds to measure), BENCH_OUT (the JSON file)."""
+(requesters in the many-tokens scenario, default 1000), BENCH_SWEEP (the
+concurrency levels of the sweep), BENCH_RATES (the fixed request rates of the
+latency runs, default 200,2000,8000), BENCH_BINARY, BENCH_CEILING and
+BENCH_LOADGEN (the builds to measure and load with), BENCH_OUT (the JSON
+file)."""
 
 import json
 import os
@@ -31,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASE = os.path.join(HERE, "..", "target", "release")
 BINARY = os.environ.get("BENCH_BINARY", os.path.join(RELEASE, "synapse-keys-worker"))
 CEILING = os.environ.get("BENCH_CEILING", os.path.join(RELEASE, "examples", "ceiling"))
+LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(RELEASE, "examples", "loadgen"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(RELEASE, "..", "bench", "results.json"))
 QUERY = "/_matrix/client/v3/keys/query"
 WORK = tempfile.mkdtemp(prefix="skw-bench-")
@@ -184,6 +188,7 @@ def main():
         ]
         results = []
         sweep = concurrency_sweep(ours, asker, one, ten, procs)
+        fixed = fixed_rate(ours, asker, one, ten, procs, sweep)
         for key, what, url, tokens, body, conns in scenarios:
             ceiling, ceiling_url = start_ceiling((url, asker, body))
             procs.append(ceiling)
@@ -197,7 +202,41 @@ def main():
         for p in procs:
             p.terminate()
             p.wait(timeout=30)
-    report(results, sweep)
+    report(results, sweep, fixed)
+
+
+def fixed_rate(ours, asker, tokens, body, procs, sweep):
+    """Scenario (a) at fixed request rates (bench/loadgen.rs: open loop,
+    latency from when each request was due), one round per rate and server.
+    A server whose best throughput in the sweep is under 1.5 times a rate is
+    not asked to sustain it (it would only queue)."""
+    ceiling, ceiling_url = start_ceiling((ours, asker, body))
+    procs.append(ceiling)
+    body_file = os.path.join(WORK, f"body-{free_port()}.json")
+    with open(body_file, "w") as f:
+        json.dump(body, f)
+    best = {n: max(row[n]["rps"] for row in sweep) for n in ("Synapse", "ours", "ceiling")}
+    out = []
+    for rate in [int(r) for r in os.environ.get("BENCH_RATES", "200,2000,8000").split(",")]:
+        row = {"rate": rate}
+        for name, url in (("Synapse", SYNAPSE), ("ours", ours), ("ceiling", ceiling_url)):
+            if best[name] < 1.5 * rate:
+                row[name] = None
+                continue
+            run = subprocess.run([LOADGEN, url + QUERY, str(rate), str(SECONDS), tokens, body_file],
+                                 capture_output=True, text=True, timeout=SECONDS + 90)
+            if run.returncode:
+                raise SystemExit(f"loadgen against {url} failed:\n{run.stdout}{run.stderr}")
+            r = json.loads(run.stdout)
+            if r["errors"]:
+                raise SystemExit(f"{r['errors']} failed requests at {rate} req/s against {url}")
+            row[name] = r
+        out.append(row)
+        print(f"fixed rate {rate} req/s, p99: " + ", ".join(
+            f"{n} {row[n]['p99']:.2f} ms" if row[n] else f"{n} -" for n in ("Synapse", "ours", "ceiling")), flush=True)
+    ceiling.terminate()
+    ceiling.wait(timeout=30)
+    return out
 
 
 def concurrency_sweep(ours, asker, tokens, body, procs):
@@ -218,7 +257,7 @@ def concurrency_sweep(ours, asker, tokens, body, procs):
     return out
 
 
-def report(results, sweep):
+def report(results, sweep, fixed):
     print(f"\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -231,9 +270,18 @@ def report(results, sweep):
                   f"| {x['rps']:.0f} ({x['rps_min']:.0f}–{x['rps_max']:.0f}) | {x['p50']:.2f} | {x['p99']:.2f} "
                   f"| {ratios[0]} | {ratios[1]} |")
     print(f"\n{ROUNDS} alternating rounds of {SECONDS} s per target, wrk -t2, same database and machine, one run.")
+    print("\n| rate req/s | who | p50 ms | p99 ms | p99.9 ms | max ms | generator lag ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for row in fixed:
+        for who in ("Synapse", "ours", "ceiling"):
+            x = row[who]
+            cells = (f"{x['p50']:.2f} | {x['p99']:.2f} | {x['p999']:.2f} | {x['max']:.2f} | {x['lag_ms']:.1f}" if x
+                     else "cannot sustain it | | | |")
+            print(f"| {row['rate']} | {who} | {cells} |")
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
-        json.dump({"seconds": SECONDS, "rounds": ROUNDS, "nproc": os.cpu_count(), "results": results, "sweep": sweep},
+        json.dump({"seconds": SECONDS, "rounds": ROUNDS, "nproc": os.cpu_count(), "results": results, "sweep": sweep,
+                   "fixed_rate": fixed},
                   f, indent=1)
     print(f"written to {os.path.normpath(OUT)}")
 

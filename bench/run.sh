@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh system venv wrk
-cargo build --release --locked --bins --example ceiling
+cargo build --release --locked --bins --example ceiling --example loadgen
 exec "${SKW_PYTHON:-python3}" scripts/world.py run -- "${SKW_PYTHON:-python3}" bench/bench.py

@@ -11,12 +11,13 @@ use serde_json::{Map, Value};
 use crate::cache::Caches;
 use crate::config::Config;
 use crate::federation::FederationClient;
-use crate::keys::context::PerUser;
+use crate::keys::context::ByUser;
+use crate::keys::rendered::{CrossSigningKey, RenderedDevices};
 use crate::keys::{KeysError, RemoteUser, UserQuery};
 use crate::resync::Coordinator;
 use crate::resync::pass::WriterPass;
+use crate::store::SignatureRow;
 use crate::store::Store;
-use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
 use crate::{appservice_keys, http, keys, mas, metrics, replication};
 
 /// What every request handler shares.
@@ -141,16 +142,17 @@ impl keys::Context for App {
         self.barrier.sync(remote_users).await.map_err(|e| KeysError::Unavailable(e.to_string()))
     }
 
-    async fn device_keys(&self, users: &[&str]) -> Result<PerUser<DeviceKeyRow>, KeysError> {
-        Ok(self.caches.device_keys(&self.store, users).await?)
+    async fn local_devices<'a>(&self, users: &[&'a str]) -> Result<ByUser<'a, RenderedDevices>, KeysError> {
+        Ok(self.caches.local_devices(&self.store, users).await?)
     }
 
-    async fn cross_signing_keys(&self, users: &[&str]) -> Result<PerUser<CrossSigningKeyRow>, KeysError> {
+    async fn cross_signing_keys<'a>(&self, users: &[&'a str]) -> Result<ByUser<'a, Vec<CrossSigningKey>>, KeysError> {
         Ok(self.caches.cross_signing_keys(&self.store, users).await?)
     }
 
-    async fn signatures_by(&self, signers: &[&str]) -> Result<PerUser<SignatureRow>, KeysError> {
-        Ok(self.caches.signatures_by(&self.store, signers).await?)
+    async fn signatures_by(&self, signer: &str) -> Result<Arc<Vec<SignatureRow>>, KeysError> {
+        let mut by = self.caches.signatures_by(&self.store, &[signer]).await?;
+        Ok(by.remove(signer).unwrap_or_default())
     }
 
     async fn appservice_devices(&self, local: &[UserQuery<'_>], deadline: Instant) -> Map<String, Value> {

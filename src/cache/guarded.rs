@@ -11,6 +11,7 @@
 //! While the cache is not *trusted* (the replication stream is down or not
 //! caught up), reads miss and nothing is inserted.
 
+use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -122,11 +123,17 @@ where
         }
     }
 
-    fn stripe(&self, key: &K) -> usize {
+    // A key and its borrowed form hash alike (`Borrow`'s contract), so a
+    // `String` key and its `&str` share a stripe.
+    fn stripe<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
         (self.hasher.hash_one(key) as usize) % STRIPES
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let hit = if self.trust.get() { self.cache.get(key) } else { None };
         let counter = if hit.is_some() { &self.counters.hits } else { &self.counters.misses };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +141,11 @@ where
     }
 
     /// Take before reading the value from its source.
-    pub fn ticket(&self, key: &K) -> Ticket {
+    pub fn ticket<Q>(&self, key: &Q) -> Ticket
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let stripe = self.stripe(key);
         let g = self.state.lock().expect("generations");
         Ticket { epoch: g.epoch, stripe, generation: g.stripes[stripe] }
@@ -154,7 +165,11 @@ where
         }
     }
 
-    pub fn invalidate(&self, key: &K) {
+    pub fn invalidate<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let stripe = self.stripe(key);
         let mut g = self.state.lock().expect("generations");
         g.stripes[stripe] += 1;
@@ -201,11 +216,11 @@ mod tests {
     #[test]
     fn caches_and_invalidates() {
         let c = cache();
-        let t = c.ticket(&"a".into());
+        let t = c.ticket("a");
         c.insert("a".into(), 1, t);
-        assert_eq!(c.get(&"a".into()), Some(1));
-        c.invalidate(&"a".into());
-        assert_eq!(c.get(&"a".into()), None);
+        assert_eq!(c.get("a"), Some(1));
+        c.invalidate("a");
+        assert_eq!(c.get("a"), None);
     }
 
     /// The race: an invalidation lands while a load is in flight; the
@@ -218,7 +233,7 @@ mod tests {
         let loader = {
             let c = c.clone();
             tokio::spawn(async move {
-                let ticket = c.ticket(&"user".into());
+                let ticket = c.ticket("user");
                 let _ = started_tx.send(());
                 // The "database read" returns the old value after the change.
                 release_rx.await.unwrap();
@@ -226,31 +241,31 @@ mod tests {
             })
         };
         started_rx.await.unwrap();
-        c.invalidate(&"user".into());
+        c.invalidate("user");
         release_tx.send(()).unwrap();
         loader.await.unwrap();
-        assert_eq!(c.get(&"user".into()), None, "the stale value was not cached");
+        assert_eq!(c.get("user"), None, "the stale value was not cached");
         assert_eq!(c.counters.stale_loads_dropped.load(Ordering::Relaxed), 1);
         // A load that starts after the invalidation is cached.
-        let t = c.ticket(&"user".into());
+        let t = c.ticket("user");
         c.insert("user".into(), 2, t);
-        assert_eq!(c.get(&"user".into()), Some(2));
+        assert_eq!(c.get("user"), Some(2));
     }
 
     #[test]
     fn drop_everything_voids_loads_and_untrusted_bypasses() {
         let c = cache();
-        let t = c.ticket(&"a".into());
+        let t = c.ticket("a");
         c.invalidate_all();
         c.insert("a".into(), 1, t);
-        assert_eq!(c.get(&"a".into()), None);
-        let t = c.ticket(&"a".into());
+        assert_eq!(c.get("a"), None);
+        let t = c.ticket("a");
         c.insert("a".into(), 1, t);
         c.trust.set(false);
-        assert_eq!(c.get(&"a".into()), None, "untrusted: reads miss");
+        assert_eq!(c.get("a"), None, "untrusted: reads miss");
         c.trust.set(true);
-        assert_eq!(c.get(&"a".into()), Some(1));
+        assert_eq!(c.get("a"), Some(1));
         c.invalidate_if(|k, _| k == "a");
-        assert_eq!(c.get(&"a".into()), None);
+        assert_eq!(c.get("a"), None);
     }
 }

@@ -13,15 +13,21 @@ pub use guarded::{GuardedCache, Trust};
 
 use crate::config::WorkerConfig;
 use crate::keys::RemoteUser;
-use crate::store::{CrossSigningKeyRow, DeviceIdRow, DeviceKeyRow, SignatureRow, Store, TokenRow};
+use crate::keys::rendered::{CrossSigningKey, RenderedDevices};
+use crate::store::{DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
 
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
+
+/// Values per user, keyed by the caller's user IDs.
+pub type ByUser<'a, V> = HashMap<&'a str, V>;
 
 pub struct Caches {
     trust: Arc<Trust>,
     pub tokens: GuardedCache<String, Arc<TokenRow>>,
-    pub devices: PerUser<DeviceKeyRow>,
-    pub cross_signing: PerUser<CrossSigningKeyRow>,
+    /// Rendered from the user's device rows and own signatures: invalidated
+    /// by either.
+    pub devices: GuardedCache<String, Arc<RenderedDevices>>,
+    pub cross_signing: PerUser<CrossSigningKey>,
     /// Keyed by the signing user.
     pub signatures: PerUser<SignatureRow>,
     pub remote: GuardedCache<String, Arc<RemoteUser>>,
@@ -52,20 +58,14 @@ impl Caches {
                 "device_keys",
                 bytes,
                 ttl,
-                |k: &String, v: &Arc<Vec<DeviceKeyRow>>| {
-                    weight(std::iter::once(k.len()).chain(v.iter().map(|r| {
-                        r.device_id.len() + r.display_name.as_ref().map_or(0, String::len) + r.key_json.as_ref().map_or(0, String::len)
-                    })))
-                },
+                |k: &String, v: &Arc<RenderedDevices>| weight([k.len(), v.weight()].into_iter()),
                 trust.clone(),
             ),
             cross_signing: GuardedCache::new(
                 "cross_signing_keys",
                 bytes,
                 ttl,
-                |k: &String, v: &Arc<Vec<CrossSigningKeyRow>>| {
-                    weight(std::iter::once(k.len()).chain(v.iter().map(|r| r.keytype.len() + r.keydata.len())))
-                },
+                |k: &String, v: &Arc<Vec<CrossSigningKey>>| weight(std::iter::once(k.len()).chain(v.iter().map(CrossSigningKey::weight))),
                 trust.clone(),
             ),
             signatures: GuardedCache::new(
@@ -85,9 +85,7 @@ impl Caches {
                 "remote_devices",
                 bytes,
                 Duration::from_millis(w.remote_status_ttl_ms.min(w.cache_ttl_ms)),
-                |k: &String, v: &Arc<RemoteUser>| {
-                    weight(std::iter::once(k.len()).chain(v.devices.iter().map(|d| d.device_id.len() + d.content.len())))
-                },
+                |k: &String, v: &Arc<RemoteUser>| weight([k.len(), v.devices.weight()].into_iter()),
                 trust.clone(),
             ),
             device_ids: GuardedCache::new(
@@ -127,16 +125,16 @@ impl Caches {
 
     /// Everything held about `user` (their devices, keys, signatures).
     pub fn invalidate_user(&self, user: &str) {
-        let key = user.to_owned();
-        self.devices.invalidate(&key);
-        self.device_ids.invalidate(&key);
-        self.cross_signing.invalidate(&key);
-        self.signatures.invalidate(&key);
-        self.remote.invalidate(&key);
+        // The rendered devices last: they are built from the signatures.
+        self.signatures.invalidate(user);
+        self.devices.invalidate(user);
+        self.device_ids.invalidate(user);
+        self.cross_signing.invalidate(user);
+        self.remote.invalidate(user);
     }
 
     pub fn invalidate_token(&self, token: &str) {
-        self.tokens.invalidate(&token.to_owned());
+        self.tokens.invalidate(token);
     }
 
     /// Every cached token acting as or owned by `user`.
@@ -152,37 +150,39 @@ impl Caches {
     /// `user`'s cross-signing keys; everyone's when `None`.
     pub fn invalidate_cross_signing_keys(&self, user: Option<&str>) {
         match user {
-            Some(u) => self.cross_signing.invalidate(&u.to_owned()),
+            Some(u) => self.cross_signing.invalidate(u),
             None => self.cross_signing.invalidate_all(),
         }
     }
 
-    /// The signatures `signer` made.
+    /// The signatures `signer` made, and so `signer`'s rendered devices
+    /// (after the signatures: a rendering started before this call is
+    /// refused, one started after it reads the new signatures).
     pub fn invalidate_signatures_by(&self, signer: &str) {
-        self.signatures.invalidate(&signer.to_owned());
+        self.signatures.invalidate(signer);
+        self.devices.invalidate(signer);
     }
 
     /// `user`'s devices (with and without keys).
     pub fn invalidate_devices(&self, user: &str) {
-        let key = user.to_owned();
-        self.devices.invalidate(&key);
-        self.device_ids.invalidate(&key);
+        self.devices.invalidate(user);
+        self.device_ids.invalidate(user);
     }
 
     /// What Synapse's tables say about remote `user`; about everyone when
     /// `None`.
     pub fn invalidate_remote(&self, user: Option<&str>) {
         match user {
-            Some(u) => self.remote.invalidate(&u.to_owned()),
+            Some(u) => self.remote.invalidate(u),
             None => self.remote.invalidate_all(),
         }
     }
 
     pub fn invalidate_all(&self) {
         self.tokens.invalidate_all();
+        self.signatures.invalidate_all();
         self.devices.invalidate_all();
         self.cross_signing.invalidate_all();
-        self.signatures.invalidate_all();
         self.remote.invalidate_all();
         self.device_ids.invalidate_all();
         self.known_users.invalidate_all();
@@ -190,28 +190,26 @@ impl Caches {
 
     /// The access token's row, from memory or the database.
     pub async fn token(&self, store: &Store, token: &str) -> Result<Option<Arc<TokenRow>>, sqlx::Error> {
-        let key = token.to_owned();
-        if let Some(hit) = self.tokens.get(&key) {
+        if let Some(hit) = self.tokens.get(token) {
             return Ok(Some(hit));
         }
-        let ticket = self.tokens.ticket(&key);
+        let ticket = self.tokens.ticket(token);
         let Some(row) = store.token_lookup(token).await? else { return Ok(None) };
         let row = Arc::new(row);
-        self.tokens.insert(key, row.clone(), ticket);
+        self.tokens.insert(token.to_owned(), row.clone(), ticket);
         Ok(Some(row))
     }
 
     /// Whether `user_id` is registered (Synapse's `get_user_by_id`); only
     /// a yes is kept.
     pub async fn user_exists(&self, store: &Store, user_id: &str) -> Result<bool, sqlx::Error> {
-        let key = user_id.to_owned();
-        if self.known_users.get(&key).is_some() {
+        if self.known_users.get(user_id).is_some() {
             return Ok(true);
         }
-        let ticket = self.known_users.ticket(&key);
+        let ticket = self.known_users.ticket(user_id);
         let exists = store.user_exists(user_id).await?;
         if exists {
-            self.known_users.insert(key, (), ticket);
+            self.known_users.insert(user_id.to_owned(), (), ticket);
         }
         Ok(exists)
     }
@@ -221,27 +219,48 @@ impl Caches {
     /// database when the list lacks it (a device may be created without a
     /// device-list change, so a no is never trusted from memory).
     pub async fn device_exists(&self, store: &Store, user_id: &str, device_id: &str) -> Result<bool, sqlx::Error> {
-        let lists = per_user(&self.device_ids, &[user_id], |m| async move { store.device_ids(&m).await }).await?;
+        let lists = per_user(&self.device_ids, &[user_id], |m| async move { Ok(grouped(store.device_ids(&m).await?)) }).await?;
         if lists.get(user_id).is_some_and(|l| l.iter().any(|r| r.device_id == device_id)) {
             return Ok(true);
         }
         store.device_exists(user_id, device_id).await
     }
 
-    pub async fn device_keys(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<Vec<DeviceKeyRow>>>, sqlx::Error> {
-        per_user(&self.devices, users, |m| async move { store.device_keys(&m).await }).await
+    /// Each user's devices with keys, rendered (with the user's own
+    /// signatures, read through [`Self::signatures_by`] after the devices'
+    /// tickets were taken).
+    pub async fn local_devices<'a>(&self, store: &Store, users: &[&'a str]) -> Result<ByUser<'a, Arc<RenderedDevices>>, sqlx::Error> {
+        per_user(&self.devices, users, |m| async move {
+            let (rows, signatures) = tokio::try_join!(store.device_keys(&m), self.signatures_by(store, &m))?;
+            let rows = grouped(rows);
+            let render = |u: &str| {
+                let own = signatures.get(u).map_or(&[][..], |s| s.as_slice());
+                RenderedDevices::local(rows.get(u).map_or(&[][..], |r| r.as_slice()), own)
+            };
+            Ok(m.iter().map(|u| ((*u).to_owned(), Arc::new(render(u)))).collect())
+        })
+        .await
     }
 
-    pub async fn cross_signing_keys(
+    /// Each user's cross-signing keys, parsed.
+    pub async fn cross_signing_keys<'a>(
         &self,
         store: &Store,
-        users: &[&str],
-    ) -> Result<HashMap<String, Arc<Vec<CrossSigningKeyRow>>>, sqlx::Error> {
-        per_user(&self.cross_signing, users, |m| async move { store.cross_signing_keys(&m).await }).await
+        users: &[&'a str],
+    ) -> Result<ByUser<'a, Arc<Vec<CrossSigningKey>>>, sqlx::Error> {
+        per_user(&self.cross_signing, users, |m| async move {
+            let rows = store.cross_signing_keys(&m).await?;
+            let mut keys: HashMap<String, Vec<CrossSigningKey>> = HashMap::new();
+            for (row, key) in rows.iter().filter_map(|r| Some((r, CrossSigningKey::parse(r)?))) {
+                keys.entry(row.user_id.clone()).or_default().push(key);
+            }
+            Ok(keys.into_iter().map(|(u, k)| (u, Arc::new(k))).collect())
+        })
+        .await
     }
 
-    pub async fn signatures_by(&self, store: &Store, signers: &[&str]) -> Result<HashMap<String, Arc<Vec<SignatureRow>>>, sqlx::Error> {
-        per_user(&self.signatures, signers, |m| async move { store.signatures_by(&m).await }).await
+    pub async fn signatures_by<'a>(&self, store: &Store, signers: &[&'a str]) -> Result<ByUser<'a, Arc<Vec<SignatureRow>>>, sqlx::Error> {
+        per_user(&self.signatures, signers, |m| async move { Ok(grouped(store.signatures_by(&m).await?)) }).await
     }
 
     /// What Synapse's tables say about each of the remote `users`.
@@ -249,7 +268,7 @@ impl Caches {
         let mut out = HashMap::new();
         let mut misses = Vec::new();
         for u in users {
-            match self.remote.get(&(*u).to_owned()) {
+            match self.remote.get(*u) {
                 Some(hit) => {
                     out.insert((*u).to_owned(), hit);
                 }
@@ -259,7 +278,7 @@ impl Caches {
         if misses.is_empty() {
             return Ok(out);
         }
-        let tickets: Vec<_> = misses.iter().map(|u| self.remote.ticket(&(*u).to_owned())).collect();
+        let tickets: Vec<_> = misses.iter().map(|u| self.remote.ticket(*u)).collect();
         let (cached, sharing, rows) = tokio::try_join!(
             store.remote_cached_users(&misses),
             store.users_in_a_room_with_us(&misses),
@@ -267,19 +286,16 @@ impl Caches {
         )?;
         let cached: HashSet<String> = cached.into_iter().collect();
         let sharing: HashSet<String> = sharing.into_iter().collect();
-        let mut loaded: HashMap<String, RemoteUser> = misses
+        let rows = grouped(rows);
+        let mut loaded: HashMap<&str, RemoteUser> = misses
             .iter()
             .map(|u| {
-                let u = (*u).to_owned();
-                let entry = RemoteUser { in_synapse_cache: cached.contains(&u), shares_a_room: sharing.contains(&u), devices: Vec::new() };
-                (u, entry)
+                let devices = rows.get(*u).map(|r| RenderedDevices::remote_cached(r)).unwrap_or_default();
+                let entry =
+                    RemoteUser { in_synapse_cache: cached.contains(*u), shares_a_room: sharing.contains(*u), devices: Arc::new(devices) };
+                (*u, entry)
             })
             .collect();
-        for row in rows {
-            if let Some(entry) = loaded.get_mut(&row.user_id) {
-                entry.devices.push(row);
-            }
-        }
         for (u, ticket) in misses.iter().zip(tickets) {
             let entry = Arc::new(loaded.remove(*u).unwrap_or_default());
             self.remote.insert((*u).to_owned(), entry.clone(), ticket);
@@ -300,13 +316,13 @@ impl OwnedBy for DeviceKeyRow {
     }
 }
 
-impl OwnedBy for DeviceIdRow {
+impl OwnedBy for RemoteDeviceRow {
     fn owner(&self) -> &str {
         &self.user_id
     }
 }
 
-impl OwnedBy for CrossSigningKeyRow {
+impl OwnedBy for DeviceIdRow {
     fn owner(&self) -> &str {
         &self.user_id
     }
@@ -318,22 +334,36 @@ impl OwnedBy for SignatureRow {
     }
 }
 
-/// A per-user read: hits from the cache, then one `load` of all misses,
-/// grouped by owner and cached (an empty list too) unless invalidated
-/// while loading.
-async fn per_user<'a, V, F, Fut>(cache: &PerUser<V>, users: &[&'a str], load: F) -> Result<HashMap<String, Arc<Vec<V>>>, sqlx::Error>
+/// Rows grouped by their owner.
+fn grouped<V: OwnedBy>(rows: Vec<V>) -> HashMap<String, Arc<Vec<V>>> {
+    let mut by_owner: HashMap<String, Vec<V>> = HashMap::new();
+    for row in rows {
+        match by_owner.get_mut(row.owner()) {
+            Some(list) => list.push(row),
+            None => {
+                by_owner.insert(row.owner().to_owned(), vec![row]);
+            }
+        }
+    }
+    by_owner.into_iter().map(|(u, v)| (u, Arc::new(v))).collect()
+}
+
+/// A per-user read: hits from the cache, then one `load` of all misses
+/// (values by user; a user it leaves out gets the default, e.g. an empty
+/// list), cached unless invalidated while loading.
+async fn per_user<'a, V, F, Fut>(cache: &GuardedCache<String, V>, users: &[&'a str], load: F) -> Result<ByUser<'a, V>, sqlx::Error>
 where
-    V: OwnedBy + Clone + Send + Sync + 'static,
+    V: Clone + Default + Send + Sync + 'static,
     F: FnOnce(Vec<&'a str>) -> Fut,
-    Fut: Future<Output = Result<Vec<V>, sqlx::Error>>,
+    Fut: Future<Output = Result<HashMap<String, V>, sqlx::Error>>,
 {
     let mut found = HashMap::with_capacity(users.len());
     let mut misses = Vec::new();
     let mut seen = HashSet::with_capacity(users.len());
     for u in users.iter().copied().filter(|u| seen.insert(*u)) {
-        match cache.get(&u.to_owned()) {
+        match cache.get(u) {
             Some(hit) => {
-                found.insert(u.to_owned(), hit);
+                found.insert(u, hit);
             }
             None => misses.push(u),
         }
@@ -341,16 +371,12 @@ where
     if misses.is_empty() {
         return Ok(found);
     }
-    let tickets: Vec<_> = misses.iter().map(|u| cache.ticket(&(*u).to_owned())).collect();
-    let rows = load(misses.clone()).await?;
-    let mut grouped: HashMap<String, Vec<V>> = HashMap::new();
-    for row in rows {
-        grouped.entry(row.owner().to_owned()).or_default().push(row);
-    }
-    for (u, ticket) in misses.iter().zip(tickets) {
-        let entry = Arc::new(grouped.remove(*u).unwrap_or_default());
-        cache.insert((*u).to_owned(), entry.clone(), ticket);
-        found.insert((*u).to_owned(), entry);
+    let tickets: Vec<_> = misses.iter().map(|u| cache.ticket(*u)).collect();
+    let mut loaded = load(misses.clone()).await?;
+    for (u, ticket) in misses.into_iter().zip(tickets) {
+        let entry = loaded.remove(u).unwrap_or_default();
+        cache.insert(u.to_owned(), entry.clone(), ticket);
+        found.insert(u, entry);
     }
     Ok(found)
 }

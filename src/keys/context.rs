@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use super::rendered::{CrossSigningKey, RenderedDevices};
 use super::{KeysError, Outcome, RemoteUser, UserQuery};
-use crate::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
+use crate::store::SignatureRow;
 
-/// Rows per user, as the caches hold them.
-pub type PerUser<R> = HashMap<String, Arc<Vec<R>>>;
+/// Values per user, keyed by the caller's user IDs, as the caches hold
+/// them.
+pub type ByUser<'a, V> = HashMap<&'a str, Arc<V>>;
 
 pub trait Context: Sync {
     /// This homeserver's name: its users are local.
@@ -27,12 +29,14 @@ pub trait Context: Sync {
     /// the call; returns those of `remote_users` Synapse has marked stale.
     fn catch_up(&self, remote_users: &[&str]) -> impl Future<Output = Result<Arc<HashSet<String>>, KeysError>> + Send;
 
-    fn device_keys(&self, users: &[&str]) -> impl Future<Output = Result<PerUser<DeviceKeyRow>, KeysError>> + Send;
+    /// Each local user's devices with keys, rendered.
+    fn local_devices<'a>(&self, users: &[&'a str]) -> impl Future<Output = Result<ByUser<'a, RenderedDevices>, KeysError>> + Send;
 
-    fn cross_signing_keys(&self, users: &[&str]) -> impl Future<Output = Result<PerUser<CrossSigningKeyRow>, KeysError>> + Send;
+    fn cross_signing_keys<'a>(&self, users: &[&'a str])
+    -> impl Future<Output = Result<ByUser<'a, Vec<CrossSigningKey>>, KeysError>> + Send;
 
-    /// The signatures each of `signers` made.
-    fn signatures_by(&self, signers: &[&str]) -> impl Future<Output = Result<PerUser<SignatureRow>, KeysError>> + Send;
+    /// The signatures `signer` made.
+    fn signatures_by(&self, signer: &str) -> impl Future<Output = Result<Arc<Vec<SignatureRow>>, KeysError>> + Send;
 
     /// MSC3984: the devices application services give for their local
     /// users (an empty map when none are configured).

@@ -8,6 +8,7 @@ pub mod json;
 pub mod model;
 pub mod query;
 pub mod remote;
+pub mod rendered;
 pub mod request;
 
 pub use context::Context;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::store::RemoteDeviceRow;
+use super::rendered::RenderedDevices;
 
 /// What Synapse's tables say about one remote user.
 #[derive(Debug, Clone, Default)]
@@ -16,7 +16,9 @@ pub struct RemoteUser {
     pub in_synapse_cache: bool,
     /// They are joined to a room this server is in.
     pub shares_a_room: bool,
-    pub devices: Vec<RemoteDeviceRow>,
+    /// Synapse's cached devices of theirs, rendered as its answer shows
+    /// them.
+    pub devices: Arc<RenderedDevices>,
 }
 
 /// A resync's result for one user: the devices, or the failure Synapse

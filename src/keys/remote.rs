@@ -9,16 +9,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::UserQuery;
 use super::json::{KeyObject, parse_object};
 use super::query::KeysQueryResponse;
+use super::rendered::DeviceMap;
 use super::{Context, KeysError};
 use crate::ids::domain_of;
-use crate::store::RemoteDeviceRow;
 
 /// How long remote servers may take: the client's `timeout` (Synapse's
 /// wording of timeouts names it) and the instant it runs out.
@@ -56,8 +55,7 @@ pub async fn add_remote_users(
     let cached: HashSet<&str> =
         users.iter().copied().filter(|u| sharing.contains(u) && known[*u].in_synapse_cache && !stale_marks.contains(*u)).collect();
     for (user, wanted) in remote.iter().filter(|(u, _)| cached.contains(u)) {
-        let rows = known[*user].devices.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.device_id));
-        add_cached_devices(resp, user, rows);
+        resp.device_keys.insert((*user).to_owned(), DeviceMap::Rendered(known[*user].devices.clone(), wanted.to_vec()));
     }
 
     // Not cached, or only one of master / self-signing key known: ask.
@@ -106,46 +104,6 @@ pub async fn add_remote_users(
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct CachedContent {
-    keys: Option<Box<RawValue>>,
-    device_display_name: Option<Value>,
-}
-
-/// Synapse renders a cached device as its `keys` with `unsigned` set
-/// (kept if present) and the display name added when it is truthy.
-fn add_cached_devices<'a>(resp: &mut KeysQueryResponse, user: &str, rows: impl Iterator<Item = &'a RemoteDeviceRow>) {
-    let entry = resp.device_keys.entry(user.to_owned()).or_default();
-    for row in rows {
-        let Ok(content) = serde_json::from_str::<CachedContent>(&row.content) else {
-            continue;
-        };
-        let Some(mut keys) = content.keys.as_deref().and_then(|k| parse_object(k.get())) else {
-            continue;
-        };
-        if keys.is_empty() {
-            continue;
-        }
-        let mut unsigned: Map<String, Value> = keys.get("unsigned").and_then(|u| serde_json::from_str(u.get()).ok()).unwrap_or_default();
-        if let Some(name) = content.device_display_name.filter(is_truthy) {
-            unsigned.insert("device_display_name".into(), name);
-        }
-        keys.insert("unsigned".into(), serde_json::value::to_raw_value(&unsigned).expect("map serialises"));
-        entry.insert(row.device_id.clone(), keys);
-    }
-}
-
-fn is_truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::String(s) => !s.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
-
 /// What one destination contributed.
 #[derive(Default)]
 pub(crate) struct DestinationAnswer {
@@ -167,13 +125,13 @@ impl DestinationAnswer {
 
     fn merge_into(self, resp: &mut KeysQueryResponse) {
         for (user, devices) in self.resynced {
-            resp.device_keys.entry(user).or_default().extend(devices);
+            resp.device_keys.entry(user).or_default().built().extend(devices);
         }
         for (user, devices) in self.replaced_devices {
-            resp.device_keys.insert(user, devices);
+            resp.device_keys.insert(user, DeviceMap::Built(devices));
         }
-        resp.master_keys.extend(self.master_keys);
-        resp.self_signing_keys.extend(self.self_signing_keys);
+        resp.master_keys.extend(self.master_keys.into_iter().map(|(u, k)| (u, k.into())));
+        resp.self_signing_keys.extend(self.self_signing_keys.into_iter().map(|(u, k)| (u, k.into())));
         if let Some(f) = self.failure {
             resp.failures.insert(self.destination, f);
         }

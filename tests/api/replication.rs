@@ -43,7 +43,7 @@ async fn changes_made_through_synapse_reach_both_replicas() {
     let hs = Synapse::new();
     let alice = hs.register("alice").await;
     let bob = hs.register("bob").await;
-    hs.upload_device_keys(&alice.session).await;
+    let (alice_keys, _) = hs.upload_device_keys(&alice.session).await;
     let (a, b) = (alice.user_id.clone(), bob.user_id.clone());
     let body = json!({"device_keys": {&a: [], &b: []}});
     let replicas = [ready_worker(config()).await, ready_worker(config()).await];
@@ -75,6 +75,10 @@ async fn changes_made_through_synapse_reach_both_replicas() {
     let (laptop_keys, _) = hs.upload_device_keys(&laptop).await;
     hs.sign_own_device(&alice.session, &alice_cs, &laptop_keys).await;
     step("device cross-signed").await;
+    // A device both replicas hold rendered, changed by nothing but a new
+    // signature of its owner's.
+    hs.sign_own_device(&alice.session, &alice_cs, &alice_keys).await;
+    step("cached device cross-signed").await;
     let bob_cs = hs.setup_cross_signing(&bob.session).await;
     hs.sign_other_master(&bob.session, &bob_cs, &a).await;
     step("bob signed alice's master key").await;

@@ -1,0 +1,96 @@
+//! The bench's open-loop load generator: requests sent at a fixed rate
+//! whatever the server does, each one's latency counted from the moment it
+//! was *due*, not from when it was sent. A server that stalls is charged
+//! for every request that should have gone out meanwhile (no coordinated
+//! omission, as wrk2 and oha with a rate measure).
+//!
+//! `loadgen URL RATE SECONDS TOKENS_FILE BODY_FILE` POSTs BODY_FILE to URL
+//! RATE times a second for SECONDS, cycling the access tokens of
+//! TOKENS_FILE (one a line), over as many keep-alive connections as the
+//! load needs. Prints one JSON object: the percentiles (ms), how many
+//! requests were answered 200 and how many were not, and how far behind
+//! schedule the generator itself fell (`lag_ms`: if that is not small, the
+//! generator, not the server, was the bottleneck).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+struct Outcome {
+    latencies_us: Vec<u64>,
+    errors: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, url, rate, seconds, tokens, body] = &args[..] else {
+        eprintln!("usage: loadgen URL RATE SECONDS TOKENS_FILE BODY_FILE");
+        std::process::exit(2);
+    };
+    let rate: f64 = rate.parse().expect("RATE: requests a second");
+    let seconds: f64 = seconds.parse().expect("SECONDS");
+    let tokens: Vec<String> =
+        std::fs::read_to_string(tokens).expect("TOKENS_FILE").lines().filter(|l| !l.is_empty()).map(|t| format!("Bearer {t}")).collect();
+    let body = bytes::Bytes::from(std::fs::read(body).expect("BODY_FILE"));
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(30)).build().expect("an HTTP client");
+    let total = (rate * seconds).round() as u64;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let outcome = Arc::new(Mutex::new(Outcome { latencies_us: Vec::with_capacity(total as usize), errors: 0 }));
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut lag = Duration::ZERO;
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        lag = lag.max(Instant::now().saturating_duration_since(due));
+        let request = client
+            .post(url)
+            .header("Authorization", &tokens[i as usize % tokens.len()])
+            .header("Content-Type", "application/json")
+            .body(body.clone());
+        let outcome = outcome.clone();
+        tasks.push(tokio::spawn(async move {
+            let ok = match request.send().await {
+                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            let took = due.elapsed();
+            let mut o = outcome.lock().await;
+            if ok {
+                o.latencies_us.push(took.as_micros() as u64);
+            } else {
+                o.errors += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a request task");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut o = outcome.lock().await;
+    o.latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        let l = &o.latencies_us;
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p / 100.0) * l.len() as f64).ceil() as usize;
+        l[i.clamp(1, l.len()) - 1] as f64 / 1000.0
+    };
+    let out = serde_json::json!({
+        "rate": rate,
+        "sent": total,
+        "ok": o.latencies_us.len(),
+        "errors": o.errors,
+        "achieved_rps": o.latencies_us.len() as f64 / elapsed,
+        "p50": pct(50.0),
+        "p99": pct(99.0),
+        "p999": pct(99.9),
+        "max": pct(100.0),
+        "lag_ms": lag.as_secs_f64() * 1000.0,
+    });
+    println!("{out}");
+}
