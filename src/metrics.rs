@@ -190,6 +190,12 @@ impl Collector for Sources {
         counter(&mut e, "read_barrier_probes", "Database probes run by the read barrier", &[(&[], b.probes.load(Ordering::Relaxed))])?;
         counter(
             &mut e,
+            "read_barrier_quick_probes",
+            "Probes the device-list id sequence alone answered (nothing committed above the floor)",
+            &[(&[], b.quick.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            &mut e,
             "read_barrier_changes_applied",
             "Device-list changes the barrier applied before the replication stream delivered them",
             &[(&[], b.changes_applied.load(Ordering::Relaxed))],

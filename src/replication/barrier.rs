@@ -25,7 +25,7 @@
 //! from that entry.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -54,6 +54,11 @@ pub struct Barrier {
     writers: Vec<String>,
     rounds: Mutex<Rounds>,
     progress: tokio::sync::Mutex<Progress>,
+    /// Whether the next probe tries the quick probe first: cleared while
+    /// changes keep coming (each probe would then cost two round trips) and
+    /// for good if the sequence cannot be read.
+    quick: AtomicBool,
+    quick_usable: AtomicBool,
     counters: Counters,
 }
 
@@ -61,6 +66,8 @@ pub struct Barrier {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub probes: AtomicU64,
+    /// Probes answered by the quick probe alone (nothing new committed).
+    pub quick: AtomicU64,
     pub changes_applied: AtomicU64,
     pub resets: AtomicU64,
 }
@@ -94,7 +101,16 @@ impl std::fmt::Debug for Barrier {
 
 impl Barrier {
     pub fn new(db: ProbeConnection, invalidator: Arc<Invalidator>, writers: Vec<String>) -> Self {
-        Self { db, invalidator, writers, rounds: Mutex::default(), progress: tokio::sync::Mutex::default(), counters: Counters::default() }
+        Self {
+            db,
+            invalidator,
+            writers,
+            rounds: Mutex::default(),
+            progress: tokio::sync::Mutex::default(),
+            quick: AtomicBool::new(true),
+            quick_usable: AtomicBool::new(true),
+            counters: Counters::default(),
+        }
     }
 
     pub fn counters(&self) -> &Counters {
@@ -157,6 +173,11 @@ impl Barrier {
             Arc::<str>::from(format!("read barrier probe failed: {e}"))
         };
         let floor = self.progress.lock().await.floor;
+        if let Some(floor) = floor
+            && let Some(marks) = self.quick_probe(floor, remote_users).await
+        {
+            return Ok(marks);
+        }
         let after = match floor {
             Some(f) => f,
             // Nothing is cached before the first probe: start at the head.
@@ -175,9 +196,13 @@ impl Barrier {
                 ProbeKind::StaleMark => {
                     marks.insert(row.name.clone());
                 }
+                ProbeKind::SequenceHead => {}
             }
         }
         let mut progress = self.progress.lock().await;
+        // Quiet (nothing above the floor): the next probe tries the quick one.
+        let quiet = changes.iter().all(|(id, _)| *id <= progress.floor.unwrap_or(after));
+        self.quick.store(quiet, Ordering::Relaxed);
         for (id, user) in changes {
             if id > progress.floor.unwrap_or(after) && progress.applied.insert((id, user.to_owned())) {
                 self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +225,35 @@ impl Barrier {
             progress.floor = Some(head);
         }
         Ok(Arc::new(marks))
+    }
+}
+
+impl Barrier {
+    /// When nothing can have been committed above `floor` (the device-list
+    /// id sequence has handed out no id above it), the stale marks, from
+    /// one cheap statement; else `None`, and the full probe decides.
+    async fn quick_probe(&self, floor: i64, remote_users: &[&str]) -> Option<StaleMarks> {
+        if !self.quick.load(Ordering::Relaxed) || !self.quick_usable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let rows = match self.db.quick_probe(remote_users).await {
+            Ok(rows) => rows?,
+            Err(sqlx::Error::Database(e)) => {
+                // A role that may not read the sequence: full probes only.
+                tracing::warn!(error = %e, "read barrier: the device-list id sequence cannot be read; every probe reads the stream tables");
+                self.quick_usable.store(false, Ordering::Relaxed);
+                return None;
+            }
+            // The full probe reports it (or succeeds on a new connection).
+            Err(_) => return None,
+        };
+        let head = rows.iter().find(|r| r.kind == ProbeKind::SequenceHead).map(|r| r.pos);
+        if head.is_none_or(|h| h > floor) {
+            self.quick.store(false, Ordering::Relaxed);
+            return None;
+        }
+        self.counters.quick.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::new(rows.into_iter().filter(|r| r.kind == ProbeKind::StaleMark).map(|r| r.name).collect()))
     }
 }
 

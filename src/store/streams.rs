@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use super::Store;
 use super::sql::{Arg, Sql};
@@ -59,6 +59,8 @@ pub enum ProbeKind {
     WriterPosition = 1,
     /// Synapse marked remote user `name`'s device list stale.
     StaleMark = 2,
+    /// The last id handed out by the device-list id sequence.
+    SequenceHead = 3,
 }
 
 // In one statement, so one snapshot: the changes after `$1`, the writers'
@@ -77,6 +79,15 @@ const PROBE: Sql = Sql {
     UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
     UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))",
 };
+
+// The quick probe (PostgreSQL only): the last id Synapse's device-list id
+// generator handed out (a sequence moves outside transactions, so every
+// change committed before this statement ran has an id at or below it;
+// device-list changes and signature uploads share it) and, as in PROBE,
+// the resync marks of the remote users in `$1`.
+const QUICK_PROBE_PG: &str = "
+    SELECT 3 AS kind, last_value AS pos, '' AS name FROM device_lists_sequence
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($1)";
 
 const CACHES_PG: &str = "
     SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance
@@ -143,9 +154,26 @@ impl ProbeConnection {
     /// of `remote_users` Synapse has marked stale.
     pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
         let args = [Arg::Int(after), Arg::list(remote_users)];
-        let Store::Postgres(pool) = &self.store else {
-            return self.store.fetch_all(&PROBE, &args).await;
-        };
+        let Store::Postgres(pool) = &self.store else { return self.store.fetch_all(&PROBE, &args).await };
+        self.on_connection(pool, async |conn| super::sql::fetch_all_on(conn, &PROBE, &args).await).await
+    }
+
+    /// The quick probe, one round trip and no table scanned: the device-list
+    /// id sequence's last value, and which of `remote_users` Synapse has
+    /// marked stale. `None` on SQLite (no sequence).
+    pub async fn quick_probe(&self, remote_users: &[&str]) -> Result<Option<Vec<ProbeRow>>, sqlx::Error> {
+        let Store::Postgres(pool) = &self.store else { return Ok(None) };
+        let users: Vec<&str> = remote_users.to_vec();
+        self.on_connection(pool, async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(&users).fetch_all(conn).await).await.map(Some)
+    }
+
+    /// Runs `work` on the probe's own PostgreSQL connection, opened when
+    /// needed and dropped after an error.
+    async fn on_connection<T>(
+        &self,
+        pool: &PgPool,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
         let mut slot = self.conn.lock().await;
         let conn = match &mut *slot {
             Some(c) => c,
@@ -157,11 +185,11 @@ impl ProbeConnection {
                 slot.insert(c)
             }
         };
-        let rows = super::sql::fetch_all_on(conn, &PROBE, &args).await;
-        if rows.is_err() {
+        let result = work(conn).await;
+        if result.is_err() {
             *slot = None;
         }
-        rows
+        result
     }
 
     /// The newest id of the device-list stream.
