@@ -50,15 +50,15 @@ def call(url, body=None, token=None, method="POST", full=False):
         return (r.getheaders(), data) if full else json.loads(data or b"null")
 
 
-def register(i):
+def register(i, synapse=SYNAPSE):
     """A user with one device and its keys, through Synapse's client API."""
     name = f"bench{i}-{os.getpid()}"
-    r = call(f"{SYNAPSE}/_matrix/client/v3/register",
+    r = call(f"{synapse}/_matrix/client/v3/register",
              {"username": name, "password": "pw-" + name, "auth": {"type": "m.login.dummy"}})
     uid, tok, dev = r["user_id"], r["access_token"], r["device_id"]
     keys = {"user_id": uid, "device_id": dev, "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
             "keys": {f"ed25519:{dev}": "A" * 43, f"curve25519:{dev}": "B" * 43}, "signatures": {uid: {f"ed25519:{dev}": "S" * 86}}}
-    call(f"{SYNAPSE}/_matrix/client/v3/keys/upload", {"device_keys": keys}, tok)
+    call(f"{synapse}/_matrix/client/v3/keys/upload", {"device_keys": keys}, tok)
     return {"user_id": uid, "token": tok, "device_id": dev, "password": "pw-" + name}
 
 
@@ -90,10 +90,10 @@ def wait_ready(url, proc, ready):
     raise SystemExit(f"{url} did not become ready")
 
 
-def start_worker(extra_env):
+def start_worker(extra_env, yaml=YAML):
     url = f"http://127.0.0.1:{free_port()}"
     env = dict(os.environ, RUST_LOG="warn", **extra_env)
-    p = subprocess.Popen([BINARY, "-c", YAML, "--listen", url.removeprefix("http://")], env=env,
+    p = subprocess.Popen([BINARY, "-c", yaml, "--listen", url.removeprefix("http://")], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ready(url):
@@ -152,6 +152,42 @@ def rounds(targets, tokens, body, connections):
     return out
 
 
+def remote_users(procs):
+    """Scenario (f)'s world: 10 users of the second homeserver
+    ("synapse-remote", keys uploaded there) join a room of a user of the
+    first ("synapse-fed") over federation, so that Synapse's device-list
+    cache holds them. Returns a worker of ours on "synapse-fed", the asker's
+    token and the query, once both answer it alike with every device."""
+    fed, remote = os.environ["SKW_TEST_FED_SYNAPSE_URL"], os.environ["SKW_TEST_REMOTE_SYNAPSE_URL"]
+    asker = register("asker", fed)
+    with ThreadPoolExecutor(8) as pool:
+        members = list(pool.map(lambda i: register(f"r{i}", remote), range(10)))
+    room = call(f"{fed}/_matrix/client/v3/createRoom",
+                {"preset": "private_chat", "invite": [m["user_id"] for m in members]}, asker["token"])["room_id"]
+    for m in members:
+        call(f"{remote}/_matrix/client/v3/rooms/{room}/join", {}, m["token"])
+    body = {"device_keys": {m["user_id"]: [] for m in members}}
+    worker, ours = start_worker({}, os.environ["SKW_TEST_FED_HOMESERVER_YAML"])
+    procs.append(worker)
+    deadline = time.time() + 60
+    while True:
+        theirs = call(fed + QUERY, body, asker["token"])
+        complete = all(theirs["device_keys"].get(m["user_id"]) for m in members) and not theirs["failures"]
+        if complete and call(ours + QUERY, body, asker["token"]) == theirs:
+            return ours, asker["token"], body
+        if time.time() > deadline:
+            raise SystemExit(f"remote users' devices not in both answers within 60 s: {json.dumps(theirs)[:400]}")
+        time.sleep(0.5)
+
+
+def cache_counts(url, cache):
+    """Our hits and misses of one cache, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    count = lambda kind: sum(float(m) for m in re.findall(rf'cache_{kind}_total{{cache="{cache}"}} ([\d.e+]+)', text))
+    return count("hits"), count("misses")
+
+
 def token_file(tokens):
     path = os.path.join(WORK, f"tokens-{len(tokens)}-{free_port()}.txt")
     with open(path, "w") as f:
@@ -178,6 +214,8 @@ def main():
         for body in (ten, single, big):
             assert call(ours + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
             assert call(ours_off + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
+        remote_ours, remote_asker, remote_ten = remote_users(procs)
+        remote_token = token_file([remote_asker])
         scenarios = [
             # key, what, ours, tokens, body, connections
             ("a", "10 local users, all devices, warm", ours, one, ten, 16),
@@ -185,14 +223,19 @@ def main():
             ("c", f"{USERS} existing users in one query, warm", ours, one, big, 4),
             ("d", "10 local users, caches off", ours_off, one, ten, 16),
             ("e", f"10 local users, {TOKENS} requesters cycling", ours, many, ten, 16),
+            ("f", "10 remote users in Synapse's device-list cache, warm", remote_ours, remote_token, remote_ten, 16),
         ]
         results = []
         sweep = concurrency_sweep(ours, asker, one, ten, procs)
         fixed = fixed_rate(ours, asker, one, ten, procs, sweep)
         for key, what, url, tokens, body, conns in scenarios:
-            ceiling, ceiling_url = start_ceiling((url, asker, body))
+            synapse, who = (os.environ["SKW_TEST_FED_SYNAPSE_URL"], remote_asker) if key == "f" else (SYNAPSE, asker)
+            ceiling, ceiling_url = start_ceiling((url, who, body))
             procs.append(ceiling)
-            r = rounds({"Synapse": SYNAPSE, "ours": url, "ceiling": ceiling_url}, tokens, body, conns)
+            before = cache_counts(url, "remote_devices")
+            r = rounds({"Synapse": synapse, "ours": url, "ceiling": ceiling_url}, tokens, body, conns)
+            after = cache_counts(url, "remote_devices")
+            r["ours"]["remote_cache"] = {"hits": after[0] - before[0], "misses": after[1] - before[1]}
             ceiling.terminate()
             ceiling.wait(timeout=30)
             results.append({"key": key, "scenario": what, "connections": conns, **r})
@@ -270,6 +313,10 @@ def report(results, sweep, fixed):
                   f"| {x['rps']:.0f} ({x['rps_min']:.0f}–{x['rps_max']:.0f}) | {x['p50']:.2f} | {x['p99']:.2f} "
                   f"| {ratios[0]} | {ratios[1]} |")
     print(f"\n{ROUNDS} alternating rounds of {SECONDS} s per target, wrk -t2, same database and machine, one run.")
+    for r in results:
+        if r["key"] == "f":
+            c = r["ours"]["remote_cache"]
+            print(f"(f): our remote-device cache during its rounds: {c['hits']:.0f} hits, {c['misses']:.0f} misses")
     print("\n| rate req/s | who | p50 ms | p99 ms | p99.9 ms | max ms | generator lag ms |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for row in fixed:
