@@ -12,12 +12,13 @@
 //! caught up), reads miss and nothing is inserted.
 
 use std::borrow::Borrow;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use moka::sync::Cache;
 
 const STRIPES: usize = 4096;
@@ -66,7 +67,9 @@ impl Trust {
 
 pub struct GuardedCache<K, V> {
     pub name: &'static str,
-    cache: Cache<K, V>,
+    // foldhash, seeded per cache: every lookup hashes a user ID or token,
+    // and SipHash was a visible share of a warm query's time.
+    cache: Cache<K, V, RandomState>,
     state: Mutex<Generations>,
     hasher: RandomState,
     trust: Arc<Trust>,
@@ -112,12 +115,12 @@ where
                     evictions.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(RandomState::default());
         Self {
             name,
             cache,
             state: Mutex::new(Generations { epoch: 0, stripes: vec![0; STRIPES] }),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             trust,
             counters,
         }
