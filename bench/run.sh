@@ -9,4 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh system venv wrk
 cargo build --release --locked --bins --example ceiling --example loadgen
-exec "${SKW_PYTHON:-python3}" scripts/world.py run -- "${SKW_PYTHON:-python3}" bench/bench.py
+# bench.py: throughput and latency against Synapse and the ceiling;
+# memory.py: scenario (i), resident size with 100,000 users cached.
+exec "${SKW_PYTHON:-python3}" scripts/world.py run -- bash -c '"$1" bench/bench.py && "$1" bench/memory.py' run "${SKW_PYTHON:-python3}"

@@ -52,11 +52,14 @@ if [ "$#" -gt 0 ]; then
     exec "${world[@]}" cargo test --locked "$@"
 fi
 # A full run: the main suite, then the client test, then a smoke run of the
-# bench (bench/bench.py: every scenario for a second, on the debug builds,
-# so the bench command keeps working), in one world.
+# bench (bench/bench.py: every scenario for a second, on the debug builds;
+# bench/memory.py with 1,000 users), so the bench command keeps working, in
+# one world.
 smoke="BENCH_SECONDS=1 BENCH_ROUNDS=1 BENCH_USERS=20 BENCH_TOKENS=10 BENCH_SWEEP=1,2 BENCH_RATES=20
     BENCH_BINARY=$CARGO_TARGET_DIR/debug/synapse-keys-worker BENCH_CEILING=$CARGO_TARGET_DIR/debug/examples/ceiling
-    BENCH_LOADGEN=$CARGO_TARGET_DIR/debug/examples/loadgen
+    BENCH_LOADGEN=$CARGO_TARGET_DIR/debug/examples/loadgen MEM_USERS=1000 MEM_CYCLES=2
+    MEM_OUT=$CARGO_TARGET_DIR/bench/memory-smoke.json
     BENCH_OUT=$CARGO_TARGET_DIR/bench/smoke.json"
 exec "${world[@]}" bash -c 'cargo test --locked && cargo test --locked --manifest-path "$1" &&
-    cargo build --locked --example ceiling --example loadgen && env $2 "${SKW_PYTHON:-python3}" bench/bench.py' skw-test "$CLIENT" "$smoke"
+    cargo build --locked --example ceiling --example loadgen && env $2 "${SKW_PYTHON:-python3}" bench/bench.py &&
+    env $2 "${SKW_PYTHON:-python3}" bench/memory.py' skw-test "$CLIENT" "$smoke"

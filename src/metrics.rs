@@ -127,6 +127,14 @@ impl Collector for Sources {
         let rows = per_cache(|s| s.entries);
         let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
         gauge(&mut e, "cache_entries", "Entries held per cache", &refs)?;
+        let rows = per_cache(|s| s.weight);
+        let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
+        gauge(
+            &mut e,
+            "cache_weighted_bytes",
+            "What each cache's weigher counts: bytes held, estimated (entries for tokens and users)",
+            &refs,
+        )?;
         gauge(&mut e, "caches_trusted", "1 while the caches are in use (replication stream followed)", &[(&[], i64::from(c.trusted()))])?;
 
         let r = self.coordinator.outcomes();
@@ -176,6 +184,12 @@ impl Collector for Sources {
         gauge(&mut e, "replication_connected", "1 while the replication stream is followed", &[(&[], i64::from(s.connected()))])?;
         gauge(&mut e, "replication_caught_up", "1 once the stream has caught up after (re)connecting", &[(&[], i64::from(s.caught_up()))])?;
         counter(&mut e, "replication_reconnects", "Times the replication stream was lost", &[(&[], s.reconnects())])?;
+        counter(
+            &mut e,
+            "replication_dropped_all",
+            "Times every cached entry was dropped because what was missed could not be caught up",
+            &[(&[], s.dropped_all())],
+        )?;
         counter(&mut e, "replication_caught_up_rows", "Rows read from the stream tables to catch up", &[(&[], s.caught_up_rows())])?;
         let last = s.last_seen_ms();
         let lag_ms = if last > 0 { crate::now_ms() - last } else { -1 };

@@ -43,6 +43,8 @@ pub struct Stats {
     pub evictions: u64,
     pub stale_loads_dropped: u64,
     pub entries: u64,
+    /// The weigher's sum over the entries (bytes for the per-user caches).
+    pub weight: u64,
 }
 
 /// Shared by all caches: whether their contents may be used.
@@ -202,6 +204,7 @@ where
             evictions: c.evictions.load(Ordering::Relaxed),
             stale_loads_dropped: c.stale_loads_dropped.load(Ordering::Relaxed),
             entries: self.cache.entry_count(),
+            weight: self.cache.weighted_size(),
         }
     }
 }

@@ -134,6 +134,7 @@ async fn session(
                     // speak again, it is one we did not follow).
                     tracing::warn!(silent = ?awaited.silent(), "not every writer reported its position; dropping all cached entries");
                     app.invalidator.everything();
+                    app.status.count_dropped_all();
                     for key in awaited.silent() {
                         positions.remove(&key);
                     }
@@ -218,6 +219,7 @@ async fn position(
         None if reconnecting => {
             tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries");
             app.invalidator.everything();
+            app.status.count_dropped_all();
         }
         None => {}
         Some(last) if new <= last => return,
@@ -225,6 +227,7 @@ async fn position(
             if let Err(e) = catch_up(app, inv, &key.0, &key.1, last, new).await {
                 tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries");
                 app.invalidator.everything();
+                app.status.count_dropped_all();
             }
         }
         Some(_) => {}

@@ -45,6 +45,10 @@ pub struct Status {
     connected: AtomicBool,
     caught_up: AtomicBool,
     reconnects: AtomicU64,
+    /// Times everything cached was dropped because what was missed could
+    /// not be read back (a writer silent after a reconnect, one we did not
+    /// follow, a failed catch-up read).
+    dropped_all: AtomicU64,
     /// Rows invalidated through catch-up reads of the stream tables, by
     /// stream and writer.
     caught_up_rows_by: std::sync::Mutex<HashMap<(String, String), u64>>,
@@ -69,6 +73,15 @@ impl Status {
 
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Times everything cached was dropped instead of caught up.
+    pub fn dropped_all(&self) -> u64 {
+        self.dropped_all.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn count_dropped_all(&self) {
+        self.dropped_all.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Rows invalidated through catch-up reads of the stream tables.

@@ -154,14 +154,23 @@ async fn redis_outage_bypasses_caches_and_catches_up() {
     assert_eq!(ours.1["device_keys"][&a].as_object().unwrap().len(), 2);
 
     // Redis is back: reconnect, catch up the rows missed, trust again.
-    let caught_before = app.replication.caught_up_rows();
+    let (caught_before, dropped_before) = (app.replication.caught_up_rows(), app.replication.dropped_all());
     proxy.set_open(true);
     poll_until(Duration::from_secs(30), || app.caches.trusted()).await;
     assert!(app.replication.reconnects() >= 1);
-    // The caches may be trusted again before every stream reported its
-    // position (a slow Synapse: everything is dropped instead); the rows
-    // missed are read from the database when the position does come.
-    poll_until(Duration::from_secs(30), || app.replication.caught_up_rows() > caught_before).await;
+    // The rows missed are read back from the database when the writer's
+    // position comes; a Synapse too slow to report it within the settle
+    // time (a loaded machine) gets everything dropped instead. Either way
+    // the answer below must be Synapse's.
+    poll_until(Duration::from_secs(30), || {
+        app.replication.caught_up_rows() > caught_before || app.replication.dropped_all() > dropped_before
+    })
+    .await;
+    println!(
+        "after the reconnect: {} rows caught up, everything dropped {} times",
+        app.replication.caught_up_rows() - caught_before,
+        app.replication.dropped_all() - dropped_before
+    );
     converges(&worker, &carol.session, &both).await;
     // Caching resumes: carol's entries (unchanged) are hits again.
     let before = hits(&worker);
