@@ -16,13 +16,13 @@ file)."""
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+from common import QUERY, call, free_port, metrics, wait_ready
 
 SYNAPSE = os.environ["SKW_TEST_SYNAPSE_URL"]
 YAML = os.environ["SKW_TEST_HOMESERVER_YAML"]
@@ -36,18 +36,7 @@ BINARY = os.environ.get("BENCH_BINARY", os.path.join(RELEASE, "synapse-keys-work
 CEILING = os.environ.get("BENCH_CEILING", os.path.join(RELEASE, "examples", "ceiling"))
 LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(RELEASE, "examples", "loadgen"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(RELEASE, "..", "bench", "results.json"))
-QUERY = "/_matrix/client/v3/keys/query"
 WORK = tempfile.mkdtemp(prefix="skw-bench-")
-
-
-def call(url, body=None, token=None, method="POST", full=False):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", "Bearer " + token)
-    with urllib.request.urlopen(req, timeout=60) as r:
-        data = r.read()
-        return (r.getheaders(), data) if full else json.loads(data or b"null")
 
 
 def register(i, synapse=SYNAPSE):
@@ -66,28 +55,6 @@ def login(user):
     r = call(f"{SYNAPSE}/_matrix/client/v3/login", {"type": "m.login.password", "password": user["password"],
                                                       "identifier": {"type": "m.id.user", "user": user["user_id"]}})
     return r["access_token"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_ready(url, proc, ready):
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: exited with {proc.returncode}")
-        try:
-            if ready(url):
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not become ready")
 
 
 def start_worker(extra_env, yaml=YAML):
@@ -182,8 +149,7 @@ def remote_users(procs):
 
 def cache_counts(url, cache):
     """Our hits and misses of one cache, from /metrics."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
+    text = metrics(url)
     count = lambda kind: sum(float(m) for m in re.findall(rf'cache_{kind}_total{{cache="{cache}"}} ([\d.e+]+)', text))
     return count("hits"), count("misses")
 
@@ -301,7 +267,7 @@ def concurrency_sweep(ours, asker, tokens, body, procs):
 
 
 def report(results, sweep, fixed):
-    print(f"\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
+    print("\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         ours, syn, ceil = r["ours"], r["Synapse"], r["ceiling"]

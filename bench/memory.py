@@ -14,16 +14,16 @@ drops them through its poller, every user is asked for again, and the
 resident size is read again. Prints a table and writes JSON
 (MEM_OUT, default target/bench/memory.json). Loopback only."""
 
+import glob
 import json
 import os
 import re
-import socket
-import glob
 import subprocess
 import tempfile
 import time
 import urllib.parse
-import urllib.request
+
+from common import QUERY, call, free_port, metrics, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 USERS = int(os.environ.get("MEM_USERS", "100000"))
@@ -31,7 +31,6 @@ CYCLES = int(os.environ.get("MEM_CYCLES", "5"))
 BINARY = os.environ.get("BENCH_BINARY", os.path.join(HERE, "..", "target", "release", "synapse-keys-worker"))
 OUT = os.environ.get("MEM_OUT", os.path.join(HERE, "..", "target", "bench", "memory.json"))
 SERVER = "bench.test"
-QUERY = "/_matrix/client/v3/keys/query"
 TOKEN = "syt_bench_memory_requester"
 WORK = tempfile.mkdtemp(prefix="skw-memory-")
 PG = urllib.parse.urlsplit(os.environ["SKW_TEST_PG_URL"])
@@ -102,40 +101,29 @@ def build():
          "-c", "SELECT setval('device_lists_sequence', 1)")
 
 
-def call(url, body=None):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 method="GET" if body is None else "POST")
-    req.add_header("Authorization", "Bearer " + TOKEN)
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data = r.read()
-        return data.decode() if body is None else json.loads(data)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def ask_everyone(url, generation):
     """Every user, 1,000 a query; checks a sample of the answers."""
     for start in range(0, USERS, 1000):
         ids = range(start, min(start + 1000, USERS))
-        answer = call(url + QUERY, {"device_keys": {user(i): [] for i in ids}})
+        answer = call(url + QUERY, {"device_keys": {user(i): [] for i in ids}}, TOKEN, timeout=120)
         first = user(start)
         got = answer["device_keys"][first]
         if sorted(got) != sorted(devices_of(start)):
             raise SystemExit(f"{first}: devices {sorted(got)}")
-        if generation is not None and not got[devices_of(start)[0]]["keys"][f"curve25519:{devices_of(start)[0]}"].startswith(f"{generation:04d}"):
+        if generation is not None and not of_generation(got, start, generation):
             raise SystemExit(f"{first}: not the keys of generation {generation}")
+
+
+def of_generation(devices, i, generation):
+    """Whether user `i`'s first device in an answer has that round's keys."""
+    first = devices_of(i)[0]
+    return devices[first]["keys"][f"curve25519:{first}"].startswith(f"{generation:04d}")
 
 
 def measure(url, pid):
     with open(f"/proc/{pid}/status") as f:
         rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
-    text = call(url + "/metrics")
+    text = metrics(url)
     weights = {m.group(1): float(m.group(2)) for m in re.finditer(r'cache_weighted_bytes\{cache="([a-z_]+)"\} ([\d.e+]+)', text)}
     entries = {m.group(1): float(m.group(2)) for m in re.finditer(r'cache_entries\{cache="([a-z_]+)"\} ([\d.e+]+)', text)}
     # The token and user caches count entries, not bytes; they hold one each here.
@@ -143,7 +131,7 @@ def measure(url, pid):
     return {"rss_mb": rss_kb / 1024, "cached_mb": cached / 2**20, "entries": entries}
 
 
-def churn(cycle, url):
+def churn(cycle, url, proc):
     """A tenth of the users get new keys, as Synapse writes them: the key rows,
     then a device-list stream row each and the writer's position."""
     generation = cycle + 1
@@ -160,14 +148,8 @@ def churn(cycle, url):
          "-c", f"UPDATE stream_positions SET stream_id = {head + len(ids)} WHERE stream_name = 'device_lists_stream'")
     # The service follows the stream: the churned users' new keys show.
     sample = ids[0]
-    deadline = time.time() + 60
-    while True:
-        got = call(url + QUERY, {"device_keys": {user(sample): []}})["device_keys"][user(sample)]
-        if got[devices_of(sample)[0]]["keys"][f"curve25519:{devices_of(sample)[0]}"].startswith(f"{generation:04d}"):
-            return
-        if time.time() > deadline:
-            raise SystemExit("the churn did not reach the service within 60 s")
-        time.sleep(0.1)
+    wait_ready(url, proc, lambda u: of_generation(
+        call(u + QUERY, {"device_keys": {user(sample): []}}, TOKEN)["device_keys"][user(sample)], sample, generation), limit=60)
 
 
 def main():
@@ -183,21 +165,12 @@ def main():
                SYNAPSE_KEYS_WORKER_POLL_INTERVAL_MS="100")
     p = subprocess.Popen([BINARY, "-c", yaml, "--listen", url.removeprefix("http://")], env=env, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if json.loads(call(url + "/ready"))["replication"]["caught_up"]:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline or p.poll() is not None:
-                raise SystemExit("the service did not become ready")
-            time.sleep(0.1)
+        wait_ready(url, p, lambda u: call(u + "/ready", method="GET")["replication"]["caught_up"], limit=60)
         idle = measure(url, p.pid)
         ask_everyone(url, 0)
         rows = [{"cycle": 0, **measure(url, p.pid)}]
         for cycle in range(CYCLES):
-            churn(cycle, url)
+            churn(cycle, url, p)
             ask_everyone(url, None)
             rows.append({"cycle": cycle + 1, **measure(url, p.pid)})
     finally:

@@ -124,17 +124,17 @@ impl Collector for Sources {
             let refs: Vec<(&[(&str, &str)], u64)> = rows.iter().map(|(l, n)| (&l[..], *n)).collect();
             counter(&mut e, name, help, &refs)?;
         }
-        let rows = per_cache(|s| s.entries);
-        let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
-        gauge(&mut e, "cache_entries", "Entries held per cache", &refs)?;
-        let rows = per_cache(|s| s.weight);
-        let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
-        gauge(
-            &mut e,
-            "cache_weighted_bytes",
-            "What each cache's weigher counts: bytes held, estimated (entries for tokens and users)",
-            &refs,
-        )?;
+        let gauges: [(&str, &str, Pick); 2] = [
+            ("cache_entries", "Entries held per cache", |s| s.entries),
+            ("cache_weighted_bytes", "What each cache's weigher counts: bytes held, estimated (entries for tokens and users)", |s| {
+                s.weight
+            }),
+        ];
+        for (name, help, pick) in gauges {
+            let rows = per_cache(pick);
+            let refs: Vec<(&[(&str, &str)], i64)> = rows.iter().map(|(l, n)| (&l[..], i64::try_from(*n).unwrap_or(i64::MAX))).collect();
+            gauge(&mut e, name, help, &refs)?;
+        }
         gauge(&mut e, "caches_trusted", "1 while the caches are in use (replication stream followed)", &[(&[], i64::from(c.trusted()))])?;
 
         let r = self.coordinator.outcomes();

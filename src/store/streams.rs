@@ -163,8 +163,7 @@ impl ProbeConnection {
     /// marked stale. `None` on SQLite (no sequence).
     pub async fn quick_probe(&self, remote_users: &[&str]) -> Result<Option<Vec<ProbeRow>>, sqlx::Error> {
         let Store::Postgres(pool) = &self.store else { return Ok(None) };
-        let users: Vec<&str> = remote_users.to_vec();
-        self.on_connection(pool, async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(&users).fetch_all(conn).await).await.map(Some)
+        self.on_connection(pool, async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(remote_users).fetch_all(conn).await).await.map(Some)
     }
 
     /// Runs `work` on the probe's own PostgreSQL connection, opened when
