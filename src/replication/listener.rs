@@ -52,7 +52,7 @@ pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
 }
 
 pub async fn run(app: Arc<Follower>, invalidator: Arc<Invalidator>, client: redis::Client) {
-    let mut positions: HashMap<(String, String), i64> = HashMap::new();
+    let mut positions = Positions::default();
     let mut delay = Duration::from_millis(250);
     loop {
         let connected_at = Instant::now();
@@ -70,12 +70,7 @@ pub async fn run(app: Arc<Follower>, invalidator: Arc<Invalidator>, client: redi
     }
 }
 
-async fn session(
-    app: &Follower,
-    inv: &Invalidator,
-    client: &redis::Client,
-    positions: &mut HashMap<(String, String), i64>,
-) -> anyhow::Result<()> {
+async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, positions: &mut Positions) -> anyhow::Result<()> {
     let channel = app.config.synapse.server_name.clone();
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
@@ -94,8 +89,8 @@ async fn session(
     // not know may have written while we were away, and every writer we
     // knew must report again (each is caught up on its own) before the
     // caches are trusted.
-    let reconnecting = !positions.is_empty();
-    let mut awaited = Awaited::new(positions, &app.config.synapse.device_lists_writers);
+    let reconnecting = positions.begin_session();
+    let mut awaited = Awaited::new(&positions.known, &app.config.synapse.device_lists_writers);
     let settle_by = Instant::now() + SETTLE;
     let mut settled = false;
     let mut messages = pubsub.into_on_message();
@@ -110,13 +105,14 @@ async fn session(
                     Command::Rdata { stream, instance, token, row } => {
                         apply_row(inv, &stream, &row);
                         if let (Some(t), true) = (token, STREAMS.contains(&stream.as_str())) {
-                            let p = positions.entry((stream, instance)).or_insert(t);
-                            *p = (*p).max(t);
+                            positions.rdata((stream, instance), t);
                         }
                     }
                     Command::Position { stream, instance, prev, new } if STREAMS.contains(&stream.as_str()) => {
                         awaited.reported(&stream, &instance);
-                        position(app, inv, positions, stream, instance, prev, new, reconnecting).await;
+                        let key = (stream, instance);
+                        let step = positions.position(key.clone(), prev, new, reconnecting);
+                        follow_step(app, inv, &key, step).await;
                     }
                     _ => {}
                 }
@@ -136,7 +132,7 @@ async fn session(
                     app.invalidator.everything();
                     app.status.count_dropped_all();
                     for key in awaited.silent() {
-                        positions.remove(&key);
+                        positions.forget(&key);
                     }
                 }
                 trust(app);
@@ -201,38 +197,85 @@ fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
     }
 }
 
-/// A writer's position: read what we missed from the database when its
-/// previous position is not the last one we saw.
-#[allow(clippy::too_many_arguments)]
-async fn position(
-    app: &Follower,
-    inv: &Invalidator,
-    positions: &mut HashMap<(String, String), i64>,
-    stream: String,
-    instance: String,
-    prev: i64,
-    new: i64,
-    reconnecting: bool,
-) {
-    let key = (stream, instance);
-    match positions.get(&key).copied() {
-        None if reconnecting => {
-            tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries");
-            app.invalidator.everything();
-            app.status.count_dropped_all();
-        }
-        None => {}
-        Some(last) if new <= last => return,
-        Some(last) if prev != last => {
-            if let Err(e) = catch_up(app, inv, &key.0, &key.1, last, new).await {
-                tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries");
-                app.invalidator.everything();
-                app.status.count_dropped_all();
-            }
-        }
-        Some(_) => {}
+type Key = (String, String);
+
+/// Where each writer's stream stands, kept as Synapse's
+/// `ReplicationCommandHandler` keeps it. A writer's position moves with its
+/// `RDATA` only once its `POSITION` has been handled on this connection:
+/// rows published between our subscription and that `POSITION` may come
+/// after a gap, and taking their token as the position would hide the gap
+/// (Synapse discards such rows and catches up when the `POSITION` comes).
+#[derive(Debug, Default)]
+struct Positions {
+    /// The last position seen of each (stream, writer), across sessions.
+    known: HashMap<Key, i64>,
+    /// Whose `POSITION` has been handled on the current connection.
+    positioned: HashSet<Key>,
+}
+
+/// What a writer's `POSITION` asks of us.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Nothing,
+    /// Read the writer's rows in `(after, upto]` back from the database.
+    CatchUp {
+        after: i64,
+        upto: i64,
+    },
+    /// A writer we did not follow spoke after a reconnect: what it wrote
+    /// while we were away cannot be told apart.
+    DropAll,
+}
+
+impl Positions {
+    /// A new connection: every writer has to report again. Returns whether
+    /// positions were known before it (a reconnect).
+    fn begin_session(&mut self) -> bool {
+        self.positioned.clear();
+        !self.known.is_empty()
     }
-    positions.insert(key, new);
+
+    fn rdata(&mut self, key: Key, token: i64) {
+        if self.positioned.contains(&key) {
+            let p = self.known.entry(key).or_insert(token);
+            *p = (*p).max(token);
+        }
+    }
+
+    /// Synapse's rule: rows were missed unless `prev <= last <= new`.
+    fn position(&mut self, key: Key, prev: i64, new: i64, reconnecting: bool) -> Step {
+        let step = match self.known.get(&key).copied() {
+            None if reconnecting => Step::DropAll,
+            None => Step::Nothing,
+            Some(last) if prev <= last && last <= new => Step::Nothing,
+            Some(last) if last < new => Step::CatchUp { after: last, upto: new },
+            // The stream was reset (a writer's restart): nothing to read.
+            Some(_) => Step::Nothing,
+        };
+        self.known.insert(key.clone(), new);
+        self.positioned.insert(key);
+        step
+    }
+
+    fn forget(&mut self, key: &Key) {
+        self.known.remove(key);
+        self.positioned.remove(key);
+    }
+}
+
+async fn follow_step(app: &Follower, inv: &Invalidator, key: &Key, step: Step) {
+    match step {
+        Step::Nothing => return,
+        Step::DropAll => {
+            tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries")
+        }
+        Step::CatchUp { after, upto } => match catch_up(app, inv, &key.0, &key.1, after, upto).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "catch-up from the database failed; dropping all cached entries"),
+        },
+    }
+    app.invalidator.everything();
+    app.status.count_dropped_all();
 }
 
 /// Applies the rows of `stream` written by `instance` in `(after, upto]`.
@@ -285,6 +328,39 @@ mod tests {
         assert_eq!(awaited.silent(), [("device_lists".to_owned(), "dl2".to_owned())]);
         awaited.reported("device_lists", "dl2");
         assert!(awaited.done());
+    }
+
+    fn key(stream: &str, writer: &str) -> Key {
+        (stream.to_owned(), writer.to_owned())
+    }
+
+    #[test]
+    fn rows_published_before_a_writers_position_do_not_hide_a_gap() {
+        let mut p = Positions::default();
+        assert!(!p.begin_session());
+        assert_eq!(p.position(key("device_lists", "master"), 10, 10, false), Step::Nothing);
+        p.rdata(key("device_lists", "master"), 12);
+        // Away while rows 13..=20 were written; back, an RDATA (21) comes
+        // before the writer's answer to REPLICATE (21, 21).
+        assert!(p.begin_session());
+        p.rdata(key("device_lists", "master"), 21);
+        assert_eq!(p.position(key("device_lists", "master"), 21, 21, true), Step::CatchUp { after: 12, upto: 21 });
+        // From now on RDATA moves the position, and a POSITION that follows
+        // on from it asks for nothing.
+        p.rdata(key("device_lists", "master"), 23);
+        assert_eq!(p.position(key("device_lists", "master"), 23, 25, true), Step::Nothing);
+        assert_eq!(p.position(key("device_lists", "master"), 27, 30, true), Step::CatchUp { after: 25, upto: 30 });
+    }
+
+    #[test]
+    fn after_a_reconnect_an_unknown_writer_drops_everything_even_if_its_rows_came_first() {
+        let mut p = Positions::default();
+        p.position(key("device_lists", "dl1"), 5, 5, false);
+        assert!(p.begin_session());
+        p.rdata(key("device_lists", "dl2"), 8);
+        assert_eq!(p.position(key("device_lists", "dl2"), 8, 8, true), Step::DropAll);
+        // A stream reset (the writer restarted) reads nothing.
+        assert_eq!(p.position(key("device_lists", "dl1"), 2, 3, true), Step::Nothing);
     }
 
     #[test]
