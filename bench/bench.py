@@ -11,7 +11,8 @@ Environment: BENCH_SECONDS (per measurement, default 10), BENCH_ROUNDS
 concurrency levels of the sweep), BENCH_RATES (the fixed request rates of the
 latency runs, default 200,2000,8000), BENCH_BINARY, BENCH_CEILING and
 BENCH_LOADGEN (the builds to measure and load with), BENCH_OUT (the JSON
-file)."""
+file), BENCH_SCENARIOS (the scenarios to run, default a,b,c,d,e,f,g,h; an
+empty BENCH_SWEEP or BENCH_RATES skips the sweep or the fixed rates)."""
 
 import json
 import os
@@ -37,6 +38,12 @@ CEILING = os.environ.get("BENCH_CEILING", os.path.join(RELEASE, "examples", "cei
 LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(RELEASE, "examples", "loadgen"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(RELEASE, "..", "bench", "results.json"))
 WORK = tempfile.mkdtemp(prefix="skw-bench-")
+SCENARIOS = os.environ.get("BENCH_SCENARIOS", "a,b,c,d,e,f,g,h").split(",")
+
+
+def ints(name, default):
+    """The comma-separated integers of environment variable `name`."""
+    return [int(v) for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
 def register(i, synapse=SYNAPSE):
@@ -180,8 +187,8 @@ def main():
         for body in (ten, single, big):
             assert call(ours + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
             assert call(ours_off + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
-        remote_ours, remote_asker, remote_ten = remote_users(procs)
-        remote_token = token_file([remote_asker])
+        remote_ours, remote_asker, remote_ten = remote_users(procs) if "f" in SCENARIOS else (None, None, None)
+        remote_token = token_file([remote_asker]) if remote_asker else None
         scenarios = [
             # key, what, ours, tokens, body, connections
             ("a", "10 local users, all devices, warm", ours, one, ten, 16),
@@ -191,6 +198,7 @@ def main():
             ("e", f"10 local users, {TOKENS} requesters cycling", ours, many, ten, 16),
             ("f", "10 remote users in Synapse's device-list cache, warm", remote_ours, remote_token, remote_ten, 16),
         ]
+        scenarios = [s for s in scenarios if s[0] in SCENARIOS]
         results = []
         sweep = concurrency_sweep(ours, asker, one, ten, procs)
         fixed = fixed_rate(ours, asker, one, ten, procs, sweep)
@@ -224,9 +232,9 @@ def fixed_rate(ours, asker, tokens, body, procs, sweep):
     body_file = os.path.join(WORK, f"body-{free_port()}.json")
     with open(body_file, "w") as f:
         json.dump(body, f)
-    best = {n: max(row[n]["rps"] for row in sweep) for n in ("Synapse", "ours", "ceiling")}
+    best = {n: max((row[n]["rps"] for row in sweep), default=float("inf")) for n in ("Synapse", "ours", "ceiling")}
     out = []
-    for rate in [int(r) for r in os.environ.get("BENCH_RATES", "200,2000,8000").split(",")]:
+    for rate in ints("BENCH_RATES", "200,2000,8000"):
         row = {"rate": rate}
         for name, url in (("Synapse", SYNAPSE), ("ours", ours), ("ceiling", ceiling_url)):
             if best[name] < 1.5 * rate:
@@ -252,7 +260,7 @@ def concurrency_sweep(ours, asker, tokens, body, procs):
     """Scenario (a) at growing concurrency: one round per level, for the plot."""
     ceiling, ceiling_url = start_ceiling((ours, asker, body))
     procs.append(ceiling)
-    levels = [int(c) for c in os.environ.get("BENCH_SWEEP", "1,4,16,64").split(",")]
+    levels = ints("BENCH_SWEEP", "1,4,16,64")
     out = []
     for c in levels:
         row = {"connections": c}
@@ -299,4 +307,5 @@ def report(results, sweep, fixed):
     print(f"written to {os.path.normpath(OUT)}")
 
 
-main()
+if __name__ == "__main__":
+    main()

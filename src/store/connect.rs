@@ -6,7 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
 use super::{SCHEMA_SUBSET, Store};
@@ -19,11 +19,7 @@ impl Store {
         match db {
             DatabaseConfig::Postgres(args) => {
                 let max = worker.db_max_connections.or(args.cp_max).unwrap_or(10).max(1);
-                let pool = PgPoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(acquire)
-                    .connect_lazy_with(pg_options(args, worker.db_statement_timeout_ms)?);
-                Ok(Store::Postgres(pool))
+                Ok(Store::Postgres(super::PgConns::new(pg_options(args, worker.db_statement_timeout_ms)?, max, acquire)))
             }
             DatabaseConfig::Sqlite { path } => {
                 let opts = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(acquire);

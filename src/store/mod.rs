@@ -8,6 +8,7 @@ mod auth;
 mod connect;
 mod cross_signing;
 mod device_keys;
+mod pg_conns;
 mod remote;
 mod sql;
 mod streams;
@@ -15,17 +16,18 @@ mod streams;
 pub use auth::{DeviceIdRow, TokenRow};
 pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
 pub use device_keys::DeviceKeyRow;
+pub use pg_conns::PgConns;
 pub use remote::RemoteDeviceRow;
 pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 
-use sqlx::{PgPool, SqlitePool};
+use sqlx::SqlitePool;
 
 /// The SQLite DDL of the Synapse tables we read (demo and tests only).
 pub const SCHEMA_SUBSET: &str = include_str!("schema_subset.sql");
 
 #[derive(Clone, Debug)]
 pub enum Store {
-    Postgres(PgPool),
+    Postgres(PgConns),
     Sqlite(SqlitePool),
 }
 
@@ -42,7 +44,7 @@ impl Store {
     pub fn pool_state(&self) -> (u32, u32, u32) {
         let idle = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         match self {
-            Store::Postgres(p) => (p.size(), idle(p.num_idle()), p.options().get_max_connections()),
+            Store::Postgres(p) => (p.open(), p.idle(), p.max()),
             Store::Sqlite(p) => (p.size(), idle(p.num_idle()), p.options().get_max_connections()),
         }
     }
@@ -50,7 +52,7 @@ impl Store {
     /// Cheapest possible round trip, for readiness checks.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         match self {
-            Store::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(drop),
+            Store::Postgres(p) => p.run(async |c| sqlx::query("SELECT 1").execute(c).await.map(drop)).await,
             Store::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop),
         }
     }

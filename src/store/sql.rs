@@ -123,7 +123,7 @@ impl Store {
     pub(super) async fn fetch_all<R: Row>(&self, sql: &Sql, args: &[Arg<'_>]) -> Result<Vec<R>, sqlx::Error> {
         let Some(args) = storable_args(args) else { return Ok(Vec::new()) };
         match self {
-            Store::Postgres(p) => bind_pg(sqlx::query_as(sql.pg), &args).fetch_all(p).await,
+            Store::Postgres(p) => p.run(async |c| bind_pg(sqlx::query_as(sql.pg), &args).fetch_all(c).await).await,
             Store::Sqlite(p) => bind_sqlite(sqlx::query_as(sql.sqlite), &args).fetch_all(p).await,
         }
     }
@@ -132,7 +132,7 @@ impl Store {
     pub(super) async fn fetch_optional<R: Row>(&self, sql: &Sql, args: &[Arg<'_>]) -> Result<Option<R>, sqlx::Error> {
         let Some(args) = storable_args(args) else { return Ok(None) };
         match self {
-            Store::Postgres(p) => bind_pg(sqlx::query_as(sql.pg), &args).fetch_optional(p).await,
+            Store::Postgres(p) => p.run(async |c| bind_pg(sqlx::query_as(sql.pg), &args).fetch_optional(c).await).await,
             Store::Sqlite(p) => bind_sqlite(sqlx::query_as(sql.sqlite), &args).fetch_optional(p).await,
         }
     }
@@ -140,7 +140,7 @@ impl Store {
     /// The one row an aggregate without parameters selects.
     pub(super) async fn fetch_one<R: Row>(&self, sql: &Sql) -> Result<R, sqlx::Error> {
         match self {
-            Store::Postgres(p) => sqlx::query_as(sql.pg).fetch_one(p).await,
+            Store::Postgres(p) => p.run(async |c| sqlx::query_as(sql.pg).fetch_one(c).await).await,
             Store::Sqlite(p) => sqlx::query_as(sql.sqlite).fetch_one(p).await,
         }
     }

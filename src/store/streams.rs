@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection, PgPool};
-
-use super::Store;
 use super::sql::{Arg, Sql};
+use super::{PgConns, Store};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StreamUser {
@@ -115,7 +113,7 @@ impl Store {
     /// array column to read `keys` into: the one query of one dialect).
     pub async fn cache_invalidations(&self, after: i64, upto: i64, instance: Option<&str>) -> Result<Vec<CacheInvalidation>, sqlx::Error> {
         match self {
-            Store::Postgres(p) => sqlx::query_as(CACHES_PG).bind(after).bind(upto).bind(instance).fetch_all(p).await,
+            Store::Postgres(p) => p.run(async |c| sqlx::query_as(CACHES_PG).bind(after).bind(upto).bind(instance).fetch_all(c).await).await,
             Store::Sqlite(_) => Ok(Vec::new()),
         }
     }
@@ -124,7 +122,7 @@ impl Store {
     pub async fn stream_heads(&self) -> Result<(i64, i64), sqlx::Error> {
         let dl = self.device_lists_head().await?;
         match self {
-            Store::Postgres(p) => Ok((dl, sqlx::query_scalar(MAX_CACHES).fetch_one(p).await?)),
+            Store::Postgres(p) => Ok((dl, p.run(async |c| sqlx::query_scalar(MAX_CACHES).fetch_one(c).await).await?)),
             Store::Sqlite(_) => Ok((dl, 0)),
         }
     }
@@ -135,18 +133,21 @@ impl Store {
     }
 }
 
-/// The read barrier's own PostgreSQL connection, so that a probe costs one
-/// round trip (the pool pings a connection when it is taken and again when
-/// it is given back). Reopened after an error; SQLite uses the pool.
+/// The read barrier's own PostgreSQL connection, so that a probe never
+/// waits behind the requests' statements. SQLite uses the store.
 pub struct ProbeConnection {
     store: Store,
-    connect_timeout: Duration,
-    conn: tokio::sync::Mutex<Option<PgConnection>>,
+    /// One connection, opened with the store's options.
+    own: Option<PgConns>,
 }
 
 impl ProbeConnection {
     pub fn new(store: Store, connect_timeout: Duration) -> Self {
-        Self { store, connect_timeout, conn: tokio::sync::Mutex::new(None) }
+        let own = match &store {
+            Store::Postgres(p) => Some(PgConns::new(p.options().clone(), 1, connect_timeout)),
+            Store::Sqlite(_) => None,
+        };
+        Self { store, own }
     }
 
     /// The read barrier's probe, one round trip: device-list and signature
@@ -154,41 +155,16 @@ impl ProbeConnection {
     /// of `remote_users` Synapse has marked stale.
     pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
         let args = [Arg::Int(after), Arg::list(remote_users)];
-        let Store::Postgres(pool) = &self.store else { return self.store.fetch_all(&PROBE, &args).await };
-        self.on_connection(pool, async |conn| super::sql::fetch_all_on(conn, &PROBE, &args).await).await
+        let Some(own) = &self.own else { return self.store.fetch_all(&PROBE, &args).await };
+        own.run(async |conn| super::sql::fetch_all_on(conn, &PROBE, &args).await).await
     }
 
     /// The quick probe, one round trip and no table scanned: the device-list
     /// id sequence's last value, and which of `remote_users` Synapse has
     /// marked stale. `None` on SQLite (no sequence).
     pub async fn quick_probe(&self, remote_users: &[&str]) -> Result<Option<Vec<ProbeRow>>, sqlx::Error> {
-        let Store::Postgres(pool) = &self.store else { return Ok(None) };
-        self.on_connection(pool, async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(remote_users).fetch_all(conn).await).await.map(Some)
-    }
-
-    /// Runs `work` on the probe's own PostgreSQL connection, opened when
-    /// needed and dropped after an error.
-    async fn on_connection<T>(
-        &self,
-        pool: &PgPool,
-        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
-    ) -> Result<T, sqlx::Error> {
-        let mut slot = self.conn.lock().await;
-        let conn = match &mut *slot {
-            Some(c) => c,
-            None => {
-                let options = pool.connect_options();
-                let c = tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options))
-                    .await
-                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                slot.insert(c)
-            }
-        };
-        let result = work(conn).await;
-        if result.is_err() {
-            *slot = None;
-        }
-        result
+        let Some(own) = &self.own else { return Ok(None) };
+        own.run(async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(remote_users).fetch_all(conn).await).await.map(Some)
     }
 
     /// The newest id of the device-list stream.

@@ -313,6 +313,22 @@ async fn database_restart_is_survived() {
     assert_eq!(get("/ready").send(&worker.url).await.0, StatusCode::OK);
 }
 
+/// Every idle database connection of ours dies at once (a database
+/// restart seen between two requests, an idle timeout): the next request
+/// is answered at once, on new connections, not failed. No statement pays
+/// a liveness ping for this; a statement that finds its connection dead is
+/// run once more on a new one.
+#[tokio::test]
+async fn idle_connections_lost_between_requests_cost_no_error() {
+    let (proxy, worker, ask) = behind_a_database_proxy("idle-lost", |_| {}).await;
+    for round in 0..3 {
+        proxy.set_open(false);
+        proxy.set_open(true);
+        let (status, body) = ask.send(&worker.url).await;
+        assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+    }
+}
+
 /// A worker whose database link goes through a [`TcpProxy`] (caches off,
 /// so every request reads the database), and a query that works now.
 async fn behind_a_database_proxy(
