@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import resync
 from common import QUERY, call, free_port, metrics, wait_ready
 
 SYNAPSE = os.environ["SKW_TEST_SYNAPSE_URL"]
@@ -64,10 +65,11 @@ def login(user):
     return r["access_token"]
 
 
-def start_worker(extra_env, yaml=YAML):
+def start_worker(extra_env, *yamls):
     url = f"http://127.0.0.1:{free_port()}"
     env = dict(os.environ, RUST_LOG="warn", **extra_env)
-    p = subprocess.Popen([BINARY, "-c", yaml, "--listen", url.removeprefix("http://")], env=env,
+    configs = [a for y in (yamls or [YAML]) for a in ("-c", y)]
+    p = subprocess.Popen([BINARY, *configs, "--listen", url.removeprefix("http://")], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def ready(url):
@@ -215,11 +217,39 @@ def main():
             results.append({"key": key, "scenario": what, "connections": conns, **r})
             print(f"({key}) {what}: ours {r['ours']['rps']:.0f} req/s, Synapse {r['Synapse']['rps']:.0f}, "
                   f"ceiling {r['ceiling']['rps']:.0f}", flush=True)
+        bursts = stale_remote_user(procs)
     finally:
         for p in procs:
             p.terminate()
             p.wait(timeout=30)
-    report(results, sweep, fixed)
+    report(results, sweep, fixed, bursts)
+
+
+def stale_remote_user(procs):
+    """Scenarios (g) and (h) (bench/resync.py): a worker of ours on
+    "synapse-fed" with its real writer, and one whose writer hangs. All the
+    queries come from one device, so Synapse's per-device limit (10 at
+    once) is lifted for them."""
+    if not {"g", "h"} & set(SCENARIOS):
+        return {}
+    pair = resync.Pair(register)
+    limit = {"SYNAPSE_KEYS_WORKER_MAX_CONCURRENT_QUERIES_PER_DEVICE": str(resync.BURST)}
+    fed_yaml = os.environ["SKW_TEST_FED_HOMESERVER_YAML"]
+    out = {}
+    if "g" in SCENARIOS:
+        worker, url = start_worker(limit, fed_yaml)
+        procs.append(worker)
+        out["g"] = resync.scenario_g(pair, url, ROUNDS)
+    if "h" in SCENARIOS:
+        hung = resync.hanging_listener()
+        override = os.path.join(WORK, "hanging-writer.yaml")
+        with open(override, "w") as f:
+            f.write(f"instance_map:\n  main:\n    host: 127.0.0.1\n    port: {hung.getsockname()[1]}\n")
+        worker, url = start_worker(limit, fed_yaml, override)
+        procs.append(worker)
+        out["h"] = resync.scenario_h(pair, url, ROUNDS)
+        hung.close()
+    return out
 
 
 def fixed_rate(ours, asker, tokens, body, procs, sweep):
@@ -274,7 +304,7 @@ def concurrency_sweep(ours, asker, tokens, body, procs):
     return out
 
 
-def report(results, sweep, fixed):
+def report(results, sweep, fixed, bursts):
     print("\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -299,10 +329,17 @@ def report(results, sweep, fixed):
             cells = (f"{x['p50']:.2f} | {x['p99']:.2f} | {x['p999']:.2f} | {x['max']:.2f} | {x['lag_ms']:.1f}" if x
                      else "cannot sustain it | | | |")
             print(f"| {row['rate']} | {who} | {cells} |")
+    if bursts:
+        print(f"\n| scenario | round | queries | 200 | with the devices | writer calls | remote calls | p50 ms | p99 ms | max ms | later than timeout + 100 ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key, rows in bursts.items():
+        for i, x in enumerate(rows, 1):
+            print(f"| ({key}) | {i} | {x['queries']} | {x['ok']} | {x['with_devices']} | {x.get('writer_calls', '-')} "
+                  f"| {x.get('remote_calls', '-')} | {x['p50']:.0f} | {x['p99']:.0f} | {x['max']:.0f} | {x.get('late', '-')} |")
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
         json.dump({"seconds": SECONDS, "rounds": ROUNDS, "nproc": os.cpu_count(), "results": results, "sweep": sweep,
-                   "fixed_rate": fixed},
+                   "fixed_rate": fixed, "bursts": bursts},
                   f, indent=1)
     print(f"written to {os.path.normpath(OUT)}")
 

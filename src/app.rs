@@ -174,8 +174,8 @@ impl keys::Context for App {
         Ok(self.store.users_sharing_a_room_with(requester, users).await?)
     }
 
-    async fn resync(&self, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, keys::Outcome> {
-        self.remote.coordinator.resync(destination, users, deadline).await
+    async fn resync(&self, destination: &str, users: &[String], deadline: Instant, looked_at: Instant) -> HashMap<String, keys::Outcome> {
+        self.remote.coordinator.resync(destination, users, deadline, looked_at).await
     }
 
     async fn user_keys_query(&self, destination: &str, query: &Value, timeout: Duration, deadline: Instant) -> Result<Value, Value> {

@@ -32,10 +32,11 @@ pub async fn resync_rpc(
     let deadline = Instant::now() + Duration::from_millis(app.config.worker.max_timeout_ms);
     // Results cached before a change the caller may already know of are dropped first.
     app.barrier.sync(&[]).await.map_err(MatrixError::unavailable)?;
+    let looked_at = Instant::now();
     let mut out: Map<String, Value> = Map::new();
     let mut stream_pos: Option<Arc<RawValue>> = None;
     if let Some(first) = users.first() {
-        let outcomes = app.remote.coordinator.resync(domain_of(first), &users, deadline).await;
+        let outcomes = app.remote.coordinator.resync(domain_of(first), &users, deadline, looked_at).await;
         for user in &users {
             let value = match outcomes.get(user) {
                 Some(Ok(d)) => {

@@ -56,8 +56,16 @@ pub trait Context: Sync {
     fn users_sharing_a_room_with(&self, requester: &str, users: &[&str]) -> impl Future<Output = Result<Vec<String>, KeysError>> + Send;
 
     /// Resyncs `users` of `destination` (the device-lists writer, else the
-    /// remote directly), answering by `deadline`.
-    fn resync(&self, destination: &str, users: &[String], deadline: Instant) -> impl Future<Output = HashMap<String, Outcome>> + Send;
+    /// remote directly), answering by `deadline`. `looked_at`: when the
+    /// caller last read what Synapse holds about them (a resync overtaken by
+    /// an invalidation after that may still answer it).
+    fn resync(
+        &self,
+        destination: &str,
+        users: &[String],
+        deadline: Instant,
+        looked_at: Instant,
+    ) -> impl Future<Output = HashMap<String, Outcome>> + Send;
 
     /// The destination's federation `/user/keys/query`: its answer, or the
     /// failure Synapse would report for it.

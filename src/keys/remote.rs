@@ -49,6 +49,7 @@ pub async fn add_remote_users(
     }
     let users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
     let known = ctx.remote_users(&users).await?;
+    let looked_at = Instant::now();
     let sharing: HashSet<&str> = users.iter().copied().filter(|u| known.get(*u).is_some_and(|k| k.shares_a_room)).collect();
     // Cached users the server no longer shares a room with are not trusted,
     // nor those Synapse has marked stale since we read its tables.
@@ -89,7 +90,7 @@ pub async fn add_remote_users(
     let queries: Vec<_> = ask
         .into_iter()
         .map(|(dest, queries)| async move {
-            let work = query_destination(ctx, dest, queries, sharing, budget);
+            let work = query_destination(ctx, dest, queries, sharing, budget, looked_at);
             match tokio::time::timeout_at(safety_net.into(), work).await {
                 Ok(answer) => answer,
                 Err(_) => DestinationAnswer::failed(dest, ctx.timed_out(budget.timeout)),
@@ -154,13 +155,14 @@ async fn query_destination(
     queries: Vec<UserQuery<'_>>,
     sharing: &HashSet<&str>,
     budget: Budget,
+    looked_at: Instant,
 ) -> DestinationAnswer {
     let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };
     let resync: Vec<String> =
         queries.iter().filter(|(u, devices)| devices.is_empty() && sharing.contains(*u)).map(|(u, _)| (*u).to_owned()).collect();
     let mut updated: HashSet<String> = HashSet::new();
     if !resync.is_empty() {
-        let outcomes = ctx.resync(dest, &resync, budget.deadline).await;
+        let outcomes = ctx.resync(dest, &resync, budget.deadline, looked_at).await;
         for user in resync {
             match outcomes.get(&user) {
                 Some(Ok(d)) if d.is_resync_result => {

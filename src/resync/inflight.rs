@@ -8,6 +8,14 @@
 //! panicking fetch closes its followers' channels (they are answered
 //! "abandoned") and the next caller leads anew, never waiting on a result
 //! that cannot come.
+//!
+//! An invalidation of a user detaches their resync: callers that looked at
+//! the user after it start anew. But a caller that looked before it (its
+//! view of the user predates the invalidation) may still take that
+//! resync's result, as it could have joined it when it looked: most such
+//! invalidations are the writer storing the very result being fetched
+//! (Synapse streams them before it answers), and without this every query
+//! that had already looked would ask the writer again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,13 +36,28 @@ struct Entry<V> {
 
 type Map<V> = Arc<Mutex<HashMap<String, Entry<V>>>>;
 
+/// Each user's latest resync, kept for callers that looked at the user
+/// before an invalidation overtook it.
+struct Latest<V> {
+    result: Waiter<V>,
+    started: Instant,
+    /// The first invalidation of the user after the resync started.
+    overtaken: Option<Instant>,
+}
+
+/// Latest resyncs older than this are forgotten once there are many: no
+/// caller waits longer than its `timeout` (at most a minute by default).
+const KEEP_LATEST: std::time::Duration = std::time::Duration::from_secs(120);
+const MANY_LATEST: usize = 10_000;
+
 pub struct Inflight<V> {
     map: Map<V>,
+    latest: Mutex<HashMap<String, Latest<V>>>,
 }
 
 impl<V> Default for Inflight<V> {
     fn default() -> Self {
-        Self { map: Arc::default() }
+        Self { map: Arc::default(), latest: Mutex::default() }
     }
 }
 
@@ -49,12 +72,21 @@ impl<V: Clone> Inflight<V> {
     /// Registers interest in `users`: a waiter for each, and the batch of
     /// those nobody was fetching (`None` if there are none). Followers
     /// bring their leaders' hedge points forward to `hedge_at`.
-    pub fn join(&self, users: &[String], hedge_at: Instant) -> Joined<V> {
+    pub fn join(&self, users: &[String], hedge_at: Instant, looked_at: Instant) -> Joined<V> {
         let hedge = Arc::new(watch::Sender::new(hedge_at));
         let mut led = Vec::new();
         let mut waits = Vec::with_capacity(users.len());
         let mut map = self.map.lock().expect("in-flight map");
+        let mut latest = self.latest.lock().expect("latest resyncs");
         for user in users {
+            if !map.contains_key(user)
+                && let Some(l) = latest.get(user)
+                && l.overtaken.is_some_and(|at| at > looked_at)
+                && l.started.elapsed() < KEEP_LATEST
+            {
+                waits.push((user.clone(), l.result.clone()));
+                continue;
+            }
             let entry = map.entry(user.clone()).or_insert_with(|| {
                 let (tx, rx) = watch::channel(None);
                 led.push((user.clone(), tx));
@@ -69,6 +101,14 @@ impl<V: Clone> Inflight<V> {
             });
             waits.push((user.clone(), entry.result.clone()));
         }
+        let now = Instant::now();
+        for (user, tx) in &led {
+            latest.insert(user.clone(), Latest { result: tx.subscribe(), started: now, overtaken: None });
+        }
+        if latest.len() > MANY_LATEST {
+            latest.retain(|_, l| now.duration_since(l.started) < KEEP_LATEST);
+        }
+        drop(latest);
         drop(map);
         let batch = (!led.is_empty()).then(|| Batch { map: Arc::clone(&self.map), users: led, hedge });
         (waits, batch)
@@ -77,10 +117,17 @@ impl<V: Clone> Inflight<V> {
     /// Detaches `user`'s in-flight fetch: later callers start anew.
     pub fn forget(&self, user: &str) {
         self.map.lock().expect("in-flight map").remove(user);
+        if let Some(l) = self.latest.lock().expect("latest resyncs").get_mut(user) {
+            l.overtaken.get_or_insert_with(Instant::now);
+        }
     }
 
     pub fn forget_all(&self) {
         self.map.lock().expect("in-flight map").clear();
+        let now = Instant::now();
+        for l in self.latest.lock().expect("latest resyncs").values_mut() {
+            l.overtaken.get_or_insert(now);
+        }
     }
 
     #[cfg(test)]
@@ -143,9 +190,9 @@ mod tests {
     async fn first_caller_leads_later_callers_follow() {
         let inflight = Inflight::<u32>::default();
         let now = Instant::now();
-        let (waits, batch) = inflight.join(&users(&["@a:x", "@b:x"]), now);
+        let (waits, batch) = inflight.join(&users(&["@a:x", "@b:x"]), now, Instant::now());
         let mut batch = batch.expect("nobody was fetching");
-        let (follow, none) = inflight.join(&users(&["@b:x"]), now);
+        let (follow, none) = inflight.join(&users(&["@b:x"]), now, Instant::now());
         assert!(none.is_none(), "@b:x is being fetched");
         batch.deliver("@b:x", 7);
         let mut rx = follow[0].1.clone();
@@ -159,7 +206,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_leader_leaves_nothing_behind() {
         let inflight = Arc::new(Inflight::<u32>::default());
-        let (waits, batch) = inflight.join(&users(&["@a:x"]), Instant::now());
+        let (waits, batch) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         let batch = batch.unwrap();
         let task = tokio::spawn(async move {
             let _batch = batch;
@@ -169,7 +216,7 @@ mod tests {
         let mut rx = waits[0].1.clone();
         assert!(rx.wait_for(Option::is_some).await.is_err(), "the follower hears the leader is gone");
         // The next caller leads a new fetch and gets its answer.
-        let (waits, batch) = inflight.join(&users(&["@a:x"]), Instant::now());
+        let (waits, batch) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         batch.expect("a new leader").deliver("@a:x", 1);
         assert_eq!(*waits[0].1.borrow(), Some(1));
         assert_eq!(inflight.len(), 0);
@@ -179,27 +226,49 @@ mod tests {
     async fn an_earlier_follower_brings_the_hedge_forward() {
         let inflight = Inflight::<u32>::default();
         let now = Instant::now();
-        let (_, batch) = inflight.join(&users(&["@a:x"]), now + Duration::from_secs(3));
+        let (_, batch) = inflight.join(&users(&["@a:x"]), now + Duration::from_secs(3), Instant::now());
         let batch = batch.unwrap();
         let hedge = batch.hedge();
-        inflight.join(&users(&["@a:x"]), now + Duration::from_secs(5));
+        inflight.join(&users(&["@a:x"]), now + Duration::from_secs(5), Instant::now());
         assert_eq!(*hedge.borrow(), now + Duration::from_secs(3), "a later hedge point changes nothing");
-        inflight.join(&users(&["@a:x"]), now + Duration::from_millis(500));
+        inflight.join(&users(&["@a:x"]), now + Duration::from_millis(500), Instant::now());
         assert_eq!(*hedge.borrow(), now + Duration::from_millis(500));
     }
 
     #[tokio::test]
     async fn forgetting_detaches_the_fetch() {
         let inflight = Inflight::<u32>::default();
-        let (_, first) = inflight.join(&users(&["@a:x"]), Instant::now());
+        let (_, first) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         let mut first = first.unwrap();
         inflight.forget("@a:x");
-        let (waits, second) = inflight.join(&users(&["@a:x"]), Instant::now());
+        let (waits, second) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         assert!(second.is_some(), "a new fetch after the invalidation");
         // The old fetch's result reaches only its own followers, and does
         // not remove the new entry.
         first.deliver("@a:x", 1);
         assert_eq!(*waits[0].1.borrow(), None);
         assert_eq!(inflight.len(), 1);
+    }
+
+    /// The writer stores what it fetched (an invalidation of the user)
+    /// before it answers: a caller that looked at the user before that
+    /// takes the resync's result, delivered or not; one that looked after
+    /// it starts a resync of its own.
+    #[tokio::test]
+    async fn a_caller_that_looked_before_an_invalidation_takes_the_overtaken_result() {
+        let inflight = Inflight::<u32>::default();
+        let looked = Instant::now();
+        let (_, first) = inflight.join(&users(&["@a:x"]), Instant::now(), looked);
+        let mut first = first.unwrap();
+        inflight.forget("@a:x");
+        let (waits, none) = inflight.join(&users(&["@a:x"]), Instant::now(), looked);
+        assert!(none.is_none(), "it looked before the invalidation: no second resync");
+        first.deliver("@a:x", 5);
+        assert_eq!(*waits[0].1.borrow(), Some(5));
+        let (late, none) = inflight.join(&users(&["@a:x"]), Instant::now(), looked);
+        assert!(none.is_none(), "delivered: still the overtaken result for it");
+        assert_eq!(*late[0].1.borrow(), Some(5));
+        let (_, second) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
+        assert!(second.is_some(), "it looked after the invalidation: a resync of its own");
     }
 }

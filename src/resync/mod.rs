@@ -87,8 +87,15 @@ impl Coordinator {
     }
 
     /// Resyncs `users` (all on `destination`), waiting until `deadline` at
-    /// most. Every user gets an outcome.
-    pub async fn resync(self: &Arc<Self>, destination: &str, users: &[String], deadline: Instant) -> HashMap<String, Outcome> {
+    /// most. Every user gets an outcome. `looked_at`: when the caller last
+    /// read what Synapse holds about them (see [`Inflight::join`]).
+    pub async fn resync(
+        self: &Arc<Self>,
+        destination: &str,
+        users: &[String],
+        deadline: Instant,
+        looked_at: Instant,
+    ) -> HashMap<String, Outcome> {
         let mut out = HashMap::new();
         for user in users {
             if let Some(hit) = self.cache.get(user) {
@@ -96,7 +103,7 @@ impl Coordinator {
             }
         }
         let missing: Vec<String> = users.iter().filter(|u| !out.contains_key(*u)).cloned().collect();
-        let (waits, batch) = self.inflight.join(&missing, self.hedge_point(deadline));
+        let (waits, batch) = self.inflight.join(&missing, self.hedge_point(deadline), looked_at);
         if let Some(batch) = batch {
             let this = Arc::clone(self);
             let destination = destination.to_owned();
