@@ -11,12 +11,9 @@ use serde_json::{Map, Value};
 use crate::cache::Caches;
 use crate::config::Config;
 use crate::federation::FederationClient;
-use crate::keys::context::ByUser;
-use crate::keys::rendered::{CrossSigningKey, RenderedDevices};
-use crate::keys::{KeysError, RemoteUser, UserQuery};
+use crate::keys::{KeysError, LocalReads, RemoteUser, UserQuery};
 use crate::resync::Coordinator;
 use crate::resync::pass::WriterPass;
-use crate::store::SignatureRow;
 use crate::store::Store;
 use crate::{appservice_keys, http, keys, mas, metrics, replication};
 
@@ -142,17 +139,8 @@ impl keys::Context for App {
         self.barrier.sync(remote_users).await.map_err(|e| KeysError::Unavailable(e.to_string()))
     }
 
-    async fn local_devices<'a>(&self, users: &[&'a str]) -> Result<ByUser<'a, RenderedDevices>, KeysError> {
-        Ok(self.caches.local_devices(&self.store, users).await?)
-    }
-
-    async fn cross_signing_keys<'a>(&self, users: &[&'a str]) -> Result<ByUser<'a, Vec<CrossSigningKey>>, KeysError> {
-        Ok(self.caches.cross_signing_keys(&self.store, users).await?)
-    }
-
-    async fn signatures_by(&self, signer: &str) -> Result<Arc<Vec<SignatureRow>>, KeysError> {
-        let mut by = self.caches.signatures_by(&self.store, &[signer]).await?;
-        Ok(by.remove(signer).unwrap_or_default())
+    async fn local_reads<'a>(&self, local: &[&'a str], queried: &[&'a str], requester: &'a str) -> Result<LocalReads<'a>, KeysError> {
+        Ok(self.caches.local_reads(&self.store, local, queried, requester).await?)
     }
 
     async fn appservice_devices(&self, local: &[UserQuery<'_>], deadline: Instant) -> Map<String, Value> {

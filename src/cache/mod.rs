@@ -9,11 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use guarded::{GuardedCache, Trust};
+pub use guarded::{GuardedCache, Ticket, Trust};
 
 use crate::config::WorkerConfig;
-use crate::keys::RemoteUser;
 use crate::keys::rendered::{CrossSigningKey, RenderedDevices};
+use crate::keys::{LocalReads, RemoteUser};
 use crate::store::{DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
 
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
@@ -226,41 +226,48 @@ impl Caches {
         store.device_exists(user_id, device_id).await
     }
 
-    /// Each user's devices with keys, rendered (with the user's own
-    /// signatures, read through [`Self::signatures_by`] after the devices'
-    /// tickets were taken).
-    pub async fn local_devices<'a>(&self, store: &Store, users: &[&'a str]) -> Result<ByUser<'a, Arc<RenderedDevices>>, sqlx::Error> {
-        per_user(&self.devices, users, |m| async move {
-            let (rows, signatures) = tokio::try_join!(store.device_keys(&m), self.signatures_by(store, &m))?;
-            let rows = grouped(rows);
-            let render = |u: &str| {
-                let own = signatures.get(u).map_or(&[][..], |s| s.as_slice());
-                RenderedDevices::local(rows.get(u).map_or(&[][..], |r| r.as_slice()), own)
-            };
-            Ok(m.iter().map(|u| ((*u).to_owned(), Arc::new(render(u)))).collect())
-        })
-        .await
-    }
-
-    /// Each user's cross-signing keys, parsed.
-    pub async fn cross_signing_keys<'a>(
+    /// What a `/keys/query` reads of local users (see
+    /// [`crate::keys::Context::local_reads`]): hits from memory, every miss
+    /// in one statement. The devices' tickets are taken before their
+    /// owners' signatures are looked up: a signature change invalidates the
+    /// signatures, then the rendered devices, so a rendering from
+    /// signatures read before it is refused.
+    pub async fn local_reads<'a>(
         &self,
         store: &Store,
-        users: &[&'a str],
-    ) -> Result<ByUser<'a, Arc<Vec<CrossSigningKey>>>, sqlx::Error> {
-        per_user(&self.cross_signing, users, |m| async move {
-            let rows = store.cross_signing_keys(&m).await?;
-            let mut keys: HashMap<String, Vec<CrossSigningKey>> = HashMap::new();
-            for (row, key) in rows.iter().filter_map(|r| Some((r, CrossSigningKey::parse(r)?))) {
-                keys.entry(row.user_id.clone()).or_default().push(key);
+        local: &[&'a str],
+        queried: &[&'a str],
+        requester: &'a str,
+    ) -> Result<LocalReads<'a>, sqlx::Error> {
+        let (mut devices, misses) = lookup(&self.devices, local.iter().copied());
+        let devices_due = Due::new(&self.devices, misses);
+        let signers = devices_due.users.iter().copied().chain([requester]);
+        let (mut signatures, misses) = lookup(&self.signatures, signers);
+        let signatures_due = Due::new(&self.signatures, misses);
+        let (mut keys, misses) = lookup(&self.cross_signing, queried.iter().copied());
+        let keys_due = Due::new(&self.cross_signing, misses);
+        if !(devices_due.users.is_empty() && signatures_due.users.is_empty() && keys_due.users.is_empty()) {
+            let rows = store.query_reads(&devices_due.users, &signatures_due.users, &keys_due.users).await?;
+            signatures_due.fill(&self.signatures, grouped(rows.signatures), &mut signatures);
+            let device_rows = grouped(rows.device_keys);
+            let rendered = devices_due
+                .users
+                .iter()
+                .map(|u| {
+                    let own = signatures.get(u).map_or(&[][..], |s| s.as_slice());
+                    let rows = device_rows.get(*u).map_or(&[][..], |r| r.as_slice());
+                    ((*u).to_owned(), Arc::new(RenderedDevices::local(rows, own)))
+                })
+                .collect();
+            devices_due.fill(&self.devices, rendered, &mut devices);
+            let mut parsed: HashMap<String, Vec<CrossSigningKey>> = HashMap::new();
+            for (row, key) in rows.cross_signing_keys.iter().filter_map(|r| Some((r, CrossSigningKey::parse(r)?))) {
+                parsed.entry(row.user_id.clone()).or_default().push(key);
             }
-            Ok(keys.into_iter().map(|(u, k)| (u, Arc::new(k))).collect())
-        })
-        .await
-    }
-
-    pub async fn signatures_by<'a>(&self, store: &Store, signers: &[&'a str]) -> Result<ByUser<'a, Arc<Vec<SignatureRow>>>, sqlx::Error> {
-        per_user(&self.signatures, signers, |m| async move { Ok(grouped(store.signatures_by(&m).await?)) }).await
+            keys_due.fill(&self.cross_signing, parsed.into_iter().map(|(u, k)| (u, Arc::new(k))).collect(), &mut keys);
+        }
+        let requester_signatures = signatures.remove(requester).unwrap_or_default();
+        Ok(LocalReads { devices, cross_signing_keys: keys, requester_signatures })
     }
 
     /// What Synapse's tables say about each of the remote `users`.
@@ -348,6 +355,54 @@ fn grouped<V: OwnedBy>(rows: Vec<V>) -> HashMap<String, Arc<Vec<V>>> {
     by_owner.into_iter().map(|(u, v)| (u, Arc::new(v))).collect()
 }
 
+/// The hits of `users` in `cache` (each user once), and the users missed.
+fn lookup<'a, V: Clone + Send + Sync + 'static>(
+    cache: &GuardedCache<String, V>,
+    users: impl Iterator<Item = &'a str>,
+) -> (ByUser<'a, V>, Vec<&'a str>) {
+    let mut found = HashMap::new();
+    let mut misses = Vec::new();
+    let mut seen = HashSet::new();
+    for u in users.filter(|u| seen.insert(*u)) {
+        match cache.get(u) {
+            Some(hit) => {
+                found.insert(u, hit);
+            }
+            None => misses.push(u),
+        }
+    }
+    (found, misses)
+}
+
+/// Users a cache missed, with the tickets taken before their load.
+struct Due<'a> {
+    users: Vec<&'a str>,
+    tickets: Vec<Ticket>,
+}
+
+impl<'a> Due<'a> {
+    fn new<V: Clone + Send + Sync + 'static>(cache: &GuardedCache<String, V>, users: Vec<&'a str>) -> Self {
+        let tickets = users.iter().map(|u| cache.ticket(*u)).collect();
+        Self { users, tickets }
+    }
+
+    /// Each user's loaded value (the default, e.g. an empty list, when the
+    /// load left them out) into `found`, and into the cache unless
+    /// invalidated while loading.
+    fn fill<V: Clone + Default + Send + Sync + 'static>(
+        self,
+        cache: &GuardedCache<String, V>,
+        mut loaded: HashMap<String, V>,
+        found: &mut ByUser<'a, V>,
+    ) {
+        for (u, ticket) in self.users.into_iter().zip(self.tickets) {
+            let entry = loaded.remove(u).unwrap_or_default();
+            cache.insert(u.to_owned(), entry.clone(), ticket);
+            found.insert(u, entry);
+        }
+    }
+}
+
 /// A per-user read: hits from the cache, then one `load` of all misses
 /// (values by user; a user it leaves out gets the default, e.g. an empty
 /// list), cached unless invalidated while loading.
@@ -357,26 +412,12 @@ where
     F: FnOnce(Vec<&'a str>) -> Fut,
     Fut: Future<Output = Result<HashMap<String, V>, sqlx::Error>>,
 {
-    let mut found = HashMap::with_capacity(users.len());
-    let mut misses = Vec::new();
-    let mut seen = HashSet::with_capacity(users.len());
-    for u in users.iter().copied().filter(|u| seen.insert(*u)) {
-        match cache.get(u) {
-            Some(hit) => {
-                found.insert(u, hit);
-            }
-            None => misses.push(u),
-        }
-    }
+    let (mut found, misses) = lookup(cache, users.iter().copied());
     if misses.is_empty() {
         return Ok(found);
     }
-    let tickets: Vec<_> = misses.iter().map(|u| cache.ticket(*u)).collect();
-    let mut loaded = load(misses.clone()).await?;
-    for (u, ticket) in misses.into_iter().zip(tickets) {
-        let entry = loaded.remove(u).unwrap_or_default();
-        cache.insert(u.to_owned(), entry.clone(), ticket);
-        found.insert(u, entry);
-    }
+    let due = Due::new(cache, misses);
+    let loaded = load(due.users.clone()).await?;
+    due.fill(cache, loaded, &mut found);
     Ok(found)
 }

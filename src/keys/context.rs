@@ -18,6 +18,17 @@ use crate::store::SignatureRow;
 /// them.
 pub type ByUser<'a, V> = HashMap<&'a str, Arc<V>>;
 
+/// See [`Context::local_reads`].
+#[derive(Debug, Default)]
+pub struct LocalReads<'a> {
+    /// Each local user's devices with keys, rendered.
+    pub devices: ByUser<'a, RenderedDevices>,
+    /// Each queried user's cross-signing keys, parsed.
+    pub cross_signing_keys: ByUser<'a, Vec<CrossSigningKey>>,
+    /// Every signature the requester made.
+    pub requester_signatures: Arc<Vec<SignatureRow>>,
+}
+
 pub trait Context: Sync {
     /// This homeserver's name: its users are local.
     fn server_name(&self) -> &str;
@@ -29,14 +40,15 @@ pub trait Context: Sync {
     /// the call; returns those of `remote_users` Synapse has marked stale.
     fn catch_up(&self, remote_users: &[&str]) -> impl Future<Output = Result<Arc<HashSet<String>>, KeysError>> + Send;
 
-    /// Each local user's devices with keys, rendered.
-    fn local_devices<'a>(&self, users: &[&'a str]) -> impl Future<Output = Result<ByUser<'a, RenderedDevices>, KeysError>> + Send;
-
-    fn cross_signing_keys<'a>(&self, users: &[&'a str])
-    -> impl Future<Output = Result<ByUser<'a, Vec<CrossSigningKey>>, KeysError>> + Send;
-
-    /// The signatures `signer` made.
-    fn signatures_by(&self, signer: &str) -> impl Future<Output = Result<Arc<Vec<SignatureRow>>, KeysError>> + Send;
+    /// The devices of the `local` users, the cross-signing keys of the
+    /// `queried` ones and the signatures `requester` made: from memory
+    /// where it can, the rest in one database round trip.
+    fn local_reads<'a>(
+        &self,
+        local: &[&'a str],
+        queried: &[&'a str],
+        requester: &'a str,
+    ) -> impl Future<Output = Result<LocalReads<'a>, KeysError>> + Send;
 
     /// MSC3984: the devices application services give for their local
     /// users (an empty map when none are configured).

@@ -11,7 +11,7 @@ pub mod remote;
 pub mod rendered;
 pub mod request;
 
-pub use context::Context;
+pub use context::{Context, LocalReads};
 pub use error::KeysError;
 pub use model::{Outcome, RemoteUser, UserDevices};
 pub use query::{KeysQueryResponse, query_keys};

@@ -15,7 +15,7 @@ use super::json::parse_object;
 use super::remote::{Budget, add_remote_users};
 use super::rendered::{CrossSigningKey, DeviceMap, KeyJson};
 use super::request::KeysQuery;
-use super::{Context, KeysError};
+use super::{Context, KeysError, LocalReads};
 use crate::ids::domain_of;
 use crate::store::SignatureRow;
 
@@ -46,10 +46,10 @@ pub async fn query_keys(ctx: &impl Context, requester: &str, query: &KeysQuery, 
     // Owners' signatures on their own devices are in the rendered devices;
     // the requester's signatures on anyone's keys are shown to the
     // requester.
-    let reads = async { tokio::try_join!(ctx.local_devices(&local_users), ctx.cross_signing_keys(&queried), ctx.signatures_by(requester)) };
+    let reads = ctx.local_reads(&local_users, &queried, requester);
     let appservices = async { if local.is_empty() { Default::default() } else { ctx.appservice_devices(&local, deadline).await } };
     let (reads, appservice_answer) = tokio::join!(reads, appservices);
-    let (device_map, key_map, requester_sigs) = reads?;
+    let LocalReads { devices: device_map, cross_signing_keys: key_map, requester_signatures: requester_sigs } = reads?;
 
     let mut resp = KeysQueryResponse::default();
     for (user, wanted) in &local {

@@ -6,17 +6,15 @@
 
 mod auth;
 mod connect;
-mod cross_signing;
-mod device_keys;
 mod pg_conns;
+mod query_reads;
 mod remote;
 mod sql;
 mod streams;
 
 pub use auth::{DeviceIdRow, TokenRow};
-pub use cross_signing::{CrossSigningKeyRow, SignatureRow};
-pub use device_keys::DeviceKeyRow;
 pub use pg_conns::PgConns;
+pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;
 pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 
