@@ -19,7 +19,7 @@ use crate::store::{DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Sto
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
 
 /// Values per user, keyed by the caller's user IDs.
-pub type ByUser<'a, V> = HashMap<&'a str, V>;
+pub type ByUser<'a, V> = HashMap<&'a str, V, foldhash::fast::RandomState>;
 
 pub struct Caches {
     trust: Arc<Trust>,
@@ -360,9 +360,9 @@ fn lookup<'a, V: Clone + Send + Sync + 'static>(
     cache: &GuardedCache<String, V>,
     users: impl Iterator<Item = &'a str>,
 ) -> (ByUser<'a, V>, Vec<&'a str>) {
-    let mut found = HashMap::new();
+    let mut found = ByUser::default();
     let mut misses = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::<&str, foldhash::fast::RandomState>::default();
     for u in users.filter(|u| seen.insert(*u)) {
         match cache.get(u) {
             Some(hit) => {

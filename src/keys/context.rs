@@ -15,8 +15,8 @@ use super::{KeysError, Outcome, RemoteUser, UserQuery};
 use crate::store::SignatureRow;
 
 /// Values per user, keyed by the caller's user IDs, as the caches hold
-/// them.
-pub type ByUser<'a, V> = HashMap<&'a str, Arc<V>>;
+/// them (hashed with foldhash, as the caches are: built per request).
+pub type ByUser<'a, V> = HashMap<&'a str, Arc<V>, foldhash::fast::RandomState>;
 
 /// See [`Context::local_reads`].
 #[derive(Debug, Default)]
