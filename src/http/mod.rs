@@ -14,16 +14,16 @@ mod replication_pass;
 mod resync_rpc;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::App;
 use crate::error::MatrixError;
@@ -75,13 +75,8 @@ pub fn router(app: Arc<App>) -> Router {
     r.fallback(|| async { MatrixError::not_found() })
         .method_not_allowed_fallback(|| async { MatrixError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn(cors))
         .layer(CatchPanicLayer::custom(|_| MatrixError::internal("handler panicked").into_response()))
-        .layer(middleware::from_fn_with_state(Arc::clone(&app), observe::metrics))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(observe::access_log())
-        .layer(SetRequestIdLayer::x_request_id(observe::FreshId))
-        .layer(middleware::from_fn(observe::drop_odd_request_id))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), observe::edge))
         .with_state(app)
 }
 
@@ -92,34 +87,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     resp
 }
 
-/// Synapse answers `OPTIONS` on any path with 204 and sets CORS headers on
-/// its client-API responses, so browser clients work through us too.
-async fn cors(req: Request, next: Next) -> Response {
-    if req.method() == Method::OPTIONS {
-        let mut resp = StatusCode::NO_CONTENT.into_response();
-        set_cors_headers(&mut resp);
-        return resp;
-    }
-    let is_client_api = req.uri().path().starts_with("/_matrix/");
-    let mut resp = next.run(req).await;
-    if is_client_api {
-        set_cors_headers(&mut resp);
-    }
-    resp
-}
-
-fn set_cors_headers(resp: &mut Response) {
-    let h = resp.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("X-Requested-With, Content-Type, Authorization, Date"));
-    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Synapse-Trace-Id, Server"));
-}
-
-/// A JSON response with the headers Synapse sends on API answers.
+/// A JSON response with the headers Synapse sends on API answers. The
+/// buffer starts at the size of the previous answer (answers to one
+/// deployment's clients are alike), so it is seldom grown and copied.
 pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => {
+    static LAST_LEN: AtomicUsize = AtomicUsize::new(0);
+    let mut bytes = Vec::with_capacity(LAST_LEN.load(Ordering::Relaxed).clamp(256, 1 << 20));
+    match serde_json::to_writer(&mut bytes, body) {
+        Ok(()) => {
+            LAST_LEN.store(bytes.len(), Ordering::Relaxed);
             let mut resp = (status, bytes).into_response();
             let h = resp.headers_mut();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

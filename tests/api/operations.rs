@@ -54,9 +54,16 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
 
 #[tokio::test]
 async fn request_ids_are_honoured_or_made() {
+    let logs = captured_logs();
     let worker = spawn_worker().await;
     let resp = http().get(format!("{}/health", worker.url)).header("X-Request-Id", "proxy-id-42").send().await.unwrap();
     assert_eq!(resp.headers()["x-request-id"], "proxy-id-42");
+    // The access-log line is in the request's span, which carries the ID.
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logged.lines().any(|l| l.contains("request_id=proxy-id-42") && l.contains("status=200") && l.contains("path=/health")),
+        "no access-log line with the request's ID in\n{logged}"
+    );
     let resp = http().get(format!("{}/health", worker.url)).send().await.unwrap();
     let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(made.len(), 16);
