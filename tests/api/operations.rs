@@ -336,6 +336,26 @@ async fn idle_connections_lost_between_requests_cost_no_error() {
     }
 }
 
+/// With the caches off, a query of local users reads the database after it
+/// arrived and so waits for no read-barrier probe.
+#[tokio::test]
+async fn caches_off_local_queries_make_no_barrier_probe() {
+    let hs = Synapse::new();
+    let user = hs.register("nobarrier").await;
+    hs.upload_device_keys(&user.session).await;
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    config.worker.caches_enabled = false;
+    let worker = spawn_worker_with(config).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
+    for _ in 0..5 {
+        let (status, body) = crate::helpers::assert_same(&worker, &ask).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["device_keys"][&user.user_id].as_object().is_some_and(|d| !d.is_empty()), "{body}");
+    }
+    let probes = worker.app.barrier.counters().probes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(probes, 0, "{probes} read-barrier probes for local queries with the caches off");
+}
+
 /// A worker whose database link goes through a [`TcpProxy`] (caches off,
 /// so every request reads the database), and a query that works now.
 async fn behind_a_database_proxy(
