@@ -2,6 +2,7 @@
 //! key-JSON helpers they share. No HTTP, no SQL, no `App`: what it reads
 //! and asks comes through [`Context`], and it fails with [`KeysError`].
 
+mod body;
 pub mod context;
 pub mod error;
 pub mod json;
