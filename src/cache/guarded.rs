@@ -139,10 +139,29 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hit = if self.trust.get() { self.cache.get(key) } else { None };
-        let counter = if hit.is_some() { &self.counters.hits } else { &self.counters.misses };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let hit = self.get_uncounted(key);
+        self.count(u64::from(hit.is_some()), u64::from(hit.is_none()));
         hit
+    }
+
+    /// [`Self::get`] without counting it: a caller reading many keys counts
+    /// them once with [`Self::count`] (the counters are shared by every
+    /// thread, and a cache line bounced per key read).
+    pub fn get_uncounted<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if self.trust.get() { self.cache.get(key) } else { None }
+    }
+
+    pub fn count(&self, hits: u64, misses: u64) {
+        if hits > 0 {
+            self.counters.hits.fetch_add(hits, Ordering::Relaxed);
+        }
+        if misses > 0 {
+            self.counters.misses.fetch_add(misses, Ordering::Relaxed);
+        }
     }
 
     /// Take before reading the value from its source.

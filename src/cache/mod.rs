@@ -275,13 +275,14 @@ impl Caches {
         let mut out = HashMap::new();
         let mut misses = Vec::new();
         for u in users {
-            match self.remote.get(*u) {
+            match self.remote.get_uncounted(*u) {
                 Some(hit) => {
                     out.insert((*u).to_owned(), hit);
                 }
                 None => misses.push(*u),
             }
         }
+        self.remote.count((users.len() - misses.len()) as u64, misses.len() as u64);
         if misses.is_empty() {
             return Ok(out);
         }
@@ -366,13 +367,14 @@ fn lookup<'a, V: Clone + Send + Sync + 'static>(
     let mut misses = Vec::new();
     let mut seen = HashSet::<&str, foldhash::fast::RandomState>::with_capacity_and_hasher(n, Default::default());
     for u in users.filter(|u| seen.insert(*u)) {
-        match cache.get(u) {
+        match cache.get_uncounted(u) {
             Some(hit) => {
                 found.insert(u, hit);
             }
             None => misses.push(u),
         }
     }
+    cache.count(found.len() as u64, misses.len() as u64);
     (found, misses)
 }
 
