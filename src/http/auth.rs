@@ -23,6 +23,9 @@ pub struct Requester {
     pub user_id: String,
     pub device_id: Option<String>,
     pub is_guest: bool,
+    /// Authentication waited for the read barrier (MAS, to check the
+    /// device): the caches are already as fresh as the request needs.
+    pub caught_up: bool,
 }
 
 /// `Authorization: Bearer <token>` or `?access_token=`, never both.
@@ -89,7 +92,7 @@ pub async fn authenticate(
         return Err(MatrixError::user_locked());
     }
     check_account_validity(app, row.expiration_ts, now_ms)?;
-    Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest })
+    Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest, caught_up: false })
 }
 
 /// Delegated auth (Synapse's `MasDelegatedAuth.get_user_by_access_token`):
@@ -109,6 +112,7 @@ async fn mas_requester(app: &App, mas: &MasClient, token: &str) -> Result<Reques
         return Err(rejected(Rejection::UnknownUser));
     }
     let device_id = answer.device().map_err(rejected)?.map(str::to_owned);
+    let caught_up = device_id.is_some();
     if let Some(device) = &device_id {
         app.barrier.sync(&[]).await.map_err(MatrixError::unavailable)?;
         if device.contains('\0') || !app.caches.device_exists(&app.store, &user_id, device).await? {
@@ -116,7 +120,7 @@ async fn mas_requester(app: &App, mas: &MasClient, token: &str) -> Result<Reques
             return Err(rejected(Rejection::Inactive));
         }
     }
-    Ok(Requester { user_id, device_id, is_guest: false })
+    Ok(Requester { user_id, device_id, is_guest: false, caught_up })
 }
 
 /// Synapse's answer to each refusal: the client's token (401), or a fault
@@ -144,7 +148,7 @@ async fn guest_requester(app: &App, token: &str, now_ms: i64) -> Result<Requeste
         Some((true, true, _)) => Err(MatrixError::user_locked()),
         Some((true, false, expiration_ts)) => {
             check_account_validity(app, expiration_ts, now_ms)?;
-            Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true })
+            Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true, caught_up: false })
         }
     }
 }
@@ -201,7 +205,7 @@ async fn app_service_requester(store: &Store, service: &AppService, params: &Que
         Some(d) => Some(d.to_owned()),
         None => None,
     };
-    Ok(Requester { user_id, device_id, is_guest: false })
+    Ok(Requester { user_id, device_id, is_guest: false, caught_up: false })
 }
 
 #[cfg(test)]

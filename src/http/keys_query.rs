@@ -49,6 +49,7 @@ pub async fn keys_query(
     let mut query = KeysQuery::parse(&body)?;
     query.timeout = app.config.worker.query_timeout(query_timeout.or(query.body_timeout_ms));
     query.arrived = arrived;
+    query.caught_up = requester.caught_up;
     let _slot = app.limiter.acquire(&requester.user_id, requester.device_id.as_deref()).await?;
     if app.config.synapse.msc4263_limit_key_queries_to_users_who_share_rooms {
         within(db_budget, async { Ok(query.keep_users_sharing_a_room_with(&*app, &requester.user_id).await?) }).await?;

@@ -40,8 +40,10 @@ pub async fn query_keys(ctx: &impl Context, requester: &str, query: &KeysQuery, 
     let local_users: Vec<&str> = local.iter().map(|(u, _)| *u).collect();
     let queried: Vec<&str> = query.users.iter().map(|(u, _)| u.as_str()).collect();
     let remote_users: Vec<&str> = remote.iter().map(|(u, _)| *u).collect();
-    // Nothing Synapse has announced may be older in our answer.
-    let stale_marks = ctx.catch_up(&remote_users).await?;
+    // Nothing Synapse has announced may be older in our answer. Once is
+    // enough: a request that already waited for a probe only needs one for
+    // remote users' stale marks.
+    let stale_marks = if query.caught_up && remote_users.is_empty() { Arc::default() } else { ctx.catch_up(&remote_users).await? };
 
     // Owners' signatures on their own devices are in the rendered devices;
     // the requester's signatures on anyone's keys are shown to the

@@ -19,6 +19,9 @@ pub struct KeysQuery {
     pub timeout: Duration,
     /// When the request arrived: the answer is due `timeout` after it.
     pub arrived: Instant,
+    /// The request already waited for a read-barrier probe that started
+    /// after it arrived (authentication did, under MAS).
+    pub caught_up: bool,
 }
 
 impl KeysQuery {
@@ -50,7 +53,7 @@ impl KeysQuery {
         if !all_lists {
             return Err(KeysError::BadJson("'device_keys' values must be a list of strings"));
         }
-        Ok(Self { users, body_timeout_ms: body.timeout, timeout: Duration::from_secs(10), arrived: Instant::now() })
+        Ok(Self { users, body_timeout_ms: body.timeout, timeout: Duration::from_secs(10), arrived: Instant::now(), caught_up: false })
     }
 }
 

@@ -225,6 +225,28 @@ async fn deleted_device_is_refused_at_once() {
     assert_eq!(mas.calls(&t), 6, "ours, the polling worker's and Synapse's, twice");
 }
 
+/// A request with a device waits for the read barrier once: the probe
+/// authentication waits for (to check the device) also serves the query.
+#[tokio::test]
+async fn a_device_request_waits_for_one_barrier_probe() {
+    let _shared = STAND_IN.read().await;
+    let mas = fake_mas();
+    let ours = worker().await;
+    let dora = provision(mas, &["DORA1"]).await;
+    let body = json!({"device_keys": {dora.user_id.clone(): []}});
+    let t = token(mas, Reply::Json(active(&dora.localpart, &format!("{API} {DEVICE}DORA1"))));
+    assert_eq!(same(&ours, &t, &body).await, StatusCode::OK);
+    let probes = || ours.app.barrier.counters().probes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = probes();
+    let ask = Ask::keys_query("v3", &t, TokenIn::Header, &body);
+    for _ in 0..5 {
+        let (status, answer) = ask.send(&ours.url).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert!(answer["device_keys"][&dora.user_id]["DORA1"].is_object(), "{answer}");
+    }
+    assert_eq!(probes() - before, 5, "read-barrier probes for 5 requests one after another");
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_one_introspection() {
     let _shared = STAND_IN.read().await;
