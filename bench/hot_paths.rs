@@ -9,6 +9,7 @@
 //!   cross-signing keys from the caches) written out.
 //! - `merge_signatures`: one signature merged into a device's keys.
 //! - `cache_lookup_10_users`: 10 hits in a guarded cache.
+//! - `parse_query_10_users`: a 10-user `/keys/query` body read.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -17,9 +18,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use synapse_keys_worker::cache::{GuardedCache, Trust};
-use synapse_keys_worker::keys::KeysQueryResponse;
 use synapse_keys_worker::keys::json::{merge_signatures, parse_object};
 use synapse_keys_worker::keys::rendered::{CrossSigningKey, DeviceMap, KeyJson, RenderedDevices};
+use synapse_keys_worker::keys::{KeysQuery, KeysQueryResponse};
 use synapse_keys_worker::store::{CrossSigningKeyRow, DeviceKeyRow, SignatureRow};
 
 fn device_json(user: &str, device: &str) -> String {
@@ -127,6 +128,18 @@ fn benches(c: &mut Criterion) {
             let found: BTreeMap<&str, Arc<RenderedDevices>> = asked.iter().filter_map(|u| Some((*u, cache.get(*u)?))).collect();
             assert_eq!(found.len(), 10);
             found
+        })
+    });
+
+    let body = serde_json::to_vec(
+        &serde_json::json!({"device_keys": asked.iter().map(|u| (*u, Vec::<String>::new())).collect::<BTreeMap<_, _>>()}),
+    )
+    .expect("serialises");
+    c.bench_function("parse_query_10_users", |b| {
+        b.iter(|| {
+            let q = KeysQuery::parse(black_box(&body)).expect("a valid body");
+            assert_eq!(q.users.len(), 10);
+            q
         })
     });
 }
