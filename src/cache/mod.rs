@@ -272,44 +272,21 @@ impl Caches {
 
     /// What Synapse's tables say about each of the remote `users`.
     pub async fn remote_users(&self, store: &Store, users: &[&str]) -> Result<HashMap<String, Arc<RemoteUser>>, sqlx::Error> {
-        let mut out = HashMap::new();
-        let mut misses = Vec::new();
-        for u in users {
-            match self.remote.get_uncounted(*u) {
-                Some(hit) => {
-                    out.insert((*u).to_owned(), hit);
-                }
-                None => misses.push(*u),
-            }
-        }
-        self.remote.count((users.len() - misses.len()) as u64, misses.len() as u64);
-        if misses.is_empty() {
-            return Ok(out);
-        }
-        let tickets: Vec<_> = misses.iter().map(|u| self.remote.ticket(*u)).collect();
-        let (cached, sharing, rows) = tokio::try_join!(
-            store.remote_cached_users(&misses),
-            store.users_in_a_room_with_us(&misses),
-            store.remote_cached_devices(&misses),
-        )?;
-        let cached: HashSet<String> = cached.into_iter().collect();
-        let sharing: HashSet<String> = sharing.into_iter().collect();
-        let rows = grouped(rows);
-        let mut loaded: HashMap<&str, RemoteUser> = misses
-            .iter()
-            .map(|u| {
-                let devices = rows.get(*u).map(|r| RenderedDevices::remote_cached(r)).unwrap_or_default();
-                let entry =
-                    RemoteUser { in_synapse_cache: cached.contains(*u), shares_a_room: sharing.contains(*u), devices: Arc::new(devices) };
-                (*u, entry)
-            })
-            .collect();
-        for (u, ticket) in misses.iter().zip(tickets) {
-            let entry = Arc::new(loaded.remove(*u).unwrap_or_default());
-            self.remote.insert((*u).to_owned(), entry.clone(), ticket);
-            out.insert((*u).to_owned(), entry);
-        }
-        Ok(out)
+        let found = per_user(&self.remote, users, |m| async move {
+            let (cached, sharing, rows) =
+                tokio::try_join!(store.remote_cached_users(&m), store.users_in_a_room_with_us(&m), store.remote_cached_devices(&m),)?;
+            let cached: HashSet<String> = cached.into_iter().collect();
+            let sharing: HashSet<String> = sharing.into_iter().collect();
+            let rows = grouped(rows);
+            let remote_user = |u: &str| RemoteUser {
+                in_synapse_cache: cached.contains(u),
+                shares_a_room: sharing.contains(u),
+                devices: Arc::new(rows.get(u).map(|r| RenderedDevices::remote_cached(r)).unwrap_or_default()),
+            };
+            Ok(m.iter().map(|u| ((*u).to_owned(), Arc::new(remote_user(u)))).collect())
+        })
+        .await?;
+        Ok(found.into_iter().map(|(u, v)| (u.to_owned(), v)).collect())
     }
 }
 
