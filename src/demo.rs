@@ -20,6 +20,15 @@ pub struct Demo {
 }
 
 impl Demo {
+    /// Whether `listen` (an address to bind) is on loopback only: an IP
+    /// literal of 127.0.0.0/8 or ::1, or `localhost`.
+    pub fn is_loopback(listen: &str) -> bool {
+        if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+            return addr.ip().is_loopback();
+        }
+        listen.rsplit_once(':').is_some_and(|(host, port)| host.eq_ignore_ascii_case("localhost") && port.parse::<u16>().is_ok())
+    }
+
     pub async fn create(worker: WorkerConfig) -> anyhow::Result<Self> {
         let db_path = std::env::temp_dir().join(format!("synapse-keys-worker-demo-{}.db", std::process::id()));
         let token: String = format!("syt_demo_{}", rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect::<String>());
@@ -51,5 +60,20 @@ impl Demo {
              Health: http://{addr}/health   Stop: Ctrl-C\nTo serve a real homeserver: synapse-keys-worker -c homeserver.yaml\n",
             self.curl_command(addr)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Demo;
+
+    #[test]
+    fn the_demo_listens_on_loopback_only() {
+        for ok in ["127.0.0.1:8585", "127.9.9.9:0", "[::1]:8585", "localhost:8585"] {
+            assert!(Demo::is_loopback(ok), "{ok}");
+        }
+        for bad in ["0.0.0.0:8585", "[::]:8585", "10.0.0.1:80", "example.org:8585", "localhost", "8585"] {
+            assert!(!Demo::is_loopback(bad), "{bad}");
+        }
     }
 }

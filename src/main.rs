@@ -13,7 +13,8 @@ use synapse_keys_worker::{App, Server, shutdown_signal, telemetry};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Serves Matrix `/keys/query` from a Synapse homeserver's database.
-/// With no `-c`, runs a self-contained demo on an SQLite database.
+/// With no arguments at all, runs a self-contained demo on an SQLite
+/// database, on loopback only.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -40,7 +41,14 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.config.is_empty() {
-        return run_demo(cli.listen).await;
+        // A command line with options but no config is a mistake (a
+        // container's command replaced without `-c`), never the demo.
+        if let Some(listen) = cli.listen {
+            anyhow::bail!(
+                "no config file given (-c FILE, e.g. -c /etc/matrix-synapse/homeserver.yaml) with --listen {listen}; the demo runs only without any argument"
+            );
+        }
+        return run_demo().await;
     }
     let mut config = Config::load(&cli.config, std::env::vars())?;
     if let Some(listen) = cli.listen {
@@ -65,10 +73,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_demo(listen: Option<String>) -> anyhow::Result<()> {
-    let mut worker = WorkerConfig::from_section(yaml_serde::Value::Null, std::env::vars())?;
-    if let Some(listen) = listen {
-        worker.listen = listen;
+async fn run_demo() -> anyhow::Result<()> {
+    let worker = WorkerConfig::from_section(yaml_serde::Value::Null, std::env::vars())?;
+    if !Demo::is_loopback(&worker.listen) {
+        anyhow::bail!("the demo serves only on loopback, not on {}; to serve Synapse's users, give its config (-c FILE)", worker.listen);
     }
     // Only what a newcomer needs: no per-request lines (RUST_LOG brings
     // them back), no notes about federation the demo does not use.

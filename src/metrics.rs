@@ -208,6 +208,12 @@ impl Collector for Sources {
             "Probes the device-list id sequence alone answered (nothing committed above the floor)",
             &[(&[], b.quick.load(Ordering::Relaxed))],
         )?;
+        gauge(
+            &mut e,
+            "read_barrier_quick_probe_usable",
+            "1 while probes try the device-list id sequence first; 0 for a while after the database refused this role the sequence",
+            &[(&[], i64::from(self.barrier.quick_probe_usable()))],
+        )?;
         counter(
             &mut e,
             "read_barrier_changes_applied",

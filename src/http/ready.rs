@@ -1,5 +1,6 @@
 //! `GET /ready`: 200 only when the database answers; the body says how the
-//! database, the replication stream and the device-lists writer are doing.
+//! database, the replication stream and the device-lists writer are doing
+//! (a failing database in a few words; its error is logged).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,12 @@ pub async fn ready(State(app): State<Arc<App>>) -> Response {
     let db = tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await;
     let (db_ok, db_error) = match db {
         Ok(Ok(())) => (true, None),
-        Ok(Err(e)) => (false, Some(e.to_string())),
-        Err(_) => (false, Some("no answer within 2s".to_owned())),
+        Ok(Err(e)) => {
+            // The detail (it can name hosts and roles) goes to the log only.
+            tracing::warn!(error = %e, "readiness check: the database failed");
+            (false, Some(crate::store::short_reason(&e)))
+        }
+        Err(_) => (false, Some("no answer within 2s")),
     };
     let r = &app.replication;
     let last = r.last_seen_ms();

@@ -57,10 +57,11 @@ pub struct Barrier {
     rounds: Mutex<Rounds>,
     progress: tokio::sync::Mutex<Progress>,
     /// Whether the next probe tries the quick probe first: cleared while
-    /// changes keep coming (each probe would then cost two round trips) and
-    /// for good if the sequence cannot be read.
+    /// changes keep coming (each probe would then cost two round trips).
     quick: AtomicBool,
-    quick_usable: AtomicBool,
+    /// Until when the quick probe is not tried because the database refused
+    /// to let this role read the sequence (it is tried again then).
+    quick_refused_until: Mutex<Option<std::time::Instant>>,
     counters: Counters,
 }
 
@@ -110,13 +111,27 @@ impl Barrier {
             rounds: Mutex::default(),
             progress: tokio::sync::Mutex::default(),
             quick: AtomicBool::new(true),
-            quick_usable: AtomicBool::new(true),
+            quick_refused_until: Mutex::new(None),
             counters: Counters::default(),
         }
     }
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Whether probes try the quick probe (false for a while after the
+    /// database refused this role the device-list id sequence).
+    pub fn quick_probe_usable(&self) -> bool {
+        let mut until = self.quick_refused_until.lock().expect("barrier quick");
+        match *until {
+            Some(t) if t > std::time::Instant::now() => false,
+            Some(_) => {
+                *until = None;
+                true
+            }
+            None => true,
+        }
     }
 
     /// Waits until every device-list change committed before this call has
@@ -238,18 +253,21 @@ impl Barrier {
     /// id sequence has handed out no id above it), the stale marks, from
     /// one cheap statement; else `None`, and the full probe decides.
     async fn quick_probe(&self, floor: i64, remote_users: &[&str]) -> Option<StaleMarks> {
-        if !self.quick.load(Ordering::Relaxed) || !self.quick_usable.load(Ordering::Relaxed) {
+        if !self.quick.load(Ordering::Relaxed) || !self.quick_probe_usable() {
             return None;
         }
         let rows = match self.db.quick_probe(remote_users).await {
             Ok(rows) => rows?,
-            Err(sqlx::Error::Database(e)) => {
-                // A role that may not read the sequence: full probes only.
-                tracing::warn!(error = %e, "read barrier: the device-list id sequence cannot be read; every probe reads the stream tables");
-                self.quick_usable.store(false, Ordering::Relaxed);
+            Err(sqlx::Error::Database(e)) if is_refusal(e.code().as_deref()) => {
+                // A role that may not read the sequence (or a database
+                // without it): full probes for a while, then try again.
+                tracing::warn!(error = %e, "read barrier: the device-list id sequence cannot be read; probes read the stream tables for the next {QUICK_RETRY:?}");
+                *self.quick_refused_until.lock().expect("barrier quick") = Some(std::time::Instant::now() + QUICK_RETRY);
                 return None;
             }
-            // The full probe reports it (or succeeds on a new connection).
+            // Anything else (a timeout, a lost connection, too many
+            // connections) concerns this probe only: the full probe
+            // reports it, or succeeds on a new connection.
             Err(_) => return None,
         };
         let head = rows.iter().find(|r| r.kind == ProbeKind::SequenceHead).map(|r| r.pos);
@@ -260,6 +278,16 @@ impl Barrier {
         self.counters.quick.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(rows.into_iter().filter(|r| r.kind == ProbeKind::StaleMark).map(|r| r.name).collect()))
     }
+}
+
+/// How long the quick probe stays off after the database refused it.
+const QUICK_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// SQLSTATEs that say the sequence cannot be read by this role at all
+/// (insufficient privilege, no such relation), not that this one statement
+/// failed.
+fn is_refusal(code: Option<&str>) -> bool {
+    matches!(code, Some("42501" | "42P01"))
 }
 
 fn changes_head(applied: &BTreeSet<(i64, String)>) -> i64 {
@@ -343,6 +371,23 @@ mod tests {
         exec(&pool, "INSERT INTO device_lists_remote_resync VALUES ('@r:remote', 1), ('@other:remote', 1)").await;
         let marks = app.barrier.sync(&["@r:remote", "@s:remote"]).await.unwrap();
         assert_eq!(*marks, HashSet::from(["@r:remote".to_owned()]));
+    }
+
+    /// Only the database's refusal of the sequence to this role turns the
+    /// quick probe off, and only for a while.
+    #[tokio::test]
+    async fn only_a_refusal_turns_the_quick_probe_off_and_not_for_good() {
+        for (code, refusal) in [(Some("42501"), true), (Some("42P01"), true), (Some("57014"), false), (Some("53300"), false), (None, false)]
+        {
+            assert_eq!(is_refusal(code), refusal, "{code:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _pool) = app(&dir).await;
+        assert!(app.barrier.quick_probe_usable());
+        *app.barrier.quick_refused_until.lock().unwrap() = Some(std::time::Instant::now() + QUICK_RETRY);
+        assert!(!app.barrier.quick_probe_usable());
+        *app.barrier.quick_refused_until.lock().unwrap() = Some(std::time::Instant::now() - std::time::Duration::from_millis(1));
+        assert!(app.barrier.quick_probe_usable(), "tried again once the retry time has passed");
     }
 
     /// Requests that arrive together share probes: never more probes than

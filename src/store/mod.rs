@@ -59,6 +59,26 @@ impl Store {
 /// Whether `e` means the database is away (connection lost or refused,
 /// pool exhausted, statement cancelled or timed out, server shutting down),
 /// which is worth a retry, rather than a bug of ours.
+/// A few words on why the database failed, for callers we do not know
+/// (`/ready`): never the driver's text, which can name hosts and roles.
+pub fn short_reason(e: &sqlx::Error) -> &'static str {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => "unreachable",
+        sqlx::Error::PoolTimedOut => "no connection available in time",
+        sqlx::Error::Configuration(_) => "misconfigured",
+        sqlx::Error::Database(db) => match db.code().as_deref().map(|c| c.get(..2).unwrap_or(c)) {
+            Some("28") => "authentication refused",
+            Some("08") => "unreachable",
+            Some("53") => "out of resources",
+            Some("57") => "shutting down or timed out",
+            Some("3D") => "no such database",
+            Some("42") => "permission denied or schema mismatch",
+            _ => "database error",
+        },
+        _ => "database error",
+    }
+}
+
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),

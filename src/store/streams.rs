@@ -83,9 +83,13 @@ const PROBE: Sql = Sql {
 // change committed before this statement ran has an id at or below it;
 // device-list changes and signature uploads share it) and, as in PROBE,
 // the resync marks of the remote users in `$1`.
-const QUICK_PROBE_PG: &str = "
+// (PostgreSQL only: the SQLite text is never run.)
+const QUICK_PROBE: Sql = Sql {
+    pg: "
     SELECT 3 AS kind, last_value AS pos, '' AS name FROM device_lists_sequence
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($1)";
+    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($1)",
+    sqlite: "",
+};
 
 const CACHES_PG: &str = "
     SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance
@@ -164,7 +168,8 @@ impl ProbeConnection {
     /// marked stale. `None` on SQLite (no sequence).
     pub async fn quick_probe(&self, remote_users: &[&str]) -> Result<Option<Vec<ProbeRow>>, sqlx::Error> {
         let Some(own) = &self.own else { return Ok(None) };
-        own.run(async |conn| sqlx::query_as(QUICK_PROBE_PG).bind(remote_users).fetch_all(conn).await).await.map(Some)
+        let args = [Arg::list(remote_users)];
+        own.run(async |conn| super::sql::fetch_all_on(conn, &QUICK_PROBE, &args).await).await.map(Some)
     }
 
     /// The newest id of the device-list stream.

@@ -2,6 +2,7 @@
 //! scripts/test.sh. One binary, one module per area.
 
 mod appservice;
+mod barrier;
 mod bounded;
 mod dashboard;
 mod demo;

@@ -217,6 +217,8 @@ async fn ready_reports_database_stream_and_writer() {
     let (status, body) = Ask { method: Method::GET, path: "/ready".into(), headers: vec![], body: None }.send(&broken.url).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["database"]["ok"], false);
+    // A short reason for an unauthenticated caller, not the driver's text.
+    assert_eq!(body["database"]["error"], "unreachable", "{body}");
     let (status, _) = Ask { method: Method::GET, path: "/health".into(), headers: vec![], body: None }.send(&broken.url).await;
     assert_eq!(status, StatusCode::OK);
 }
