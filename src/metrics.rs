@@ -155,6 +155,12 @@ impl Collector for Sources {
             "Resync batches the writer had not answered by their hedge point (the remote was asked directly alongside)",
             &[(&[], r.writer_late)],
         )?;
+        counter(
+            &mut e,
+            "resync_writer_late_but_alive",
+            "Late writer calls whose writer's /health answered: a slow remote server, so the writer was not skipped for others",
+            &[(&[], r.writer_late_but_alive)],
+        )?;
         if let Some(mas) = &self.mas {
             gauge(&mut e, "mas_breaker_open", "1 while calls to MAS are refused", &[(&[], i64::from(mas.breaker_open()))])?;
             let kept = i64::try_from(mas.cached_answers()).unwrap_or(i64::MAX);

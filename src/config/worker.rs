@@ -35,8 +35,9 @@ pub struct WorkerConfig {
     /// (`master_timeout_ms` is read as this too.)
     #[serde(alias = "master_timeout_ms")]
     pub writer_timeout_ms: u64,
-    /// How long the writer is skipped after it could not be reached, in ms.
-    /// (`master_breaker_ms` is read as this too.)
+    /// While the writer hangs (no answer in time, `/health` silent), how
+    /// often one resync still tries it, in ms; the others go to the remote
+    /// directly. (`master_breaker_ms` is read as this too.)
     #[serde(alias = "master_breaker_ms")]
     pub writer_breaker_ms: u64,
     /// How long a replication call passed through to the writer may take,
@@ -46,8 +47,10 @@ pub struct WorkerConfig {
     /// How long a token introspection by MAS may take, in ms, before the
     /// request is answered 503 (delegated auth only).
     pub mas_timeout_ms: u64,
-    /// How long calls to MAS are refused after it could not be reached, in
-    /// ms (answers already kept still serve).
+    /// While MAS hangs (no answer within `mas_timeout_ms`), how often one
+    /// introspection still tries it, in ms; the others are refused at once
+    /// (answers already kept still serve). Failures that come back fast are
+    /// answered per request and never refuse the next.
     pub mas_breaker_ms: u64,
     /// How long a resync result is kept in memory, in ms.
     pub resync_cache_ttl_ms: u64,
@@ -105,10 +108,10 @@ impl Default for WorkerConfig {
             db_statement_timeout_ms: 10_000,
             log_json: false,
             writer_timeout_ms: 3_000,
-            writer_breaker_ms: 30_000,
+            writer_breaker_ms: 5_000,
             replication_pass_timeout_ms: 90_000,
             mas_timeout_ms: 3_000,
-            mas_breaker_ms: 10_000,
+            mas_breaker_ms: 1_000,
             resync_cache_ttl_ms: 60_000,
             resync_cache_max_users: 100_000,
             federation_concurrency: 10,

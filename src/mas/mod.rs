@@ -2,9 +2,11 @@
 //! Synapse's `MasDelegatedAuth` does it. Concurrent requests with one token
 //! share one introspection, and valid answers (active or not) are kept for
 //! two minutes, as in Synapse; failures are never kept. Unlike Synapse, a
-//! call is bounded by a timeout, and once MAS cannot be reached a circuit
-//! breaker refuses further calls at once for a while (answers already kept
-//! still serve).
+//! call is bounded by a timeout, and while MAS hangs a circuit breaker
+//! refuses further calls at once but for one probe per `mas_breaker_ms`
+//! (answers already kept still serve). A failure that comes back fast
+//! (refused, reset, an error status) is answered per request, as Synapse
+//! answers it, and never opens the breaker: the next token is asked anew.
 
 pub mod introspection;
 
@@ -54,9 +56,9 @@ impl MasError {
         }
     }
 
-    /// MAS is away (not merely answering badly): trips the breaker.
-    fn is_unreachable(&self) -> bool {
-        matches!(self, MasError::Timeout(_) | MasError::Unreachable(_) | MasError::Status(502..=504))
+    /// MAS did not answer in time: the one failure that opens the breaker.
+    fn is_slow(&self) -> bool {
+        matches!(self, MasError::Timeout(_))
     }
 }
 
@@ -154,17 +156,16 @@ impl MasClient {
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(_) => {
-                self.breaker.close();
+                self.breaker.answered();
                 self.count("valid");
             }
             Err(e) => {
                 self.count(e.outcome());
-                if e.is_unreachable() {
-                    tracing::warn!(error = %e, "token introspection failed; refusing calls to MAS for {:?}", self.breaker.open_for());
-                    self.breaker.trip();
-                } else {
-                    self.breaker.close();
+                if !e.is_slow() {
+                    self.breaker.answered();
                     tracing::warn!(error = %e, "token introspection failed");
+                } else if self.breaker.timed_out() {
+                    tracing::warn!(error = %e, "token introspection timed out; until MAS answers, one call per {:?} tries it and the others are refused", self.breaker.probe_every());
                 }
             }
         }
@@ -188,10 +189,10 @@ impl MasClient {
             .body(form)
             .send()
             .await
-            .map_err(|e| MasError::Unreachable(without_url(e)))?;
+            .map_err(|e| self.send_failed(e))?;
         let status = resp.status();
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| MasError::Unreachable(without_url(e)))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.send_failed(e))? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(MasError::Invalid(format!("answer larger than {MAX_RESPONSE_BYTES} bytes")));
             }
@@ -201,6 +202,12 @@ impl MasClient {
             return Err(MasError::Status(status.as_u16()));
         }
         Introspection::parse(&body, crate::now_ms()).map_err(MasError::Invalid)
+    }
+
+    /// A failed exchange: slow when it ran out of time (connecting
+    /// included), else fast.
+    fn send_failed(&self, e: reqwest::Error) -> MasError {
+        if e.is_timeout() { MasError::Timeout(self.timeout) } else { MasError::Unreachable(without_url(e)) }
     }
 
     fn count(&self, outcome: &'static str) {

@@ -7,8 +7,10 @@
 //!   that caller goes away) and everyone waits on its result.
 //! - The writer gets a share of the callers' time: if it has not answered
 //!   by the hedge point (its timeout, or half the time the most hurried
-//!   caller has left), the remote is asked directly alongside, the first
-//!   answer wins, and the writer's breaker opens until it shows life.
+//!   caller has left), the remote is asked directly alongside and the first
+//!   answer wins; the writer's breaker opens only if its `/health` does not
+//!   answer either (a writer slow because that remote is slow is still
+//!   asked for the others).
 //! - Results are kept in a bounded, TTL'd memory cache that refuses a
 //!   result fetched before an invalidation of its user; an invalidation
 //!   also detaches the user's in-flight resync, so later callers start anew.
@@ -141,6 +143,7 @@ impl Coordinator {
             fallback_ok: get(&o.fallback_ok),
             fallback_failed: get(&o.fallback_failed),
             writer_late: get(&o.writer_late),
+            writer_late_but_alive: self.writer.late_but_alive(),
         }
     }
 
@@ -308,4 +311,7 @@ pub struct Outcomes {
     pub fallback_failed: u64,
     /// Batches whose writer call passed its hedge point unanswered.
     pub writer_late: u64,
+    /// Of those, the ones whose writer's `/health` answered (a slow remote,
+    /// not a hung writer: it was not skipped for other remotes).
+    pub writer_late_but_alive: u64,
 }

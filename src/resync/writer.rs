@@ -1,9 +1,14 @@
 //! The device-lists writer (main by default), asked over Synapse's replication
 //! HTTP API to resync remote device lists; with a circuit breaker so that
-//! once it is unreachable, requests stop waiting for it for a while.
+//! while it hangs, requests stop waiting for it (one resync per
+//! `writer_breaker_ms` still tries it). A writer that fails fast (refused,
+//! reset, a proxy's 5xx) is tried again by the next resync: that costs
+//! milliseconds. A writer that is late because the remote it is fetching
+//! from is slow (its `/health` answers) is not skipped for other remotes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::http::header;
@@ -22,7 +27,10 @@ pub struct Writer {
     base: Option<String>,
     secret: Option<String>,
     pub timeout: Duration,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
+    /// Hedge points passed while the writer's `/health` answered: slow
+    /// because of the remote it was fetching from, not skipped.
+    late_but_alive: Arc<AtomicU64>,
 }
 
 /// The writer's answer: per user, the result or `null`, plus its stream
@@ -49,9 +57,14 @@ pub enum WriterError {
     NotConfigured,
     #[error("writer skipped: it was unreachable recently")]
     BreakerOpen,
-    /// Refused, reset, no answer, or a proxy's 502/503/504: trips the breaker.
+    /// Refused, reset, or a proxy's 502/503/504, at once: the next call
+    /// tries again.
     #[error("writer unreachable: {0}")]
     Unreachable(String),
+    /// No answer in time, and its health endpoint did not answer either:
+    /// hung. Opens the breaker.
+    #[error("writer not answering: {0}")]
+    TimedOut(String),
     /// No answer in time, but its health endpoint answers: it is busy.
     #[error("writer busy: no answer within {0:?}")]
     Busy(Duration),
@@ -85,7 +98,8 @@ impl Writer {
             base,
             secret: config.synapse.worker_replication_secret.clone(),
             timeout: Duration::from_millis(config.worker.writer_timeout_ms),
-            breaker: Breaker::new(Duration::from_millis(config.worker.writer_breaker_ms)),
+            breaker: Arc::new(Breaker::new(Duration::from_millis(config.worker.writer_breaker_ms))),
+            late_but_alive: Arc::default(),
         })
     }
 
@@ -95,14 +109,30 @@ impl Writer {
     }
 
     /// A call has not answered within its share of a request's deadline:
-    /// presume the writer hung and refuse calls until one shows it alive
-    /// (a late answer, or a busy verdict from its `/health`, closes the
-    /// breaker again).
+    /// the remote it is fetching from may be slow, or the writer may hang.
+    /// Its `/health` tells: if that does not answer either, the writer is
+    /// skipped until a probe shows it alive; if it does, nothing changes
+    /// for other remotes. Decided in the background: the caller goes on
+    /// with its direct resync meanwhile.
     pub fn late(&self) {
-        if !self.breaker.is_open() {
-            tracing::warn!("device-lists writer late; resyncing directly meanwhile, and skipping it until it answers");
-        }
-        self.breaker.trip();
+        let Some(base) = self.base.clone() else { return };
+        let (http, breaker, alive) = (self.http.clone(), Arc::clone(&self.breaker), Arc::clone(&self.late_but_alive));
+        tokio::spawn(async move {
+            if healthy(&http, &base).await {
+                alive.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("device-lists writer late but alive (a slow remote server?); still asked for other servers");
+            } else if breaker.timed_out() {
+                tracing::warn!(
+                    "device-lists writer late and its /health silent; resyncing directly, trying it once per {:?} until it answers",
+                    breaker.probe_every()
+                );
+            }
+        });
+    }
+
+    /// Hedge points passed while the writer was alive.
+    pub fn late_but_alive(&self) -> u64 {
+        self.late_but_alive.load(Ordering::Relaxed)
     }
 
     /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
@@ -122,18 +152,24 @@ impl Writer {
         }
         let result = match tokio::time::timeout(self.timeout, self.exchange(req)).await {
             Ok(r) => r,
-            Err(_) if self.healthy(base).await => Err(WriterError::Busy(self.timeout)),
-            Err(_) => Err(WriterError::Unreachable(format!("no answer within {:?}", self.timeout))),
+            Err(_) => Err(WriterError::TimedOut(format!("no answer within {:?}", self.timeout))),
+        };
+        let result = match result {
+            // Slow, but is it hung? Its health endpoint tells.
+            Err(WriterError::TimedOut(_)) if healthy(&self.http, base).await => Err(WriterError::Busy(self.timeout)),
+            r => r,
         };
         match &result {
-            Ok(_) => self.breaker.close(),
-            Err(WriterError::Unreachable(why)) => {
-                tracing::warn!(reason = %why, "device-lists writer unreachable; skipping it for {:?}", self.breaker.open_for());
-                self.breaker.trip();
+            Ok(_) => self.breaker.answered(),
+            Err(WriterError::TimedOut(why)) => {
+                if self.breaker.timed_out() {
+                    tracing::warn!(reason = %why, "device-lists writer hangs; trying it once per {:?} until it answers", self.breaker.probe_every());
+                }
             }
             Err(e) => {
-                // It answered, or its health endpoint did: reachable.
-                self.breaker.close();
+                // It answered, failed fast, or its health endpoint answered:
+                // not hanging.
+                self.breaker.answered();
                 tracing::warn!(error = %e, "resync through the device-lists writer failed");
             }
         }
@@ -141,22 +177,24 @@ impl Writer {
     }
 
     async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<WriterAnswer, WriterError> {
-        let resp = req.send().await.map_err(|e| WriterError::Unreachable(e.to_string()))?;
+        let failed =
+            |e: reqwest::Error| if e.is_timeout() { WriterError::TimedOut(e.to_string()) } else { WriterError::Unreachable(e.to_string()) };
+        let resp = req.send().await.map_err(failed)?;
         let status = resp.status();
         if matches!(status.as_u16(), 502..=504) {
             return Err(WriterError::Unreachable(format!("HTTP {status}")));
         }
-        let body = resp.bytes().await.map_err(|e| WriterError::Unreachable(e.to_string()))?;
+        let body = resp.bytes().await.map_err(failed)?;
         if !status.is_success() {
             let hint = if status.as_u16() == 500 { " (is worker_replication_secret right?)" } else { "" };
             return Err(WriterError::Failed(format!("HTTP {status}{hint}: {}", String::from_utf8_lossy(&body))));
         }
         WriterAnswer::parse(&body)
     }
+}
 
-    /// Whether the writer's listener answers `/health` quickly.
-    async fn healthy(&self, base: &str) -> bool {
-        let probe = self.http.get(format!("{base}/health")).timeout(Duration::from_millis(500)).send();
-        matches!(probe.await, Ok(r) if r.status().is_success())
-    }
+/// Whether the writer's listener answers `/health` quickly.
+async fn healthy(http: &reqwest::Client, base: &str) -> bool {
+    let probe = http.get(format!("{base}/health")).timeout(Duration::from_millis(500)).send();
+    matches!(probe.await, Ok(r) if r.status().is_success())
 }

@@ -2,7 +2,7 @@
 //! runs Prometheus, scraping the real binary every second, while this test
 //! gives every panel something to show: local users' keys asked for on every
 //! path, with bad tokens and bad bodies too; remote users resynced through
-//! the device-lists writer, then directly while the writer is cut off (its
+//! the device-lists writer, then directly while the writer hangs (its
 //! breaker opens); servers that do not exist, backed off from; keys changing
 //! under the caches and entries expiring; the Redis link cut and restored
 //! (reconnects, catch-up). render.py then evaluates every query of the
@@ -277,15 +277,15 @@ impl Scene {
         eventually(Duration::from_secs(30), || async move { self.metric(name).await == value }).await;
     }
 
-    /// The writer cut off for a while (the breaker opens, resyncs go to the
+    /// The writer hanging for a while (the breaker opens, resyncs go to the
     /// remote directly), then the Redis link (the caches are bypassed, then
     /// it reconnects and catches up with what changed meanwhile).
     async fn outages(&self, started: Instant) {
         tokio::time::sleep_until((started + RECORD * 3 / 10).into()).await;
-        self.writer.set_open(false);
+        self.writer.set_frozen(true);
         self.gauge_reaches("writer_breaker_open", 1.0).await;
         tokio::time::sleep_until((started + RECORD * 9 / 20).into()).await;
-        self.writer.set_open(true);
+        self.writer.set_frozen(false);
         self.gauge_reaches("writer_breaker_open", 0.0).await;
 
         tokio::time::sleep_until((started + RECORD * 13 / 20).into()).await;

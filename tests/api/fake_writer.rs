@@ -27,13 +27,20 @@ struct Shared {
     calls: AtomicUsize,
     /// How many calls may be answered.
     released: watch::Sender<usize>,
+    /// One call held until this is cleared (a writer slow for one remote).
+    held: watch::Sender<Option<usize>>,
 }
 
 impl FakeWriter {
     /// A writer answering call `i` with `answers[i]` (the last one for any
     /// later call), plus `_INT_STREAM_POS`; every call answers at once.
     pub async fn start(answers: Vec<Value>) -> Self {
-        let shared = Arc::new(Shared { answers, calls: AtomicUsize::new(0), released: watch::Sender::new(usize::MAX) });
+        let shared = Arc::new(Shared {
+            answers,
+            calls: AtomicUsize::new(0),
+            released: watch::Sender::new(usize::MAX),
+            held: watch::Sender::new(None),
+        });
         let app = Router::new()
             .route("/_synapse/replication/multi_user_device_resync/{txn}", post(resync))
             .route("/health", axum::routing::get(|| async { "OK" }))
@@ -52,11 +59,22 @@ impl FakeWriter {
     pub fn release(&self, n: usize) {
         self.shared.released.send_replace(n);
     }
+
+    /// Call `call` waits (as for a slow remote server) until
+    /// [`FakeWriter::unhold`]; the others are answered at once.
+    pub fn hold(&self, call: usize) {
+        self.shared.held.send_replace(Some(call));
+    }
+
+    pub fn unhold(&self) {
+        self.shared.held.send_replace(None);
+    }
 }
 
 async fn resync(State(s): State<Arc<Shared>>) -> Response {
     let call = s.calls.fetch_add(1, Ordering::SeqCst);
     let _ = s.released.subscribe().wait_for(|n| *n > call).await;
+    let _ = s.held.subscribe().wait_for(|h| *h != Some(call)).await;
     let mut answer = s.answers[call.min(s.answers.len() - 1)].clone();
     answer["_INT_STREAM_POS"] = serde_json::json!({"device_lists": 1});
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], answer.to_string()).into_response()
