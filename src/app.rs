@@ -57,7 +57,12 @@ impl App {
         let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
         let probe_db =
             crate::store::ProbeConnection::new(store.clone(), std::time::Duration::from_millis(config.worker.db_acquire_timeout_ms));
-        let barrier = Arc::new(replication::Barrier::new(probe_db, Arc::clone(&invalidator), config.synapse.device_lists_writers.clone()));
+        let barrier = Arc::new(replication::Barrier::new(
+            probe_db,
+            Arc::clone(&invalidator),
+            config.synapse.device_lists_writers.clone(),
+            Arc::clone(&replication.reported),
+        ));
         let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
         let metrics = metrics::Metrics::new(metrics::Sources {
             mas: mas.clone(),

@@ -14,12 +14,23 @@
 //! then serves twice as many requests), so each request waits about one
 //! database round trip.
 //!
-//! The floor is the lowest persisted position of the configured writers in
-//! Synapse's `stream_positions` (a writer updates it only after its rows
-//! committed, and only past ids of its own that have all finished), so
-//! every change at or below the floor is in the snapshot of an earlier
-//! probe or was applied when that probe ran. Changes above it are re-read
-//! until the floor passes them, and applied once.
+//! The floor is an id at or below which every change is committed: it is
+//! in the snapshot of an earlier probe, or was applied when that probe ran.
+//! Changes above it are re-read until the floor passes them, and applied
+//! once. It moves to the lowest of the configured writers' positions, each
+//! the higher of its persisted row in Synapse's `stream_positions` (written
+//! only after its rows committed, and only when it writes) and what it last
+//! reported on the replication stream (an idle writer reports too; see
+//! [`super::Reported`]); and past any unbroken run of used ids above it (a
+//! stopped writer reports nothing: Synapse's own rule when it loads a
+//! stream, see `store::streams::PROBE`). The first floor is the writers'
+//! positions, never the newest id: a lower id still in flight then would be
+//! missed for good.
+//!
+//! A probe carries the remote users of the requests it serves, for their
+//! stale marks, up to [`MAX_ROUND_USERS`]: a request that does not fit
+//! (one large body) reads its own marks after the probe, on the store's
+//! connections, so it never makes the shared statement large.
 //!
 //! The same probe returns which of the requests' remote users Synapse has
 //! marked stale (`device_lists_remote_resync`, written without any stream
@@ -33,8 +44,8 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use tokio::sync::watch;
 
-use super::Invalidator;
-use crate::store::{ProbeConnection, ProbeKind};
+use super::{Invalidator, Reported};
+use crate::store::{ProbeConnection, ProbeKind, ProbeRow};
 
 /// Probes in flight at once: one, on a connection of its own. Back to back
 /// they batch best; each costs one round trip.
@@ -45,6 +56,10 @@ const MAX_IN_FLIGHT: usize = 1;
 /// head.
 const MAX_PENDING: usize = 10_000;
 
+/// Most remote users one probe asks about; a request with more reads its
+/// stale marks on its own.
+pub const MAX_ROUND_USERS: usize = 1_000;
+
 /// Which of the asked-for remote users Synapse has marked stale.
 pub type StaleMarks = Arc<HashSet<String>>;
 
@@ -54,6 +69,8 @@ pub struct Barrier {
     db: ProbeConnection,
     invalidator: Arc<Invalidator>,
     writers: Vec<String>,
+    /// Positions the writers reported on the replication stream.
+    reported: Arc<Reported>,
     rounds: Mutex<Rounds>,
     progress: tokio::sync::Mutex<Progress>,
     /// Whether the next probe tries the quick probe first: cleared while
@@ -71,8 +88,12 @@ pub struct Counters {
     pub probes: AtomicU64,
     /// Probes answered by the quick probe alone (nothing new committed).
     pub quick: AtomicU64,
+    /// Changes the barrier applied that the replication stream had not
+    /// delivered yet (above their writer's reported position).
     pub changes_applied: AtomicU64,
     pub resets: AtomicU64,
+    /// The most remote users one probe carried.
+    pub largest_round: AtomicU64,
 }
 
 #[derive(Default)]
@@ -103,11 +124,12 @@ impl std::fmt::Debug for Barrier {
 }
 
 impl Barrier {
-    pub fn new(db: ProbeConnection, invalidator: Arc<Invalidator>, writers: Vec<String>) -> Self {
+    pub fn new(db: ProbeConnection, invalidator: Arc<Invalidator>, writers: Vec<String>, reported: Arc<Reported>) -> Self {
         Self {
             db,
             invalidator,
             writers,
+            reported,
             rounds: Mutex::default(),
             progress: tokio::sync::Mutex::default(),
             quick: AtomicBool::new(true),
@@ -138,25 +160,36 @@ impl Barrier {
     /// been applied to the caches; returns which of `remote_users` Synapse
     /// has marked stale. Errors when the database could not be asked.
     pub async fn sync(self: &Arc<Self>, remote_users: &[&str]) -> Result<StaleMarks, Arc<str>> {
-        let (mut done, start) = {
+        let (mut done, start, carried) = {
             let mut rounds = self.rounds.lock().expect("barrier rounds");
             // A new round gets a driver of its own if there is room; else
             // the first driver to finish its probe takes it.
             let start = rounds.waiting.is_none() && rounds.in_flight < MAX_IN_FLIGHT;
             let round = rounds.waiting.get_or_insert_with(|| Round { done: watch::Sender::new(None), users: HashSet::new() });
-            round.users.extend(remote_users.iter().map(|u| (*u).to_owned()));
+            let carried = round.users.len() + remote_users.len() <= MAX_ROUND_USERS;
+            if carried {
+                round.users.extend(remote_users.iter().map(|u| (*u).to_owned()));
+            }
             let done = round.done.subscribe();
             if start {
                 rounds.in_flight += 1;
             }
-            (done, start)
+            (done, start, carried)
         };
         if start {
             tokio::spawn(Arc::clone(self).drive());
         }
-        match done.wait_for(Option::is_some).await {
+        let outcome = match done.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().expect("waited for Some"),
             Err(_) => Err("the read barrier's probe was abandoned".into()),
+        };
+        if carried || outcome.is_err() {
+            return outcome;
+        }
+        // Read after the probe, so no older than what it would have said.
+        match self.db.stale_marks(remote_users).await {
+            Ok(marks) => Ok(Arc::new(marks.into_iter().collect())),
+            Err(e) => Err(format!("stale marks could not be read: {e}").into()),
         }
     }
 
@@ -178,6 +211,7 @@ impl Barrier {
                 }
             };
             let users: Vec<&str> = round.users.iter().map(String::as_str).collect();
+            self.counters.largest_round.fetch_max(users.len() as u64, Ordering::Relaxed);
             let outcome = std::panic::AssertUnwindSafe(self.probe(&users))
                 .catch_unwind()
                 .await
@@ -200,40 +234,47 @@ impl Barrier {
         }
         let after = match floor {
             Some(f) => f,
-            // Nothing is cached before the first probe: start at the head.
-            None => self.db.head().await.map_err(failed)?,
+            None => self.first_floor().await.map_err(failed)?,
         };
         let rows = self.db.probe(after, remote_users).await.map_err(failed)?;
+        let reported = self.reported.snapshot();
         let mut positions: HashMap<&str, i64> = HashMap::new();
         let mut marks = HashSet::new();
         let mut changes = Vec::new();
+        let mut gapless = after;
         for row in &rows {
             match row.kind {
-                ProbeKind::Change => changes.push((row.pos, row.name.as_str())),
+                ProbeKind::Change => changes.push(row),
                 ProbeKind::WriterPosition => {
                     positions.insert(row.name.as_str(), row.pos);
                 }
                 ProbeKind::StaleMark => {
                     marks.insert(row.name.clone());
                 }
+                ProbeKind::GaplessUpTo => gapless = gapless.max(row.pos),
                 ProbeKind::SequenceHead => {}
             }
         }
         let mut progress = self.progress.lock().await;
+        let below = progress.floor.unwrap_or(after);
         // Quiet (nothing above the floor): the next probe tries the quick one.
-        let quiet = changes.iter().all(|(id, _)| *id <= progress.floor.unwrap_or(after));
-        self.quick.store(quiet, Ordering::Relaxed);
-        for (id, user) in changes {
-            if id > progress.floor.unwrap_or(after) && progress.applied.insert((id, user.to_owned())) {
-                self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
-                self.invalidator.user_changed(user);
+        self.quick.store(changes.iter().all(|c| c.pos <= below), Ordering::Relaxed);
+        for change in changes {
+            if change.pos <= below || !progress.applied.insert((change.pos, change.name.clone())) {
+                continue;
             }
+            // The stream delivered it already (its writer reported past
+            // it, after applying it): nothing to do.
+            if reported.get(change.writer.as_str()).is_some_and(|p| change.pos <= *p) {
+                continue;
+            }
+            self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
+            self.invalidator.user_changed(&change.name);
         }
         // Every writer's rows up to its position are in this snapshot and
-        // applied now. Without a position for each writer the floor stays.
-        let writer_floor = self.writers.iter().map(|w| positions.get(w.as_str()).copied()).collect::<Option<Vec<i64>>>();
-        let writer_floor = writer_floor.and_then(|p| p.into_iter().min()).unwrap_or(after);
-        let floor = progress.floor.unwrap_or(after).max(writer_floor);
+        // applied now; so is every id of the unbroken run. Without a
+        // position for each writer, only the run moves the floor.
+        let floor = below.max(self.writers_floor(&positions, &reported).unwrap_or(below)).max(gapless);
         progress.floor = Some(floor);
         progress.applied = progress.applied.split_off(&(floor + 1, String::new()));
         if progress.applied.len() > MAX_PENDING {
@@ -245,6 +286,32 @@ impl Barrier {
             progress.floor = Some(head);
         }
         Ok(Arc::new(marks))
+    }
+
+    /// The lowest of the configured writers' positions: each the higher of
+    /// its persisted row and what it reported on the stream. `None` while a
+    /// writer has neither.
+    fn writers_floor(&self, persisted: &HashMap<&str, i64>, reported: &HashMap<String, i64>) -> Option<i64> {
+        self.writers
+            .iter()
+            .map(|w| match (persisted.get(w.as_str()), reported.get(w)) {
+                (Some(a), Some(b)) => Some(*a.max(b)),
+                (a, b) => a.or(b).copied(),
+            })
+            .collect::<Option<Vec<i64>>>()
+            .and_then(|p| p.into_iter().min())
+    }
+
+    /// Where the first probe starts: the writers' positions (everything at
+    /// or below them is committed); the newest id only when a writer has
+    /// never written nor reported.
+    async fn first_floor(&self) -> Result<i64, sqlx::Error> {
+        let rows: Vec<ProbeRow> = self.db.writer_positions().await?;
+        let persisted: HashMap<&str, i64> = rows.iter().map(|r| (r.name.as_str(), r.pos)).collect();
+        match self.writers_floor(&persisted, &self.reported.snapshot()) {
+            Some(floor) => Ok(floor),
+            None => self.db.head().await,
+        }
     }
 }
 
@@ -306,10 +373,16 @@ mod tests {
         INSERT INTO device_lists_stream VALUES (9, '@old:hs', 'D', 'master'), (10, '@old:hs', 'D', 'master');";
 
     async fn app(dir: &tempfile::TempDir) -> (Arc<App>, sqlx::SqlitePool) {
+        app_with(dir, SEED, "").await
+    }
+
+    /// An app over a fixture seeded with `seed`, `extra` added to its
+    /// homeserver.yaml.
+    async fn app_with(dir: &tempfile::TempDir, seed: &str, extra: &str) -> (Arc<App>, sqlx::SqlitePool) {
         let path = dir.path().join("db.sqlite");
-        let store = Store::create_sqlite_fixture(&path, SEED).await.unwrap();
+        let store = Store::create_sqlite_fixture(&path, seed).await.unwrap();
         let Store::Sqlite(pool) = store.clone() else { unreachable!() };
-        let yaml = format!("server_name: hs\ndatabase: {{name: sqlite3, args: {{database: {}}}}}\n", path.display());
+        let yaml = format!("server_name: hs\ndatabase: {{name: sqlite3, args: {{database: {}}}}}\n{extra}", path.display());
         let config = Config::from_mapping(yaml_serde::from_str(&yaml).unwrap(), Vec::new()).unwrap();
         (App::new(config, store).unwrap(), pool)
     }
@@ -364,6 +437,19 @@ mod tests {
         assert_eq!(app.store.stream_heads().await.unwrap().0, 15);
     }
 
+    /// Only changes the stream had not delivered count as applied by the
+    /// barrier.
+    #[tokio::test]
+    async fn changes_the_stream_delivered_are_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, pool) = app(&dir).await;
+        app.barrier.sync(&[]).await.unwrap();
+        exec(&pool, "INSERT INTO device_lists_stream VALUES (11, '@a:hs', 'D', 'master'), (12, '@b:hs', 'D', 'master')").await;
+        app.replication.reported.report("master", 11);
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(applied(&app), 1, "11 came with the stream; 12 had not");
+    }
+
     #[tokio::test]
     async fn reports_stale_marks_of_the_users_asked_for() {
         let dir = tempfile::tempdir().unwrap();
@@ -388,6 +474,103 @@ mod tests {
         assert!(!app.barrier.quick_probe_usable());
         *app.barrier.quick_refused_until.lock().unwrap() = Some(std::time::Instant::now() - std::time::Duration::from_millis(1));
         assert!(app.barrier.quick_probe_usable(), "tried again once the retry time has passed");
+    }
+
+    async fn floor(app: &App) -> Option<i64> {
+        app.barrier.progress.lock().await.floor
+    }
+
+    /// An id below the newest one still in flight when the first probe
+    /// runs is found once it commits: the first floor is the writer's
+    /// position, not the newest id.
+    #[tokio::test]
+    async fn the_first_floor_is_the_writers_position_not_the_newest_id() {
+        let dir = tempfile::tempdir().unwrap();
+        // 11 is handed out but not committed yet; 12 is.
+        let seed = "INSERT INTO stream_positions VALUES ('device_lists_stream', 'master', 10);
+            INSERT INTO device_lists_stream VALUES (10, '@old:hs', 'D', 'master'), (12, '@new:hs', 'D', 'master');";
+        let (app, pool) = app_with(&dir, seed, "").await;
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(10));
+        exec(&pool, "INSERT INTO device_lists_stream VALUES (11, '@late:hs', 'D', 'master')").await;
+        app.barrier.sync(&[]).await.unwrap();
+        let progress = app.barrier.progress.lock().await;
+        assert!(progress.floor == Some(12) && progress.applied.is_empty(), "11 committed: the run reaches 12");
+        drop(progress);
+        assert_eq!(applied(&app), 2, "12, then the late 11");
+    }
+
+    const TWO_WRITERS: &str = "stream_writers: {device_lists: [dl1, dl2]}\n";
+
+    /// An idle writer reports on the stream what its row does not say: the
+    /// floor follows the lowest position either way gives, and changes the
+    /// stream delivered (at or below their writer's reported position) are
+    /// neither applied again nor counted.
+    #[tokio::test]
+    async fn an_idle_writer_moves_the_floor_by_what_it_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        // dl2 last wrote at 5; dl1 wrote 6..=20 but 8 (rolled back: a gap).
+        let seed = "INSERT INTO stream_positions VALUES ('device_lists_stream', 'dl1', 20), ('device_lists_stream', 'dl2', 5);
+            WITH RECURSIVE ids(i) AS (SELECT 6 UNION ALL SELECT i + 1 FROM ids WHERE i < 20)
+            INSERT INTO device_lists_stream SELECT i, '@u' || i || ':hs', 'D', 'dl1' FROM ids WHERE i != 8;";
+        let (app, _pool) = app_with(&dir, seed, TWO_WRITERS).await;
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(7), "pinned by dl2's row; the run stops at the gap");
+        app.replication.reported.report("dl2", 20);
+        app.replication.reported.report("dl1", 20);
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(20));
+        assert!(app.barrier.progress.lock().await.applied.is_empty());
+        assert_eq!(app.barrier.counters().resets.load(Ordering::Relaxed), 0);
+    }
+
+    /// A stopped writer reports nothing and its row stays: the floor
+    /// follows the unbroken run of ids the other writer commits, so
+    /// thousands of changes neither pile up nor drop the caches.
+    #[tokio::test]
+    async fn a_stopped_writer_does_not_pin_the_floor_while_ids_are_unbroken() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = "INSERT INTO stream_positions VALUES ('device_lists_stream', 'dl1', 10), ('device_lists_stream', 'dl2', 10);";
+        let (app, pool) = app_with(&dir, seed, TWO_WRITERS).await;
+        app.barrier.sync(&[]).await.unwrap();
+        let mut from = 11;
+        for batch in 0..3 {
+            let to = from + 3_999;
+            let sql = format!(
+                "WITH RECURSIVE ids(i) AS (SELECT {from} UNION ALL SELECT i + 1 FROM ids WHERE i < {to})
+                 INSERT INTO device_lists_stream SELECT i, '@u' || i || ':hs', 'D', 'dl1' FROM ids;
+                 INSERT INTO device_lists_changes_in_room SELECT '@u:hs', 'D', '!r:hs', {to} + 1, 1, NULL, 'dl1', 0;
+                 UPDATE stream_positions SET stream_id = {to} + 1 WHERE instance_name = 'dl1';"
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+            app.barrier.sync(&[]).await.unwrap();
+            assert_eq!(floor(&app).await, Some(to + 1), "batch {batch}: the run, through a room poke's id");
+            from = to + 2;
+        }
+        assert_eq!(app.barrier.counters().resets.load(Ordering::Relaxed), 0, "nothing dropped");
+        assert_eq!(applied(&app), 12_000);
+    }
+
+    /// One request naming many remote users does not make the shared
+    /// probe large: it reads its own stale marks; everyone gets theirs.
+    #[tokio::test]
+    async fn a_large_request_reads_its_own_marks_and_the_probe_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, pool) = app(&dir).await;
+        exec(&pool, "INSERT INTO device_lists_remote_resync VALUES ('@r4999:remote', 1), ('@small7:remote', 1)").await;
+        let big: Vec<String> = (0..5_000).map(|i| format!("@r{i}:remote")).collect();
+        let big: Vec<&str> = big.iter().map(String::as_str).collect();
+        let small: Vec<String> = (0..20).map(|i| format!("@small{i}:remote")).collect();
+        let small_asks: Vec<[&str; 1]> = small.iter().map(|u| [u.as_str()]).collect();
+        let mut waits = vec![app.barrier.sync(&big)];
+        waits.extend(small_asks.iter().map(|u| app.barrier.sync(u)));
+        let marks = futures::future::join_all(waits).await;
+        assert_eq!(*marks[0].as_ref().unwrap().clone(), HashSet::from(["@r4999:remote".to_owned()]));
+        for (user, marks) in small.iter().zip(&marks[1..]) {
+            assert_eq!(marks.as_ref().unwrap().contains(user), user == "@small7:remote", "{user}");
+        }
+        let largest = app.barrier.counters().largest_round.load(Ordering::Relaxed);
+        assert!(largest as usize <= MAX_ROUND_USERS, "one probe carried {largest} users");
     }
 
     /// Requests that arrive together share probes: never more probes than

@@ -104,8 +104,11 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
                 match protocol::parse(&line) {
                     Command::Rdata { stream, instance, token, row } => {
                         apply_row(inv, &stream, &row);
-                        if let (Some(t), true) = (token, STREAMS.contains(&stream.as_str())) {
-                            positions.rdata((stream, instance), t);
+                        if let (Some(t), true) = (token, STREAMS.contains(&stream.as_str()))
+                            && positions.rdata((stream.clone(), instance.clone()), t)
+                            && stream == "device_lists"
+                        {
+                            app.status.reported.report(&instance, t);
                         }
                     }
                     Command::Position { stream, instance, prev, new } if STREAMS.contains(&stream.as_str()) => {
@@ -113,6 +116,10 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
                         let key = (stream, instance);
                         let step = positions.position(key.clone(), prev, new, reconnecting);
                         follow_step(app, inv, &key, step).await;
+                        // Everything up to it is applied now (or dropped).
+                        if key.0 == "device_lists" {
+                            app.status.reported.report(&key.1, new);
+                        }
                     }
                     _ => {}
                 }
@@ -235,11 +242,15 @@ impl Positions {
         !self.known.is_empty()
     }
 
-    fn rdata(&mut self, key: Key, token: i64) {
-        if self.positioned.contains(&key) {
-            let p = self.known.entry(key).or_insert(token);
-            *p = (*p).max(token);
+    /// Returns whether the row's token moved the writer's position (its
+    /// `POSITION` came first on this connection).
+    fn rdata(&mut self, key: Key, token: i64) -> bool {
+        if !self.positioned.contains(&key) {
+            return false;
         }
+        let p = self.known.entry(key).or_insert(token);
+        *p = (*p).max(token);
+        true
     }
 
     /// Synapse's rule: rows were missed unless `prev <= last <= new`.

@@ -13,6 +13,7 @@ mod invalidate;
 mod listener;
 mod poller;
 pub mod protocol;
+mod reported;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 pub use barrier::{Barrier, StaleMarks};
 pub use invalidate::Invalidator;
+pub use reported::Reported;
 
 use crate::cache::Caches;
 use crate::config::Config;
@@ -54,6 +56,9 @@ pub struct Status {
     caught_up_rows_by: std::sync::Mutex<HashMap<(String, String), u64>>,
     /// Unix ms of the last message, keepalive answer or poll.
     last_seen_ms: AtomicI64,
+    /// The device-list writers' positions delivered by the stream (for the
+    /// read barrier's floor).
+    pub reported: Arc<Reported>,
 }
 
 impl Status {

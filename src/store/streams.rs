@@ -42,10 +42,13 @@ const DEVICE_LISTS: Sql = Sql {
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ProbeRow {
     pub kind: ProbeKind,
-    /// A stream id, a writer's position, or a mark's `added_ts`.
+    /// A stream id, a writer's position, a mark's `added_ts`, or the top
+    /// of the gapless run of ids.
     pub pos: i64,
     /// A user ID, or a writer's instance name.
     pub name: String,
+    /// The writer of a change (`master` when Synapse wrote none).
+    pub writer: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -59,24 +62,66 @@ pub enum ProbeKind {
     StaleMark = 2,
     /// The last id handed out by the device-list id sequence.
     SequenceHead = 3,
+    /// Every id of the device-list sequence from the probe's floor up to
+    /// `pos` is used by a committed row (see `PROBE`).
+    GaplessUpTo = 4,
 }
 
 // In one statement, so one snapshot: the changes after `$1`, the writers'
 // persisted positions (Synapse's stream_positions, which a writer updates
-// only after its rows committed), and the resync marks of the remote users
-// in `$2` (none when it is empty).
+// only after its rows committed), the resync marks of the remote users in
+// `$2` (none when it is empty), and how far above `$1` every id of the
+// device-list sequence is used by a visible row. That last is Synapse's own
+// rule when it loads a multi-writer stream (`_load_current_ids`): every
+// table the sequence feeds is read, and an id seen means its transaction
+// committed (each id serves one transaction), so an unbroken run of them
+// above a safe floor is safe too, however long a writer has been idle or
+// stopped. A gap (an id still in flight, rolled back, or whose row was
+// deleted) ends the run.
 const PROBE: Sql = Sql {
     pg: "
-    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > $1
-    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > $1
-    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($2)",
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name, COALESCE(instance_name, 'master') AS writer
+    FROM device_lists_stream WHERE stream_id > $1
+    UNION ALL SELECT 0, stream_id, from_user_id, COALESCE(instance_name, 'master') FROM user_signature_stream WHERE stream_id > $1
+    UNION ALL SELECT 1, stream_id, instance_name, '' FROM stream_positions WHERE stream_name = 'device_lists_stream'
+    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id = ANY($2)
+    UNION ALL SELECT 4, $1 + COALESCE(MAX(n) FILTER (WHERE id = $1 + n), 0), '', '' FROM (
+        SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM (
+            SELECT stream_id AS id FROM device_lists_stream WHERE stream_id > $1
+            UNION SELECT stream_id FROM user_signature_stream WHERE stream_id > $1
+            UNION SELECT stream_id FROM device_lists_outbound_pokes WHERE stream_id > $1
+            UNION SELECT stream_id FROM device_lists_changes_in_room WHERE stream_id > $1
+            UNION SELECT stream_id FROM device_lists_remote_pending WHERE stream_id > $1
+        ) AS ids
+    ) AS run",
     sqlite: "
-    SELECT 0 AS kind, stream_id AS pos, user_id AS name FROM device_lists_stream WHERE stream_id > ?1
-    UNION ALL SELECT 0, stream_id, from_user_id FROM user_signature_stream WHERE stream_id > ?1
-    UNION ALL SELECT 1, stream_id, instance_name FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))",
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name, COALESCE(instance_name, 'master') AS writer
+    FROM device_lists_stream WHERE stream_id > ?1
+    UNION ALL SELECT 0, stream_id, from_user_id, COALESCE(instance_name, 'master') FROM user_signature_stream WHERE stream_id > ?1
+    UNION ALL SELECT 1, stream_id, instance_name, '' FROM stream_positions WHERE stream_name = 'device_lists_stream'
+    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))
+    UNION ALL SELECT 4, ?1 + COALESCE(MAX(n) FILTER (WHERE id = ?1 + n), 0), '', '' FROM (
+        SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM (
+            SELECT stream_id AS id FROM device_lists_stream WHERE stream_id > ?1
+            UNION SELECT stream_id FROM user_signature_stream WHERE stream_id > ?1
+            UNION SELECT stream_id FROM device_lists_outbound_pokes WHERE stream_id > ?1
+            UNION SELECT stream_id FROM device_lists_changes_in_room WHERE stream_id > ?1
+            UNION SELECT stream_id FROM device_lists_remote_pending WHERE stream_id > ?1
+        ) AS ids
+    ) AS run",
 };
+
+// Which of the users in `$1` Synapse has marked stale.
+const STALE_MARKS: Sql = Sql {
+    pg: "SELECT user_id FROM device_lists_remote_resync WHERE user_id = ANY($1)",
+    sqlite: "SELECT user_id FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?1))",
+};
+
+// The device-list writers' persisted positions, for the barrier's first
+// floor.
+const WRITER_POSITIONS: Sql = Sql::same(
+    "SELECT 1 AS kind, stream_id AS pos, instance_name AS name, '' AS writer FROM stream_positions WHERE stream_name = 'device_lists_stream'",
+);
 
 // The quick probe (PostgreSQL only): the last id Synapse's device-list id
 // generator handed out (a sequence moves outside transactions, so every
@@ -86,8 +131,8 @@ const PROBE: Sql = Sql {
 // (PostgreSQL only: the SQLite text is never run.)
 const QUICK_PROBE: Sql = Sql {
     pg: "
-    SELECT 3 AS kind, last_value AS pos, '' AS name FROM device_lists_sequence
-    UNION ALL SELECT 2, added_ts, user_id FROM device_lists_remote_resync WHERE user_id = ANY($1)",
+    SELECT 3 AS kind, last_value AS pos, '' AS name, '' AS writer FROM device_lists_sequence
+    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id = ANY($1)",
     sqlite: "",
 };
 
@@ -175,5 +220,17 @@ impl ProbeConnection {
     /// The newest id of the device-list stream.
     pub async fn head(&self) -> Result<i64, sqlx::Error> {
         self.store.device_lists_head().await
+    }
+
+    /// Which of `users` Synapse has marked stale, read on the store's
+    /// connections (for requests too large to share a probe).
+    pub async fn stale_marks(&self, users: &[&str]) -> Result<Vec<String>, sqlx::Error> {
+        self.store.fetch_column(&STALE_MARKS, &[Arg::any_of(users)]).await
+    }
+
+    /// Each device-list writer's persisted position (`WriterPosition` rows).
+    pub async fn writer_positions(&self) -> Result<Vec<ProbeRow>, sqlx::Error> {
+        let Some(own) = &self.own else { return self.store.fetch_all(&WRITER_POSITIONS, &[]).await };
+        own.run(async |conn| super::sql::fetch_all_on(conn, &WRITER_POSITIONS, &[]).await).await
     }
 }

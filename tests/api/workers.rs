@@ -240,6 +240,48 @@ async fn with_the_first_writer_down_stale_users_are_fetched_directly() {
     let ours: Vec<_> = remote.calls(Route::UserDevices).into_iter().filter(|c| c.user_agent.starts_with("synapse-keys-worker")).collect();
     assert_eq!(ours.len(), 1, "we asked the remote once");
     assert!(ours[0].verified && ours[0].origin == server_name, "signed as {server_name}: {:?}", ours[0].origin);
-    assert!(worker.app.remote.coordinator.writer_breaker_open());
+    // Refused at once: the next resync tries dl1 again (milliseconds).
+    assert!(!worker.app.remote.coordinator.writer_breaker_open());
     assert_eq!(synapse_calls(&remote, Route::UserDevices), 1, "nobody else asked for dan");
+}
+
+/// Hundreds of changes through dl1 while dl2 writes nothing: dl2's row in
+/// `stream_positions` stays where it was, but dl2 reports its position on
+/// the stream as dl1's rows reach it, so the read barrier's floor follows
+/// and probes go back to the quick one (the id sequence, no table read)
+/// once the changes are applied; nothing is dropped on the way.
+#[tokio::test]
+async fn an_idle_writer_does_not_keep_probes_from_the_quick_one() {
+    let env = workers();
+    let main = Synapse::at(&env.url);
+    let db = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let dl1 = Synapse::at(&env.dl1_url);
+    let alice = main.register("alice").await;
+    let phone = dl1.login(&alice, Some("phone")).await;
+    let worker = ready_worker(config_via(&env, None)).await;
+    let app = worker.app.clone();
+    let ask = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &json!({"device_keys": {&alice.user_id: []}}));
+    let client = crate::helpers::http();
+    for n in 0..200 {
+        let rename = client.put(format!("{}/_matrix/client/v3/devices/{}", env.dl1_url, phone.device_id)).bearer_auth(&phone.token);
+        let resp = rename.json(&json!({"display_name": format!("phone {n}")})).send().await.unwrap();
+        assert!(resp.status().is_success(), "rename {n}: {}", resp.status());
+        if n % 20 == 0 {
+            assert_eq!(ask.send(&worker.url).await.0, 200);
+        }
+    }
+    assert_eq!(last_writer(&db, &alice.user_id).await, "dl1", "the renames were written by dl1");
+    // Once dl1's changes are applied and the writers' positions are past
+    // them, a probe needs no table (other tests may write meanwhile: a
+    // quiet moment comes within the deadline).
+    let quick = || app.barrier.counters().quick.load(std::sync::atomic::Ordering::Relaxed);
+    let before = quick();
+    eventually(Duration::from_secs(60), || async {
+        assert_eq!(ask.send(&worker.url).await.0, 200);
+        quick() > before
+    })
+    .await;
+    assert_eq!(app.barrier.counters().resets.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
+    assert_eq!(app.replication.dropped_all(), 0);
+    converges(&worker, &env.url, &ask, "after the renames", |_| true).await;
 }
