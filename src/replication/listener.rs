@@ -21,7 +21,13 @@ use crate::config::synapse::RedisConfig;
 /// is slower but never stale. A writer silent this long is taken for gone:
 /// everything cached is dropped instead of caught up.
 const SETTLE: Duration = Duration::from_secs(10);
+/// The subscription's own connection is pinged this often, and must answer
+/// within [`PING_WITHIN`]: a subscription that stops delivering while its
+/// TCP connection stays open (an idle timeout on a quiet channel, a
+/// half-open socket) is found within their sum, and the session ends
+/// (caches bypassed, then a new subscription and a catch-up).
 const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_WITHIN: Duration = Duration::from_secs(3);
 const STREAMS: [&str; 2] = ["device_lists", "caches"];
 
 pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
@@ -79,6 +85,9 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
         anyhow::Ok((pubsub, conn))
     };
     let (pubsub, mut conn) = tokio::time::timeout(Duration::from_secs(5), connect).await??;
+    // Commands go to the subscription's own connection (its sink), so that
+    // their answers prove that connection delivers.
+    let (mut sink, messages) = pubsub.split();
     // Subscribed first, so nothing published from here on is missed; then
     // ask every writer for its position.
     let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("REPLICATE ").query_async(&mut conn).await?;
@@ -93,7 +102,7 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
     let mut awaited = Awaited::new(&positions.known, &app.config.synapse.device_lists_writers);
     let settle_by = Instant::now() + SETTLE;
     let mut settled = false;
-    let mut messages = pubsub.into_on_message();
+    let mut messages = messages;
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
         tokio::select! {
@@ -145,9 +154,11 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
                 trust(app);
             }
             _ = ping.tick() => {
-                let pong: String = tokio::time::timeout(Duration::from_secs(3), redis::cmd("PING").query_async(&mut conn)).await??;
-                anyhow::ensure!(pong == "PONG", "unexpected PING answer {pong}");
-                app.status.touch();
+                match tokio::time::timeout(PING_WITHIN, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => app.status.touch(),
+                    Ok(Err(e)) => anyhow::bail!("the subscription's connection failed a PING: {e}"),
+                    Err(_) => anyhow::bail!("the subscription's connection did not answer a PING within {PING_WITHIN:?}"),
+                }
             }
         }
     }
@@ -218,6 +229,9 @@ struct Positions {
     known: HashMap<Key, i64>,
     /// Whose `POSITION` has been handled on the current connection.
     positioned: HashSet<Key>,
+    /// Sessions begun: after the first, the caches may hold entries that
+    /// what was written while we were away made stale.
+    sessions: u64,
 }
 
 /// What a writer's `POSITION` asks of us.
@@ -236,10 +250,12 @@ enum Step {
 
 impl Positions {
     /// A new connection: every writer has to report again. Returns whether
-    /// positions were known before it (a reconnect).
+    /// it is a reconnect (a session came before it, whether or not any
+    /// writer reported in it: its caches were trusted once it settled).
     fn begin_session(&mut self) -> bool {
         self.positioned.clear();
-        !self.known.is_empty()
+        self.sessions += 1;
+        self.sessions > 1
     }
 
     /// Returns whether the row's token moved the writer's position (its
@@ -366,12 +382,24 @@ mod tests {
     #[test]
     fn after_a_reconnect_an_unknown_writer_drops_everything_even_if_its_rows_came_first() {
         let mut p = Positions::default();
+        assert!(!p.begin_session());
         p.position(key("device_lists", "dl1"), 5, 5, false);
         assert!(p.begin_session());
         p.rdata(key("device_lists", "dl2"), 8);
         assert_eq!(p.position(key("device_lists", "dl2"), 8, 8, true), Step::DropAll);
         // A stream reset (the writer restarted) reads nothing.
         assert_eq!(p.position(key("device_lists", "dl1"), 2, 3, true), Step::Nothing);
+    }
+
+    /// A first session in which no writer ever reported still makes the
+    /// next one a reconnect: a writer speaking then is one we cannot catch
+    /// up, so everything is dropped.
+    #[test]
+    fn a_reconnect_after_a_session_without_positions_drops_what_it_cannot_catch_up() {
+        let mut p = Positions::default();
+        assert!(!p.begin_session());
+        assert!(p.begin_session(), "the second session is a reconnect");
+        assert_eq!(p.position(key("device_lists", "master"), 40, 40, true), Step::DropAll);
     }
 
     #[test]

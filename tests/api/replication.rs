@@ -122,6 +122,45 @@ async fn logout_revokes_a_cached_token() {
     println!("logout reached us in {:?}", started.elapsed());
 }
 
+/// The subscription's connection stops delivering while it stays open (a
+/// NAT or load balancer dropping an idle connection), and only that one:
+/// our other Redis connection still works. A logout, which travels only
+/// on the stream, must still be honoured promptly: the dead subscription
+/// is found (it answers no PING), the caches are bypassed, and the token
+/// is refused. Once it delivers again the caches are trusted again.
+#[tokio::test]
+async fn a_subscription_that_stops_delivering_is_found_and_bypassed() {
+    let hs = Synapse::new();
+    let user = hs.register("leaving").await;
+    let redis_url = url::Url::parse(&std::env::var("SKW_TEST_REDIS_URL").unwrap()).unwrap();
+    let upstream = format!("{}:{}", redis_url.host_str().unwrap(), redis_url.port().unwrap());
+    let proxy = TcpProxy::start_marking(&upstream, Some(b"SUBSCRIBE")).await;
+    let mut c = config();
+    c.synapse.redis.host = Some("127.0.0.1".into());
+    c.synapse.redis.port = Some(proxy.port);
+    let worker = ready_worker(c).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {}}));
+    eventually(Duration::from_secs(10), || async {
+        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+        worker.app.caches.tokens.counters.hits.load(Ordering::Relaxed) > 0
+    })
+    .await;
+
+    proxy.set_frozen_marked(true);
+    hs.post("/_matrix/client/v3/logout", &user.session.token, json!({})).await;
+    let started = Instant::now();
+    // About 10 s to find it (a PING every 5 s, 3 s to answer), then reads
+    // go to the database.
+    eventually(Duration::from_secs(20), || async { ask.send(&worker.url).await.0 == StatusCode::UNAUTHORIZED }).await;
+    println!("logout honoured {:?} after the subscription went silent", started.elapsed());
+    assert!(!worker.app.caches.trusted());
+
+    proxy.set_frozen_marked(false);
+    let app = worker.app.clone();
+    poll_until(Duration::from_secs(30), || app.caches.trusted()).await;
+    assert_eq!(ask.send(&worker.url).await.0, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn redis_outage_bypasses_caches_and_catches_up() {
     let hs = Synapse::new();
