@@ -99,6 +99,9 @@ impl App {
     /// (the demo, which needs none of those parts, stays quiet).
     pub fn limitations(config: &Config) -> Vec<String> {
         let mut said = Vec::new();
+        if config.worker.resync_cache_max_users.is_some() {
+            said.push("keys_worker.resync_cache_max_users is no longer used: resync results are bounded by cache_max_bytes".to_owned());
+        }
         if config.synapse.signing_key_path.is_none() {
             said.push("no signing_key_path: direct federation (the fallback when the writer is down) is disabled".to_owned());
         }

@@ -214,6 +214,12 @@ where
         self.cache.invalidate_all();
     }
 
+    /// Applies pending evictions now (tests; moka does it as it goes).
+    #[cfg(test)]
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
         Stats {

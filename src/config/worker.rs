@@ -54,8 +54,10 @@ pub struct WorkerConfig {
     pub mas_breaker_ms: u64,
     /// How long a resync result is kept in memory, in ms.
     pub resync_cache_ttl_ms: u64,
-    /// Most users whose resync results are kept in memory.
-    pub resync_cache_max_users: u64,
+    /// No longer used: resync results are weighed in bytes against
+    /// `cache_max_bytes`, as the other caches. Still read, so older configs
+    /// start (with a warning).
+    pub resync_cache_max_users: Option<u64>,
     /// Most remote servers queried at once for one request.
     pub federation_concurrency: usize,
     /// Connect timeout for remote servers, in ms.
@@ -113,7 +115,7 @@ impl Default for WorkerConfig {
             mas_timeout_ms: 3_000,
             mas_breaker_ms: 1_000,
             resync_cache_ttl_ms: 60_000,
-            resync_cache_max_users: 100_000,
+            resync_cache_max_users: None,
             federation_concurrency: 10,
             federation_connect_timeout_ms: 5_000,
             federation_max_response_bytes: 16 * 1024 * 1024,

@@ -40,3 +40,13 @@ pub struct UserDevices {
     /// had cached, which Synapse's `/keys/query` does not take as a result.
     pub is_resync_result: bool,
 }
+
+impl UserDevices {
+    /// Bytes held, as the caches weigh their entries: the text received
+    /// and the parts kept of it.
+    pub fn weight(&self) -> usize {
+        let parts = self.devices.iter().map(|(id, keys)| id.len() + keys.get().len()).sum::<usize>();
+        let keys = [&self.master_key, &self.self_signing_key].iter().filter_map(|k| k.as_ref()).map(|k| k.get().len()).sum::<usize>();
+        self.raw.get().len() + parts + keys + self.stream_pos.as_ref().map_or(0, |p| p.get().len()) + 64
+    }
+}

@@ -15,9 +15,12 @@
 //! resync's result, as it could have joined it when it looked: most such
 //! invalidations are the writer storing the very result being fetched
 //! (Synapse streams them before it answers), and without this every query
-//! that had already looked would ask the writer again.
+//! that had already looked would ask the writer again. These latest
+//! resyncs are kept at most two minutes and within a byte budget (their
+//! results weighed as the caches weigh theirs), oldest first out, without
+//! scanning them: they are kept in the order they started.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -43,27 +46,61 @@ struct Latest<V> {
     started: Instant,
     /// The first invalidation of the user after the resync started.
     overtaken: Option<Instant>,
+    /// Its result's weight once delivered (0 before).
+    weight: usize,
 }
 
-/// Latest resyncs older than this are forgotten once there are many: no
-/// caller waits longer than its `timeout` (at most a minute by default).
+/// Latest resyncs older than this are forgotten: no caller waits longer
+/// than its `timeout` (at most a minute by default).
 const KEEP_LATEST: std::time::Duration = std::time::Duration::from_secs(120);
-const MANY_LATEST: usize = 10_000;
+
+/// The latest resyncs, in the order they started.
+struct Recent<V> {
+    by_user: HashMap<String, Latest<V>>,
+    /// (start, user): an entry is the user's current one while its start is
+    /// the user's `Latest::started`; older ones are skipped when popped.
+    order: VecDeque<(Instant, String)>,
+    /// Weight of the delivered results kept.
+    bytes: usize,
+    budget: usize,
+    weigh: fn(&V) -> usize,
+}
+
+impl<V> Recent<V> {
+    /// Forgets from the oldest while one is older than [`KEEP_LATEST`] or
+    /// the results weigh more than the budget: O(1) per entry forgotten.
+    fn prune(&mut self, now: Instant) {
+        while let Some((started, _)) = self.order.front() {
+            if now.duration_since(*started) < KEEP_LATEST && self.bytes <= self.budget {
+                return;
+            }
+            let (started, user) = self.order.pop_front().expect("front exists");
+            if self.by_user.get(&user).is_some_and(|l| l.started == started) {
+                let l = self.by_user.remove(&user).expect("present");
+                self.bytes -= l.weight;
+            }
+        }
+    }
+}
 
 pub struct Inflight<V> {
     map: Map<V>,
-    latest: Mutex<HashMap<String, Latest<V>>>,
+    latest: Arc<Mutex<Recent<V>>>,
 }
 
-impl<V> Default for Inflight<V> {
-    fn default() -> Self {
-        Self { map: Arc::default(), latest: Mutex::default() }
+impl<V> Inflight<V> {
+    /// Latest resyncs' results are kept within `budget` bytes, each
+    /// weighed by `weigh`.
+    pub fn new(budget: usize, weigh: fn(&V) -> usize) -> Self {
+        let recent = Recent { by_user: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, weigh };
+        Self { map: Arc::default(), latest: Arc::new(Mutex::new(recent)) }
     }
 }
 
 /// The users one caller leads, with the senders of their results.
 pub struct Batch<V> {
     map: Map<V>,
+    latest: Arc<Mutex<Recent<V>>>,
     users: Vec<(String, watch::Sender<Option<V>>)>,
     hedge: Arc<watch::Sender<Instant>>,
 }
@@ -80,7 +117,7 @@ impl<V: Clone> Inflight<V> {
         let mut latest = self.latest.lock().expect("latest resyncs");
         for user in users {
             if !map.contains_key(user)
-                && let Some(l) = latest.get(user)
+                && let Some(l) = latest.by_user.get(user)
                 && l.overtaken.is_some_and(|at| at > looked_at)
                 && l.started.elapsed() < KEEP_LATEST
             {
@@ -103,21 +140,21 @@ impl<V: Clone> Inflight<V> {
         }
         let now = Instant::now();
         for (user, tx) in &led {
-            latest.insert(user.clone(), Latest { result: tx.subscribe(), started: now, overtaken: None });
+            let replaced = latest.by_user.insert(user.clone(), Latest { result: tx.subscribe(), started: now, overtaken: None, weight: 0 });
+            latest.bytes -= replaced.map_or(0, |l| l.weight);
+            latest.order.push_back((now, user.clone()));
         }
-        if latest.len() > MANY_LATEST {
-            latest.retain(|_, l| now.duration_since(l.started) < KEEP_LATEST);
-        }
+        latest.prune(now);
         drop(latest);
         drop(map);
-        let batch = (!led.is_empty()).then(|| Batch { map: Arc::clone(&self.map), users: led, hedge });
+        let batch = (!led.is_empty()).then(|| Batch { map: Arc::clone(&self.map), latest: Arc::clone(&self.latest), users: led, hedge });
         (waits, batch)
     }
 
     /// Detaches `user`'s in-flight fetch: later callers start anew.
     pub fn forget(&self, user: &str) {
         self.map.lock().expect("in-flight map").remove(user);
-        if let Some(l) = self.latest.lock().expect("latest resyncs").get_mut(user) {
+        if let Some(l) = self.latest.lock().expect("latest resyncs").by_user.get_mut(user) {
             l.overtaken.get_or_insert_with(Instant::now);
         }
     }
@@ -125,7 +162,7 @@ impl<V: Clone> Inflight<V> {
     pub fn forget_all(&self) {
         self.map.lock().expect("in-flight map").clear();
         let now = Instant::now();
-        for l in self.latest.lock().expect("latest resyncs").values_mut() {
+        for l in self.latest.lock().expect("latest resyncs").by_user.values_mut() {
             l.overtaken.get_or_insert(now);
         }
     }
@@ -133,6 +170,12 @@ impl<V: Clone> Inflight<V> {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.map.lock().expect("in-flight map").len()
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let l = self.latest.lock().expect("latest resyncs");
+        (l.by_user.len(), l.bytes)
     }
 }
 
@@ -151,7 +194,17 @@ impl<V> Batch<V> {
     pub fn deliver(&mut self, user: &str, result: V) {
         if let Some(i) = self.users.iter().position(|(u, _)| u == user) {
             let (user, tx) = self.users.swap_remove(i);
+            let mut latest = self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let weight = (latest.weigh)(&result);
             tx.send_replace(Some(result));
+            if let Some(l) = latest.by_user.get_mut(&user)
+                && l.result.same_channel(&tx.subscribe())
+            {
+                l.weight = weight;
+                latest.bytes += weight;
+                latest.prune(Instant::now());
+            }
+            drop(latest);
             remove_own(&self.map, &user, &tx);
         }
     }
@@ -188,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_caller_leads_later_callers_follow() {
-        let inflight = Inflight::<u32>::default();
+        let inflight = Inflight::<u32>::new(1 << 20, |_| 8);
         let now = Instant::now();
         let (waits, batch) = inflight.join(&users(&["@a:x", "@b:x"]), now, Instant::now());
         let mut batch = batch.expect("nobody was fetching");
@@ -205,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_leader_leaves_nothing_behind() {
-        let inflight = Arc::new(Inflight::<u32>::default());
+        let inflight = Arc::new(Inflight::<u32>::new(1 << 20, |_| 8));
         let (waits, batch) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         let batch = batch.unwrap();
         let task = tokio::spawn(async move {
@@ -224,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_earlier_follower_brings_the_hedge_forward() {
-        let inflight = Inflight::<u32>::default();
+        let inflight = Inflight::<u32>::new(1 << 20, |_| 8);
         let now = Instant::now();
         let (_, batch) = inflight.join(&users(&["@a:x"]), now + Duration::from_secs(3), Instant::now());
         let batch = batch.unwrap();
@@ -237,7 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn forgetting_detaches_the_fetch() {
-        let inflight = Inflight::<u32>::default();
+        let inflight = Inflight::<u32>::new(1 << 20, |_| 8);
         let (_, first) = inflight.join(&users(&["@a:x"]), Instant::now(), Instant::now());
         let mut first = first.unwrap();
         inflight.forget("@a:x");
@@ -250,13 +303,33 @@ mod tests {
         assert_eq!(inflight.len(), 1);
     }
 
+    /// Kept results stay within the byte budget, oldest out first, and
+    /// nothing is scanned: a result replaced by a newer resync of the same
+    /// user no longer counts.
+    #[tokio::test]
+    async fn latest_resyncs_are_kept_within_the_byte_budget() {
+        let inflight = Inflight::<u32>::new(100, |v| *v as usize);
+        for (i, user) in ["@a:x", "@b:x", "@c:x"].iter().enumerate() {
+            let (_, batch) = inflight.join(&users(&[user]), Instant::now(), Instant::now());
+            batch.unwrap().deliver(user, 40 + i as u32);
+        }
+        // 40 + 41 + 42 > 100: @a:x, the oldest, is forgotten.
+        assert_eq!(inflight.kept(), (2, 83));
+        let (_, batch) = inflight.join(&users(&["@b:x"]), Instant::now(), Instant::now());
+        batch.unwrap().deliver("@b:x", 10);
+        assert_eq!(inflight.kept(), (2, 52), "@b:x's older result no longer counts");
+        let (_, batch) = inflight.join(&users(&["@d:x"]), Instant::now(), Instant::now());
+        batch.unwrap().deliver("@d:x", 90);
+        assert_eq!(inflight.kept(), (2, 100), "the oldest go until it fits (@b:x's old start is skipped)");
+    }
+
     /// The writer stores what it fetched (an invalidation of the user)
     /// before it answers: a caller that looked at the user before that
     /// takes the resync's result, delivered or not; one that looked after
     /// it starts a resync of its own.
     #[tokio::test]
     async fn a_caller_that_looked_before_an_invalidation_takes_the_overtaken_result() {
-        let inflight = Inflight::<u32>::default();
+        let inflight = Inflight::<u32>::new(1 << 20, |_| 8);
         let looked = Instant::now();
         let (_, first) = inflight.join(&users(&["@a:x"]), Instant::now(), looked);
         let mut first = first.unwrap();

@@ -73,14 +73,14 @@ impl Coordinator {
             federation,
             cache: GuardedCache::new(
                 "resync_results",
-                w.resync_cache_max_users,
+                w.cache_max_bytes,
                 Duration::from_millis(w.resync_cache_ttl_ms),
-                |_, _| 1,
+                |user: &String, devices: &Arc<UserDevices>| u32::try_from(user.len() + devices.weight()).unwrap_or(u32::MAX),
                 // Invalidated by the stream and the read barrier alike,
                 // which the data caches' trust does not cover.
                 Arc::new(Trust::trusted()),
             ),
-            inflight: Inflight::default(),
+            inflight: Inflight::new(usize::try_from(w.cache_max_bytes).unwrap_or(usize::MAX), outcome_weight),
             waiting: AtomicUsize::new(0),
             outcomes: OutcomeCounters::default(),
             direct_timeout: Duration::from_millis(w.default_timeout_ms),
@@ -257,6 +257,11 @@ impl Coordinator {
     }
 }
 
+/// What a resync's outcome holds, in bytes (a failure is small).
+fn outcome_weight(outcome: &Outcome) -> usize {
+    outcome.as_ref().map_or(64, |d| d.weight())
+}
+
 /// The failure of a user whose resync gave no device list.
 fn resync_failed(user: &str) -> Value {
     json!({"status": 503, "message": format!("Device resync failed for '{user}'")})
@@ -314,4 +319,32 @@ pub struct Outcomes {
     /// Of those, the ones whose writer's `/health` answered (a slow remote,
     /// not a hung writer: it was not skipped for other remotes).
     pub writer_late_but_alive: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resync results are weighed in bytes: large ones (a remote decides
+    /// their size) cannot hold more than `cache_max_bytes`, whatever their
+    /// number.
+    #[test]
+    fn resync_results_are_bounded_by_bytes() {
+        let yaml = "server_name: hs\ndatabase: {name: sqlite3, args: {database: unused.db}}\nkeys_worker: {cache_max_bytes: 20000}\n";
+        let config = Config::from_mapping(yaml_serde::from_str(yaml).unwrap(), Vec::new()).unwrap();
+        let federation = Arc::new(FederationClient::from_config(&config).unwrap());
+        let coordinator = Coordinator::new(&config, federation).unwrap();
+        let keys = format!("{{\"device_id\":\"D\",\"keys\":{{\"ed25519:D\":\"{}\"}}}}", "k".repeat(4_000));
+        for i in 0..10 {
+            let user = format!("@u{i}:remote");
+            let raw = RawValue::from_string(format!("{{\"devices\":[{{\"device_id\":\"D\",\"keys\":{keys}}}]}}")).unwrap();
+            let devices = Arc::new(UserDevices::parse(raw, None).unwrap());
+            assert!(devices.weight() > 8_000, "the raw text and the parsed keys both count");
+            let ticket = coordinator.cache.ticket(&user);
+            coordinator.cache.insert(user, devices, ticket);
+        }
+        coordinator.cache.run_pending_tasks();
+        let stats = coordinator.cache.stats();
+        assert!(stats.weight <= 20_000 && stats.entries <= 2, "{} bytes in {} entries", stats.weight, stats.entries);
+    }
 }
