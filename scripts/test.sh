@@ -51,7 +51,14 @@ fi
 if [ "$#" -gt 0 ]; then
     exec "${world[@]}" cargo test --locked "$@"
 fi
-# A full run: the main suite, then the client test, then a smoke run of the
+# The heavy tests (load, faults, memory, fuzzing from the spec) never run
+# beside the tests that assert a time bound: the main suite skips them, and
+# they run afterwards, one at a time (faults also asserts time bounds of
+# its own).
+HEAVY=(faults:: bounded:: dashboard:: tooling::schemathesis)
+skip_heavy=()
+for t in "${HEAVY[@]}"; do skip_heavy+=(--skip "$t"); done
+# A full run: the main suite, the heavy tests, then the client test, then a smoke run of the
 # bench (bench/bench.py: every scenario for a second, on the debug builds;
 # bench/memory.py with 1,000 users), so the bench command keeps working, in
 # one world.
@@ -60,6 +67,7 @@ smoke="BENCH_SECONDS=1 BENCH_ROUNDS=1 BENCH_USERS=20 BENCH_TOKENS=10 BENCH_SWEEP
     BENCH_LOADGEN=$CARGO_TARGET_DIR/debug/examples/loadgen MEM_USERS=1000 MEM_CYCLES=2
     MEM_OUT=$CARGO_TARGET_DIR/bench/memory-smoke.json
     BENCH_OUT=$CARGO_TARGET_DIR/bench/smoke.json"
-exec "${world[@]}" bash -c 'cargo test --locked && cargo test --locked --manifest-path "$1" &&
+exec "${world[@]}" bash -c 'cargo test --locked -- $3 && cargo test --locked --test api -- --test-threads=1 $4 &&
+    cargo test --locked --manifest-path "$1" &&
     cargo build --locked --example ceiling --example loadgen && env $2 "${SKW_PYTHON:-python3}" bench/bench.py &&
-    env $2 "${SKW_PYTHON:-python3}" bench/memory.py' skw-test "$CLIENT" "$smoke"
+    env $2 "${SKW_PYTHON:-python3}" bench/memory.py' skw-test "$CLIENT" "$smoke" "${skip_heavy[*]}" "${HEAVY[*]}"

@@ -2,7 +2,7 @@
 //! graceful shutdown, and Synapse's per-device request limit.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -54,7 +54,7 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
 
 #[tokio::test]
 async fn request_ids_are_honoured_or_made() {
-    let logs = captured_logs();
+    let (logs, _capture) = captured_logs();
     let worker = spawn_worker().await;
     let resp = http().get(format!("{}/health", worker.url)).header("X-Request-Id", "proxy-id-42").send().await.unwrap();
     assert_eq!(resp.headers()["x-request-id"], "proxy-id-42");
@@ -77,22 +77,17 @@ async fn request_ids_are_honoured_or_made() {
     }
 }
 
-/// Everything every test logs, at debug level, in one buffer.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        let make_writer = move || Sink(sink.clone());
-        tracing_subscriber::fmt()
-            .with_env_filter("debug")
-            .with_writer(make_writer)
-            .with_ansi(false)
-            .try_init()
-            .expect("no other subscriber in the test binary");
-        buf
-    })
-    .clone()
+/// What this test's thread logs, at debug level, into a buffer of its
+/// own, while the guard lives. `#[tokio::test]` runs the test and the
+/// service it spawns in-process on one thread, so their logs are caught
+/// and no other test's are (each test has its own thread, and nothing is
+/// installed process-wide).
+fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let make_writer = move || Sink(sink.clone());
+    let subscriber = tracing_subscriber::fmt().with_env_filter("debug").with_writer(make_writer).with_ansi(false).finish();
+    (buf, tracing::subscriber::set_default(subscriber))
 }
 
 struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -109,7 +104,7 @@ impl Write for Sink {
 
 #[tokio::test]
 async fn tokens_and_secrets_never_reach_the_logs() {
-    let logs = captured_logs();
+    let (logs, _capture) = captured_logs();
     let hs = Synapse::new();
     let user = hs.register("quiet").await;
     let worker = spawn_worker().await;
