@@ -124,6 +124,7 @@ impl App {
             caches: Arc::clone(&self.caches),
             invalidator: Arc::clone(&self.invalidator),
             status: Arc::clone(&self.replication),
+            barrier: Arc::clone(&self.barrier),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Follower {
     pub caches: Arc<Caches>,
     pub invalidator: Arc<Invalidator>,
     pub status: Arc<Status>,
+    /// The read barrier, which polling drives for device lists.
+    pub barrier: Arc<Barrier>,
 }
 
 /// What `/ready` and the metrics report about the stream.

@@ -1,24 +1,33 @@
-//! Without Redis: poll Synapse's stream tables on a short interval. Rows of
-//! a multi-writer stream can commit out of id order, so each poll re-reads
-//! a window below the newest id seen and skips rows already applied.
+//! Without Redis: poll Synapse's stream tables on a short interval.
+//!
+//! - Device lists: each poll is a read-barrier probe (`Barrier::sync`),
+//!   which applies every committed change above a floor that follows the
+//!   writers' positions and unbroken runs of ids, so a row a writer commits
+//!   late is found however far below the newest id it lies.
+//! - The caches stream (tokens, users, memberships) has no writer
+//!   positions (every Synapse process writes it). Its floor moves over
+//!   unbroken runs of ids; a missing id is waited for until a row written
+//!   after it is [`PATIENCE_MS`] old (a transaction that took its id has by
+//!   then committed or rolled back), then passed. Rows above the floor are
+//!   read again each poll and applied once.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::Follower;
 use super::Invalidator;
+use crate::store::TimedInvalidation;
 
-/// How far below the newest id seen each poll looks again.
-const WINDOW: i64 = 200;
+/// How long after a later row was written a missing id of the caches
+/// stream is given up on.
+const PATIENCE_MS: i64 = 60_000;
 
 pub async fn run(app: Arc<Follower>, inv: Arc<Invalidator>) {
     let every = Duration::from_millis(app.config.worker.poll_interval_ms.max(50));
-    let mut heads: Option<(i64, i64)> = None;
-    let mut seen_users: HashSet<(i64, String)> = HashSet::new();
-    let mut seen_caches: HashSet<i64> = HashSet::new();
+    let mut caches = CachesCursor::default();
     loop {
-        match poll(&app, &inv, &mut heads, &mut seen_users, &mut seen_caches).await {
+        match poll(&app, &inv, &mut caches).await {
             Ok(()) => {
                 app.status.set_connected();
                 app.status.set_caught_up();
@@ -29,38 +38,94 @@ pub async fn run(app: Arc<Follower>, inv: Arc<Invalidator>) {
                 app.caches.set_trusted(false);
                 app.invalidator.everything();
                 app.status.set_lost();
-                heads = None;
+                caches = CachesCursor::default();
             }
         }
         tokio::time::sleep(every).await;
     }
 }
 
-async fn poll(
-    app: &Follower,
-    inv: &Invalidator,
-    heads: &mut Option<(i64, i64)>,
-    seen_users: &mut HashSet<(i64, String)>,
-    seen_caches: &mut HashSet<i64>,
-) -> Result<(), sqlx::Error> {
-    let (dl_head, cache_head) = app.store.stream_heads().await?;
-    let Some((dl_last, cache_last)) = *heads else {
-        // First poll (or after an error, with the caches emptied): start here.
-        *heads = Some((dl_head, cache_head));
-        return Ok(());
+async fn poll(app: &Follower, inv: &Invalidator, caches: &mut CachesCursor) -> anyhow::Result<()> {
+    app.barrier.sync(&[]).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let now = crate::now_ms();
+    let floor = match caches.floor {
+        Some(f) => f,
+        None => app.store.cache_invalidations_start(now - PATIENCE_MS).await?,
     };
-    for row in app.store.device_list_changes(dl_last - WINDOW, dl_head, None).await? {
-        if seen_users.insert((row.stream_id, row.user_id.clone())) {
-            inv.user_changed(&row.user_id);
-        }
+    let rows = app.store.cache_invalidations_after(floor).await?;
+    caches.floor = Some(floor);
+    for row in caches.advance(&rows, now) {
+        inv.synapse_cache(&row.cache_func, row.keys.as_deref());
     }
-    for row in app.store.cache_invalidations(cache_last - WINDOW, cache_head, None).await? {
-        if seen_caches.insert(row.stream_id) {
-            inv.synapse_cache(&row.cache_func, row.keys.as_deref());
-        }
-    }
-    seen_users.retain(|(id, _)| *id > dl_head - 2 * WINDOW);
-    seen_caches.retain(|id| *id > cache_head - 2 * WINDOW);
-    *heads = Some((dl_head.max(dl_last), cache_head.max(cache_last)));
     Ok(())
+}
+
+/// Where polling the caches stream stands.
+#[derive(Debug, Default)]
+struct CachesCursor {
+    /// Every row at or below it has been applied (or given up on).
+    floor: Option<i64>,
+    /// Rows above the floor already applied.
+    seen: BTreeSet<i64>,
+}
+
+impl CachesCursor {
+    /// Takes the rows read above the floor (in id order) at `now_ms`:
+    /// returns those not applied yet, and moves the floor over the
+    /// unbroken run of ids, passing a missing id once a row written after
+    /// it is [`PATIENCE_MS`] old.
+    fn advance<'r>(&mut self, rows: &'r [TimedInvalidation], now_ms: i64) -> Vec<&'r TimedInvalidation> {
+        let fresh = rows.iter().filter(|r| self.seen.insert(r.stream_id)).collect();
+        let written: BTreeMap<i64, i64> = rows.iter().map(|r| (r.stream_id, r.invalidation_ts)).collect();
+        let mut floor = self.floor.unwrap_or(0);
+        while let Some((&id, &ts)) = written.range(floor + 1..).next() {
+            if id != floor + 1 && now_ms - ts <= PATIENCE_MS {
+                break;
+            }
+            floor = id;
+        }
+        self.floor = Some(floor);
+        self.seen = self.seen.split_off(&(floor + 1));
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, ts: i64) -> TimedInvalidation {
+        TimedInvalidation {
+            stream_id: id,
+            cache_func: "get_user_by_access_token".into(),
+            keys: Some(vec![format!("t{id}")]),
+            invalidation_ts: ts,
+        }
+    }
+
+    /// A row committed long after the rows above it (far more than any
+    /// fixed window) is still applied, once; a missing id is waited for
+    /// until a row written after it is a minute old.
+    #[test]
+    fn a_late_row_is_applied_however_far_below_the_newest_and_holes_are_passed_in_time() {
+        let mut c = CachesCursor { floor: Some(10), ..Default::default() };
+        let now = 1_000_000;
+        // 11 is in flight; 12..=1011 committed just now.
+        let rows: Vec<_> = (12..=1011).map(|id| row(id, now)).collect();
+        assert_eq!(c.advance(&rows, now).len(), 1000);
+        assert_eq!(c.floor, Some(10), "waits for 11");
+        // 11 commits, 1,000 ids below the newest: applied, once.
+        let mut rows: Vec<_> = std::iter::once(row(11, now)).chain(rows).collect();
+        let fresh = c.advance(&rows, now + 500);
+        assert_eq!(fresh.iter().map(|r| r.stream_id).collect::<Vec<_>>(), [11]);
+        assert_eq!(c.floor, Some(1011));
+        assert!(c.seen.is_empty());
+        // 1012 never commits (rolled back); 1013 does: passed only once
+        // 1013 is a minute old.
+        rows = vec![row(1013, now + 1_000)];
+        assert_eq!(c.advance(&rows, now + 2_000).len(), 1);
+        assert_eq!(c.floor, Some(1011));
+        assert!(c.advance(&rows, now + 1_000 + PATIENCE_MS + 1).is_empty(), "not applied twice");
+        assert_eq!(c.floor, Some(1013));
+    }
 }

@@ -16,7 +16,7 @@ pub use auth::{DeviceIdRow, TokenRow};
 pub use pg_conns::PgConns;
 pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;
-pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
+pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser, TimedInvalidation};
 
 use sqlx::SqlitePool;
 

@@ -22,7 +22,7 @@ pub struct CacheInvalidation {
 }
 
 // Device-list changes and signature uploads share the device_lists stream.
-// `instance` NULL: every writer (polling).
+// `instance` NULL: every writer.
 const DEVICE_LISTS: Sql = Sql {
     pg: "
     SELECT stream_id, user_id FROM device_lists_stream
@@ -148,7 +148,28 @@ const MAX_DEVICE_LISTS: Sql = Sql::same(
         UNION ALL SELECT COALESCE(MAX(stream_id), 0) FROM user_signature_stream
     ) AS heads",
 );
-const MAX_CACHES: &str = "SELECT COALESCE(MAX(stream_id), 0) FROM cache_invalidation_stream_by_instance";
+
+// Polling the caches stream (PostgreSQL only): every row after `$1`, with
+// when it was written (NULL on rows from before Synapse wrote the time).
+const CACHES_AFTER_PG: &str = "
+    SELECT stream_id, cache_func, keys, COALESCE(invalidation_ts, 0) AS invalidation_ts
+    FROM cache_invalidation_stream_by_instance WHERE stream_id > $1 ORDER BY stream_id";
+
+// Where polling the caches stream starts: the newest row written before
+// `$1` (Unix ms), else just below the oldest row kept, else 0.
+const CACHES_START_PG: &str = "
+    SELECT COALESCE(MAX(stream_id) FILTER (WHERE invalidation_ts < $1), MIN(stream_id) - 1, 0)
+    FROM cache_invalidation_stream_by_instance";
+
+/// A row of Synapse's caches stream, with when it was written.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TimedInvalidation {
+    pub stream_id: i64,
+    pub cache_func: String,
+    pub keys: Option<Vec<String>>,
+    /// Unix ms (0 when Synapse did not record it).
+    pub invalidation_ts: i64,
+}
 
 impl Store {
     /// Users with device-list or signature changes in `(after, upto]`
@@ -167,12 +188,21 @@ impl Store {
         }
     }
 
-    /// The newest stream ids of the device-list and cache streams.
-    pub async fn stream_heads(&self) -> Result<(i64, i64), sqlx::Error> {
-        let dl = self.device_lists_head().await?;
+    /// Every caches-stream row after `after`, in id order (none on SQLite,
+    /// where Synapse writes none).
+    pub async fn cache_invalidations_after(&self, after: i64) -> Result<Vec<TimedInvalidation>, sqlx::Error> {
         match self {
-            Store::Postgres(p) => Ok((dl, p.run(async |c| sqlx::query_scalar(MAX_CACHES).fetch_one(c).await).await?)),
-            Store::Sqlite(_) => Ok((dl, 0)),
+            Store::Postgres(p) => p.run(async |c| sqlx::query_as(CACHES_AFTER_PG).bind(after).fetch_all(c).await).await,
+            Store::Sqlite(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Where following the caches stream by polling may start: every row at
+    /// or below it was written before `before_ms`.
+    pub async fn cache_invalidations_start(&self, before_ms: i64) -> Result<i64, sqlx::Error> {
+        match self {
+            Store::Postgres(p) => p.run(async |c| sqlx::query_scalar(CACHES_START_PG).bind(before_ms).fetch_one(c).await).await,
+            Store::Sqlite(_) => Ok(0),
         }
     }
 

@@ -232,6 +232,16 @@ async fn without_redis_the_stream_tables_are_polled() {
     hs.upload_device_keys(&phone).await;
     let d = converges(&worker, &alice.session, &body).await;
     println!("polling: change reached us in {d:?}");
+    // The caches stream is polled too: a cached token logged out is
+    // refused.
+    let ask = Ask::keys_query("v3", &phone.token, TokenIn::Header, &body);
+    eventually(Duration::from_secs(10), || async {
+        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+        worker.app.caches.tokens.get_uncounted(&phone.token).is_some()
+    })
+    .await;
+    hs.post("/_matrix/client/v3/logout", &phone.token, json!({})).await;
+    eventually(Duration::from_secs(10), || async { ask.send(&worker.url).await.0 == StatusCode::UNAUTHORIZED }).await;
 }
 
 #[tokio::test]
