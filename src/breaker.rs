@@ -54,11 +54,14 @@ impl Breaker {
     }
 
     /// A call got no answer in time: refuse calls but for probes. Returns
-    /// whether this opened it (it was closed).
+    /// whether this opened it (it was closed); when it was open already,
+    /// the next probe stays due as it was.
     pub fn timed_out(&self) -> bool {
         let mut last = self.open_since_probe.lock().expect("breaker");
         let opened = last.is_none();
-        *last = Some(Instant::now());
+        if opened {
+            *last = Some(Instant::now());
+        }
         opened
     }
 

@@ -45,9 +45,9 @@ pub fn query_string(data: &[u8]) {
 
 /// A line from Synapse's Redis channel, and the rows it carries.
 pub fn replication_line(data: &[u8]) {
-    use crate::replication::protocol::{Command, cache_row, device_list_user, parse};
+    use crate::replication::protocol::{Command, cache_row, device_list_row, parse};
     if let Command::Rdata { row, .. } = parse(&String::from_utf8_lossy(data)) {
-        let _ = device_list_user(&row);
+        let _ = device_list_row(&row);
         let _ = cache_row(&row);
     }
 }

@@ -76,9 +76,10 @@ pub struct Barrier {
     /// Whether the next probe tries the quick probe first: cleared while
     /// changes keep coming (each probe would then cost two round trips).
     quick: AtomicBool,
-    /// Until when the quick probe is not tried because the database refused
-    /// to let this role read the sequence (it is tried again then).
-    quick_refused_until: Mutex<Option<std::time::Instant>>,
+    /// The quick probe, refused the sequence by the database for a while.
+    quick_refused: Refused,
+    /// The unbroken run of ids, refused one of its tables for a while.
+    run_refused: Refused,
     counters: Counters,
 }
 
@@ -133,7 +134,8 @@ impl Barrier {
             rounds: Mutex::default(),
             progress: tokio::sync::Mutex::default(),
             quick: AtomicBool::new(true),
-            quick_refused_until: Mutex::new(None),
+            quick_refused: Refused::default(),
+            run_refused: Refused::default(),
             counters: Counters::default(),
         }
     }
@@ -145,15 +147,13 @@ impl Barrier {
     /// Whether probes try the quick probe (false for a while after the
     /// database refused this role the device-list id sequence).
     pub fn quick_probe_usable(&self) -> bool {
-        let mut until = self.quick_refused_until.lock().expect("barrier quick");
-        match *until {
-            Some(t) if t > std::time::Instant::now() => false,
-            Some(_) => {
-                *until = None;
-                true
-            }
-            None => true,
-        }
+        self.quick_refused.usable()
+    }
+
+    /// Whether probes read the unbroken run of ids (false for a while after
+    /// the database refused this role one of its tables).
+    pub fn unbroken_run_usable(&self) -> bool {
+        self.run_refused.usable()
     }
 
     /// Waits until every device-list change committed before this call has
@@ -236,7 +236,16 @@ impl Barrier {
             Some(f) => f,
             None => self.first_floor().await.map_err(failed)?,
         };
-        let rows = self.db.probe(after, remote_users).await.map_err(failed)?;
+        let with_run = self.run_refused.usable();
+        let rows = match self.db.probe(after, remote_users, with_run).await {
+            Err(sqlx::Error::Database(e)) if with_run && is_refusal(e.code().as_deref()) => {
+                tracing::warn!(error = %e, "read barrier: a table the unbroken run of ids needs cannot be read (see docs/deployment.md for the grants); probing without it for {QUICK_RETRY:?}");
+                self.run_refused.refuse();
+                self.db.probe(after, remote_users, false).await
+            }
+            rows => rows,
+        }
+        .map_err(failed)?;
         let reported = self.reported.snapshot();
         let mut positions: HashMap<&str, i64> = HashMap::new();
         let mut marks = HashSet::new();
@@ -329,7 +338,7 @@ impl Barrier {
                 // A role that may not read the sequence (or a database
                 // without it): full probes for a while, then try again.
                 tracing::warn!(error = %e, "read barrier: the device-list id sequence cannot be read; probes read the stream tables for the next {QUICK_RETRY:?}");
-                *self.quick_refused_until.lock().expect("barrier quick") = Some(std::time::Instant::now() + QUICK_RETRY);
+                self.quick_refused.refuse();
                 return None;
             }
             // Anything else (a timeout, a lost connection, too many
@@ -347,8 +356,31 @@ impl Barrier {
     }
 }
 
-/// How long the quick probe stays off after the database refused it.
+/// How long the quick probe (or the unbroken run) stays off after the
+/// database refused this role what it reads.
 const QUICK_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Until when something the database refused is not tried again.
+#[derive(Debug, Default)]
+struct Refused(Mutex<Option<std::time::Instant>>);
+
+impl Refused {
+    fn usable(&self) -> bool {
+        let mut until = self.0.lock().expect("barrier refusal");
+        match *until {
+            Some(t) if t > std::time::Instant::now() => false,
+            Some(_) => {
+                *until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn refuse(&self) {
+        *self.0.lock().expect("barrier refusal") = Some(std::time::Instant::now() + QUICK_RETRY);
+    }
+}
 
 /// SQLSTATEs that say the sequence cannot be read by this role at all
 /// (insufficient privilege, no such relation), not that this one statement
@@ -469,9 +501,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (app, _pool) = app(&dir).await;
         assert!(app.barrier.quick_probe_usable());
-        *app.barrier.quick_refused_until.lock().unwrap() = Some(std::time::Instant::now() + QUICK_RETRY);
+        app.barrier.quick_refused.refuse();
         assert!(!app.barrier.quick_probe_usable());
-        *app.barrier.quick_refused_until.lock().unwrap() = Some(std::time::Instant::now() - std::time::Duration::from_millis(1));
+        *app.barrier.quick_refused.0.lock().unwrap() = Some(std::time::Instant::now() - std::time::Duration::from_millis(1));
         assert!(app.barrier.quick_probe_usable(), "tried again once the retry time has passed");
     }
 

@@ -201,16 +201,23 @@ fn trust(app: &Follower) {
 
 fn apply_row(inv: &Invalidator, stream: &str, row: &serde_json::Value) {
     match stream {
-        "device_lists" => {
-            if let Some(user) = protocol::device_list_user(row) {
-                inv.user_changed(user);
+        "device_lists" => match protocol::device_list_row(row) {
+            protocol::DeviceListRow::User(user) => inv.user_changed(user),
+            protocol::DeviceListRow::Repeat => {}
+            // Whose devices changed cannot be told, yet later tokens will
+            // count as delivered: nothing cached may survive it.
+            protocol::DeviceListRow::Unreadable => {
+                tracing::warn!(%row, "a device_lists row we cannot read; dropping every cached entry");
+                inv.everything();
             }
-        }
-        "caches" => {
-            if let Some((func, keys)) = protocol::cache_row(row) {
-                inv.synapse_cache(func, keys.as_deref());
+        },
+        "caches" => match protocol::cache_row(row) {
+            Some((func, keys)) => inv.synapse_cache(func, keys.as_deref()),
+            None => {
+                tracing::warn!(%row, "a caches row we cannot read; dropping every cached entry");
+                inv.everything();
             }
-        }
+        },
         _ => {}
     }
 }
@@ -246,6 +253,12 @@ enum Step {
     /// A writer we did not follow spoke after a reconnect: what it wrote
     /// while we were away cannot be told apart.
     DropAll,
+    /// A writer's first position on the first connection: what it wrote
+    /// before we subscribed was never delivered. The data caches are not
+    /// trusted yet (they hold nothing older than this), but resync results
+    /// may be: they are dropped, so that the position can be taken as
+    /// delivered.
+    Start,
 }
 
 impl Positions {
@@ -258,8 +271,8 @@ impl Positions {
         self.sessions > 1
     }
 
-    /// Returns whether the row's token moved the writer's position (its
-    /// `POSITION` came first on this connection).
+    /// Returns whether the row's token counts as the writer's position
+    /// (its `POSITION` came first on this connection).
     fn rdata(&mut self, key: Key, token: i64) -> bool {
         if !self.positioned.contains(&key) {
             return false;
@@ -273,7 +286,7 @@ impl Positions {
     fn position(&mut self, key: Key, prev: i64, new: i64, reconnecting: bool) -> Step {
         let step = match self.known.get(&key).copied() {
             None if reconnecting => Step::DropAll,
-            None => Step::Nothing,
+            None => Step::Start,
             Some(last) if prev <= last && last <= new => Step::Nothing,
             Some(last) if last < new => Step::CatchUp { after: last, upto: new },
             // The stream was reset (a writer's restart): nothing to read.
@@ -293,6 +306,10 @@ impl Positions {
 async fn follow_step(app: &Follower, inv: &Invalidator, key: &Key, step: Step) {
     match step {
         Step::Nothing => return,
+        Step::Start => {
+            inv.everything();
+            return;
+        }
         Step::DropAll => {
             tracing::warn!(stream = key.0, instance = key.1, "position of a writer we did not follow; dropping all cached entries")
         }
@@ -365,7 +382,7 @@ mod tests {
     fn rows_published_before_a_writers_position_do_not_hide_a_gap() {
         let mut p = Positions::default();
         assert!(!p.begin_session());
-        assert_eq!(p.position(key("device_lists", "master"), 10, 10, false), Step::Nothing);
+        assert_eq!(p.position(key("device_lists", "master"), 10, 10, false), Step::Start);
         p.rdata(key("device_lists", "master"), 12);
         // Away while rows 13..=20 were written; back, an RDATA (21) comes
         // before the writer's answer to REPLICATE (21, 21).

@@ -6,7 +6,9 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// `RDATA <stream> <instance> <token|batch> <row json>`; `token` is
-    /// `None` for `batch` rows (more rows with the same token follow).
+    /// `None` for `batch` rows (more rows with the same token follow). A
+    /// row we cannot read comes as `null`, without a token: its stream
+    /// changed, we cannot tell how.
     Rdata { stream: String, instance: String, token: Option<i64>, row: Value },
     /// `POSITION <stream> <instance> <prev_token> <new_token>`: the instance
     /// wrote nothing in `(prev, new]` that was not already announced.
@@ -20,20 +22,17 @@ pub fn parse(line: &str) -> Command {
     match name {
         "RDATA" => {
             let mut parts = rest.splitn(4, ' ');
-            let (Some(stream), Some(instance), Some(token), Some(row)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            let (Some(stream), Some(instance)) = (parts.next(), parts.next()) else {
                 return Command::Other;
             };
-            let token = match token {
-                "batch" => None,
-                t => match t.parse() {
-                    Ok(n) => Some(n),
-                    Err(_) => return Command::Other,
-                },
+            let token = parts.next().map(str::parse::<i64>);
+            let row = parts.next().and_then(|r| serde_json::from_str(r).ok());
+            let (token, row) = match (token, row) {
+                (Some(Ok(t)), Some(row)) => (Some(t), row),
+                (Some(Err(_)), Some(row)) if rest.split(' ').nth(2) == Some("batch") => (None, row),
+                _ => (None, Value::Null),
             };
-            match serde_json::from_str(row) {
-                Ok(row) => Command::Rdata { stream: stream.into(), instance: instance.into(), token, row },
-                Err(_) => Command::Other,
-            }
+            Command::Rdata { stream: stream.into(), instance: instance.into(), token, row }
         }
         "POSITION" => {
             let parts: Vec<&str> = rest.split(' ').collect();
@@ -49,17 +48,25 @@ pub fn parse(line: &str) -> Command {
     }
 }
 
+/// What a `device_lists` row changes.
+#[derive(Debug, PartialEq)]
+pub enum DeviceListRow<'a> {
+    /// This user's devices, keys or signatures.
+    User(&'a str),
+    /// Nothing we hold (a `hosts_calculated` row repeats an earlier change
+    /// for outbound pokes).
+    Repeat,
+    /// A row we cannot read.
+    Unreadable,
+}
+
 /// A `device_lists` row, `[user_id, is_signature, hosts_calculated]` (or
-/// the older `[user_id, is_signature]`): the user whose caches to drop, or
-/// `None` for rows that change nothing we hold.
-pub fn device_list_user(row: &Value) -> Option<&str> {
-    let items = row.as_array()?;
-    let user = items.first()?.as_str()?;
-    // hosts_calculated rows repeat an earlier change for outbound pokes.
-    if items.get(2).and_then(Value::as_bool) == Some(true) {
-        return None;
-    }
-    Some(user)
+/// the older `[user_id, is_signature]`).
+pub fn device_list_row(row: &Value) -> DeviceListRow<'_> {
+    let Some(user) = row.as_array().and_then(|items| items.first()).and_then(Value::as_str) else {
+        return DeviceListRow::Unreadable;
+    };
+    if row.get(2).and_then(Value::as_bool) == Some(true) { DeviceListRow::Repeat } else { DeviceListRow::User(user) }
 }
 
 /// A `caches` row, `[cache_func, keys | null, invalidation_ts]`.
@@ -102,16 +109,23 @@ mod tests {
             parse("POSITION caches master 10 12"),
             Command::Position { stream: "caches".into(), instance: "master".into(), prev: 10, new: 12 }
         );
-        for other in ["REPLICATE ", "REPLICATE", "RDATA x y", "RDATA s i notanumber []", "RDATA s i 1 {bad", "POSITION a b c d", ""] {
+        for other in ["REPLICATE ", "REPLICATE", "RDATA x", "POSITION a b c d", ""] {
             assert_eq!(parse(other), Command::Other, "{other:?}");
+        }
+        // An RDATA we cannot read: its stream changed, how is unknown.
+        for unreadable in ["RDATA s i", "RDATA s i notanumber []", "RDATA s i 1 {bad"] {
+            let want = Command::Rdata { stream: "s".into(), instance: "i".into(), token: None, row: Value::Null };
+            assert_eq!(parse(unreadable), want, "{unreadable:?}");
         }
     }
 
     #[test]
     fn rows() {
-        assert_eq!(device_list_user(&json!(["@a:hs", false, false])), Some("@a:hs"));
-        assert_eq!(device_list_user(&json!(["@a:hs", true])), Some("@a:hs"));
-        assert_eq!(device_list_user(&json!(["@a:hs", false, true])), None);
+        assert_eq!(device_list_row(&json!(["@a:hs", false, false])), DeviceListRow::User("@a:hs"));
+        assert_eq!(device_list_row(&json!(["@a:hs", true])), DeviceListRow::User("@a:hs"));
+        assert_eq!(device_list_row(&json!(["@a:hs", false, true])), DeviceListRow::Repeat);
+        assert_eq!(device_list_row(&Value::Null), DeviceListRow::Unreadable);
+        assert_eq!(device_list_row(&json!([7])), DeviceListRow::Unreadable);
         assert_eq!(
             cache_row(&json!(["get_user_by_access_token", ["syt_x"], 1])),
             Some(("get_user_by_access_token", Some(vec!["syt_x".to_string()])))

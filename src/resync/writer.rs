@@ -31,6 +31,9 @@ pub struct Writer {
     /// Hedge points passed while the writer's `/health` answered: slow
     /// because of the remote it was fetching from, not skipped.
     late_but_alive: Arc<AtomicU64>,
+    /// Calls that got an answer (or failed fast): a late call's `/health`
+    /// verdict opens the breaker only if none came meanwhile.
+    answers: Arc<AtomicU64>,
 }
 
 /// The writer's answer: per user, the result or `null`, plus its stream
@@ -100,6 +103,7 @@ impl Writer {
             timeout: Duration::from_millis(config.worker.writer_timeout_ms),
             breaker: Arc::new(Breaker::new(Duration::from_millis(config.worker.writer_breaker_ms))),
             late_but_alive: Arc::default(),
+            answers: Arc::default(),
         })
     }
 
@@ -116,11 +120,15 @@ impl Writer {
     /// with its direct resync meanwhile.
     pub fn late(&self) {
         let Some(base) = self.base.clone() else { return };
-        let (http, breaker, alive) = (self.http.clone(), Arc::clone(&self.breaker), Arc::clone(&self.late_but_alive));
+        let (http, breaker, alive, answers) =
+            (self.http.clone(), Arc::clone(&self.breaker), Arc::clone(&self.late_but_alive), Arc::clone(&self.answers));
+        let answered_before = answers.load(Ordering::SeqCst);
         tokio::spawn(async move {
             if healthy(&http, &base).await {
                 alive.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("device-lists writer late but alive (a slow remote server?); still asked for other servers");
+            } else if answers.load(Ordering::SeqCst) != answered_before {
+                // It answered a call meanwhile: alive after all.
             } else if breaker.timed_out() {
                 tracing::warn!(
                     "device-lists writer late and its /health silent; resyncing directly, trying it once per {:?} until it answers",
@@ -159,6 +167,9 @@ impl Writer {
             Err(WriterError::TimedOut(_)) if healthy(&self.http, base).await => Err(WriterError::Busy(self.timeout)),
             r => r,
         };
+        if !matches!(result, Err(WriterError::TimedOut(_))) {
+            self.answers.fetch_add(1, Ordering::SeqCst);
+        }
         match &result {
             Ok(_) => self.breaker.answered(),
             Err(WriterError::TimedOut(why)) => {

@@ -16,7 +16,7 @@ pub use auth::{DeviceIdRow, TokenRow};
 pub use pg_conns::PgConns;
 pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;
-pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser, TimedInvalidation};
+pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 
 use sqlx::SqlitePool;
 
@@ -56,9 +56,6 @@ impl Store {
     }
 }
 
-/// Whether `e` means the database is away (connection lost or refused,
-/// pool exhausted, statement cancelled or timed out, server shutting down),
-/// which is worth a retry, rather than a bug of ours.
 /// A few words on why the database failed, for callers we do not know
 /// (`/ready`): never the driver's text, which can name hosts and roles.
 pub fn short_reason(e: &sqlx::Error) -> &'static str {
@@ -79,6 +76,9 @@ pub fn short_reason(e: &sqlx::Error) -> &'static str {
     }
 }
 
+/// Whether `e` means the database is away (connection lost or refused,
+/// pool exhausted, statement cancelled or timed out, server shutting down),
+/// which is worth a retry, rather than a bug of ours.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),

@@ -78,13 +78,28 @@ pub enum ProbeKind {
 // above a safe floor is safe too, however long a writer has been idle or
 // stopped. A gap (an id still in flight, rolled back, or whose row was
 // deleted) ends the run.
-const PROBE: Sql = Sql {
-    pg: "
+macro_rules! probe_base {
+    (pg) => {
+        "
     SELECT 0 AS kind, stream_id AS pos, user_id AS name, COALESCE(instance_name, 'master') AS writer
     FROM device_lists_stream WHERE stream_id > $1
     UNION ALL SELECT 0, stream_id, from_user_id, COALESCE(instance_name, 'master') FROM user_signature_stream WHERE stream_id > $1
     UNION ALL SELECT 1, stream_id, instance_name, '' FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id = ANY($2)
+    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id = ANY($2)"
+    };
+    (sqlite) => {
+        "
+    SELECT 0 AS kind, stream_id AS pos, user_id AS name, COALESCE(instance_name, 'master') AS writer
+    FROM device_lists_stream WHERE stream_id > ?1
+    UNION ALL SELECT 0, stream_id, from_user_id, COALESCE(instance_name, 'master') FROM user_signature_stream WHERE stream_id > ?1
+    UNION ALL SELECT 1, stream_id, instance_name, '' FROM stream_positions WHERE stream_name = 'device_lists_stream'
+    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))"
+    };
+}
+
+macro_rules! gapless_run {
+    (pg) => {
+        "
     UNION ALL SELECT 4, $1 + COALESCE(MAX(n) FILTER (WHERE id = $1 + n), 0), '', '' FROM (
         SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM (
             SELECT stream_id AS id FROM device_lists_stream WHERE stream_id > $1
@@ -93,13 +108,10 @@ const PROBE: Sql = Sql {
             UNION SELECT stream_id FROM device_lists_changes_in_room WHERE stream_id > $1
             UNION SELECT stream_id FROM device_lists_remote_pending WHERE stream_id > $1
         ) AS ids
-    ) AS run",
-    sqlite: "
-    SELECT 0 AS kind, stream_id AS pos, user_id AS name, COALESCE(instance_name, 'master') AS writer
-    FROM device_lists_stream WHERE stream_id > ?1
-    UNION ALL SELECT 0, stream_id, from_user_id, COALESCE(instance_name, 'master') FROM user_signature_stream WHERE stream_id > ?1
-    UNION ALL SELECT 1, stream_id, instance_name, '' FROM stream_positions WHERE stream_name = 'device_lists_stream'
-    UNION ALL SELECT 2, added_ts, user_id, '' FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?2))
+    ) AS run"
+    };
+    (sqlite) => {
+        "
     UNION ALL SELECT 4, ?1 + COALESCE(MAX(n) FILTER (WHERE id = ?1 + n), 0), '', '' FROM (
         SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM (
             SELECT stream_id AS id FROM device_lists_stream WHERE stream_id > ?1
@@ -108,8 +120,15 @@ const PROBE: Sql = Sql {
             UNION SELECT stream_id FROM device_lists_changes_in_room WHERE stream_id > ?1
             UNION SELECT stream_id FROM device_lists_remote_pending WHERE stream_id > ?1
         ) AS ids
-    ) AS run",
-};
+    ) AS run"
+    };
+}
+
+const PROBE: Sql = Sql { pg: concat!(probe_base!(pg), gapless_run!(pg)), sqlite: concat!(probe_base!(sqlite), gapless_run!(sqlite)) };
+
+// The probe without the unbroken run, for a role that may not read the
+// three tables only the run needs.
+const PROBE_WITHOUT_RUN: Sql = Sql { pg: probe_base!(pg), sqlite: probe_base!(sqlite) };
 
 // Which of the users in `$1` Synapse has marked stale.
 const STALE_MARKS: Sql = Sql {
@@ -149,27 +168,18 @@ const MAX_DEVICE_LISTS: Sql = Sql::same(
     ) AS heads",
 );
 
-// Polling the caches stream (PostgreSQL only): every row after `$1`, with
-// when it was written (NULL on rows from before Synapse wrote the time).
+// Polling the caches stream (PostgreSQL only): every row after `$1`.
 const CACHES_AFTER_PG: &str = "
-    SELECT stream_id, cache_func, keys, COALESCE(invalidation_ts, 0) AS invalidation_ts
-    FROM cache_invalidation_stream_by_instance WHERE stream_id > $1 ORDER BY stream_id";
+    SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance WHERE stream_id > $1 ORDER BY stream_id";
 
-// Where polling the caches stream starts: the newest row written before
-// `$1` (Unix ms), else just below the oldest row kept, else 0.
+// Where polling the caches stream starts: the newest row written more than
+// `$1` ms ago by the database's clock, else just below the oldest row kept,
+// else 0.
 const CACHES_START_PG: &str = "
-    SELECT COALESCE(MAX(stream_id) FILTER (WHERE invalidation_ts < $1), MIN(stream_id) - 1, 0)
+    SELECT COALESCE(
+        MAX(stream_id) FILTER (WHERE invalidation_ts < (EXTRACT(EPOCH FROM now()) * 1000)::bigint - $1),
+        MIN(stream_id) - 1, 0)
     FROM cache_invalidation_stream_by_instance";
-
-/// A row of Synapse's caches stream, with when it was written.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct TimedInvalidation {
-    pub stream_id: i64,
-    pub cache_func: String,
-    pub keys: Option<Vec<String>>,
-    /// Unix ms (0 when Synapse did not record it).
-    pub invalidation_ts: i64,
-}
 
 impl Store {
     /// Users with device-list or signature changes in `(after, upto]`
@@ -190,7 +200,7 @@ impl Store {
 
     /// Every caches-stream row after `after`, in id order (none on SQLite,
     /// where Synapse writes none).
-    pub async fn cache_invalidations_after(&self, after: i64) -> Result<Vec<TimedInvalidation>, sqlx::Error> {
+    pub async fn cache_invalidations_after(&self, after: i64) -> Result<Vec<CacheInvalidation>, sqlx::Error> {
         match self {
             Store::Postgres(p) => p.run(async |c| sqlx::query_as(CACHES_AFTER_PG).bind(after).fetch_all(c).await).await,
             Store::Sqlite(_) => Ok(Vec::new()),
@@ -198,10 +208,10 @@ impl Store {
     }
 
     /// Where following the caches stream by polling may start: every row at
-    /// or below it was written before `before_ms`.
-    pub async fn cache_invalidations_start(&self, before_ms: i64) -> Result<i64, sqlx::Error> {
+    /// or below it was written at least `age_ms` ago.
+    pub async fn cache_invalidations_start(&self, age_ms: i64) -> Result<i64, sqlx::Error> {
         match self {
-            Store::Postgres(p) => p.run(async |c| sqlx::query_scalar(CACHES_START_PG).bind(before_ms).fetch_one(c).await).await,
+            Store::Postgres(p) => p.run(async |c| sqlx::query_scalar(CACHES_START_PG).bind(age_ms).fetch_one(c).await).await,
             Store::Sqlite(_) => Ok(0),
         }
     }
@@ -230,12 +240,14 @@ impl ProbeConnection {
     }
 
     /// The read barrier's probe, one round trip: device-list and signature
-    /// changes after `after`, each writer's persisted position, and which
-    /// of `remote_users` Synapse has marked stale.
-    pub async fn probe(&self, after: i64, remote_users: &[&str]) -> Result<Vec<ProbeRow>, sqlx::Error> {
+    /// changes after `after`, each writer's persisted position, which of
+    /// `remote_users` Synapse has marked stale, and (`with_run`) the top of
+    /// the unbroken run of ids above `after`.
+    pub async fn probe(&self, after: i64, remote_users: &[&str], with_run: bool) -> Result<Vec<ProbeRow>, sqlx::Error> {
         let args = [Arg::Int(after), Arg::list(remote_users)];
-        let Some(own) = &self.own else { return self.store.fetch_all(&PROBE, &args).await };
-        own.run(async |conn| super::sql::fetch_all_on(conn, &PROBE, &args).await).await
+        let sql = if with_run { &PROBE } else { &PROBE_WITHOUT_RUN };
+        let Some(own) = &self.own else { return self.store.fetch_all(sql, &args).await };
+        own.run(async |conn| super::sql::fetch_all_on(conn, sql, &args).await).await
     }
 
     /// The quick probe, one round trip and no table scanned: the device-list

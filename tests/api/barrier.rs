@@ -1,9 +1,10 @@
 //! The read barrier against the real PostgreSQL: what one request can do
-//! to it, and how its floor moves.
+//! to it, and what the database role of docs/deployment.md lets it read.
 
 use serde_json::json;
+use synapse_keys_worker::config::{Config, DatabaseConfig};
 
-use crate::helpers::{Ask, Synapse, TokenIn, spawn_worker};
+use crate::helpers::{Ask, Synapse, TokenIn, assert_same_ours_first, env, spawn_worker, spawn_worker_with};
 
 /// A remote user ID with a NUL (valid JSON, never storable in PostgreSQL)
 /// is dropped from the quick probe like from every other statement: the
@@ -21,4 +22,61 @@ async fn a_nul_in_a_remote_user_id_leaves_the_quick_probe_on() {
     let (status, answer) = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &body).send(&worker.url).await;
     assert_eq!(status, 200, "{answer}");
     assert!(worker.app.barrier.quick_probe_usable(), "one request switched the quick probe off");
+}
+
+/// The read-only role docs/deployment.md tells operators to create may read
+/// every table we read: a query of local and remote users answers as
+/// Synapse does, and the barrier keeps its quick probe and its unbroken
+/// run of ids (each falls back, with a warning, when refused).
+///
+/// This test writes PostgreSQL's catalog (it creates the role and grants
+/// it `SELECT` on Synapse's tables, as the docs say); nothing in Synapse's
+/// tables.
+#[tokio::test]
+async fn the_documented_read_only_role_reads_everything_we_read() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md")).unwrap();
+    let sql = docs.split("```sql\n").nth(1).and_then(|b| b.split("```").next()).expect("deployment.md has the role's SQL");
+    assert!(sql.contains("CREATE ROLE synapse_keys_ro"), "{sql}");
+    let dbname = url::Url::parse(&env().pg_url).unwrap().path().trim_start_matches('/').to_owned();
+    let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+    // Made anew for each run of the test world (roles outlive databases).
+    sqlx::raw_sql(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'synapse_keys_ro') THEN
+            EXECUTE 'DROP OWNED BY synapse_keys_ro'; EXECUTE 'DROP ROLE synapse_keys_ro'; END IF; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let sql = sql.replace("DATABASE synapse ", &format!("DATABASE \"{dbname}\" "));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    let DatabaseConfig::Postgres(args) = &mut config.synapse.database else { panic!("the test world runs PostgreSQL") };
+    (args.user, args.password) = (Some("synapse_keys_ro".into()), Some("change-me".into()));
+    let worker = spawn_worker_with(config).await;
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    hs.upload_device_keys(&alice.session).await;
+    hs.setup_cross_signing(&alice.session).await;
+    let body = json!({"device_keys": {&alice.user_id: [], "@nobody:remote.invalid": []}});
+    // Ours first: asking a remote changes Synapse's backoff for it.
+    let (status, _) = assert_same_ours_first(&worker, &Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &body)).await;
+    assert_eq!(status, 200);
+    let barrier = &worker.app.barrier;
+    assert!(barrier.quick_probe_usable() && barrier.unbroken_run_usable(), "the role was refused what the barrier reads");
+
+    // A role granted what an earlier version of the docs listed, without
+    // the tables only the unbroken run reads: answers still come, the
+    // barrier probes without the run.
+    sqlx::raw_sql(
+        "REVOKE SELECT ON device_lists_outbound_pokes, device_lists_changes_in_room, device_lists_remote_pending FROM synapse_keys_ro",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let older = spawn_worker_with(worker.app.config.clone()).await;
+    let ask = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &json!({"device_keys": {&alice.user_id: []}}));
+    assert_eq!(ask.send(&older.url).await.0, 200);
+    assert!(!older.app.barrier.unbroken_run_usable(), "the refusal was noticed");
+    assert_eq!(ask.send(&older.url).await.0, 200, "and probes go on without the run");
 }

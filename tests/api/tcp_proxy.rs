@@ -127,8 +127,11 @@ impl TcpProxy {
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let mark = mark.map(|word| (word, marked));
+                    // The link keeps its mark's sender: an unmarked link is one
+                    // whose mark never changes, not a closed one.
+                    let mark = mark.map(|word| (word, Arc::clone(&marked)));
                     tokio::join!(pump(cr, sw, hold.clone(), delay.clone(), mark), pump(sr, cw, hold, delay, None));
+                    drop(marked);
                 });
                 shared.lock().unwrap().links.push(link.abort_handle());
             }
