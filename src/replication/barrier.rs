@@ -21,11 +21,12 @@
 //! the higher of its persisted row in Synapse's `stream_positions` (written
 //! only after its rows committed, and only when it writes) and what it last
 //! reported on the replication stream (an idle writer reports too; see
-//! [`super::Reported`]); and past any unbroken run of used ids above it (a
+//! [`super::Reported`]); past any unbroken run of used ids above it (a
 //! stopped writer reports nothing: Synapse's own rule when it loads a
-//! stream, see `store::streams::PROBE`). The first floor is the writers'
-//! positions, never the newest id: a lower id still in flight then would be
-//! missed for good.
+//! stream, see `store::streams::PROBE`); and past a missing id once a
+//! change above it was first read [`PATIENCE`] ago (taken for rolled
+//! back). The first floor is the writers' positions, never the newest id: a
+//! lower id still in flight then would be missed for good.
 //!
 //! A probe carries the remote users of the requests it serves, for their
 //! stale marks, up to [`MAX_ROUND_USERS`]: a request that does not fit
@@ -37,9 +38,10 @@
 //! row), so a remote user marked after we cached them is never answered
 //! from that entry.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::watch;
@@ -55,6 +57,12 @@ const MAX_IN_FLIGHT: usize = 1;
 /// tracking them one by one: drop every cached entry and restart from the
 /// head.
 const MAX_PENDING: usize = 10_000;
+
+/// A change first read this long ago had every lower id handed out before
+/// it: a transaction still holding one of those is taken for rolled back,
+/// and the floor passes it (a stopped writer's missing ids, which no
+/// position or unbroken run passes).
+const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Most remote users one probe asks about; a request with more reads its
 /// stale marks on its own.
@@ -114,8 +122,9 @@ struct Progress {
     /// Every change at or below it has been applied; `None` before the
     /// first probe.
     floor: Option<i64>,
-    /// Changes above the floor already applied: (stream id, user).
-    applied: BTreeSet<(i64, String)>,
+    /// Changes above the floor already applied: (stream id, user), and
+    /// when a probe first read it.
+    applied: BTreeMap<(i64, String), Instant>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -268,10 +277,15 @@ impl Barrier {
         let below = progress.floor.unwrap_or(after);
         // Quiet (nothing above the floor): the next probe tries the quick one.
         self.quick.store(changes.iter().all(|c| c.pos <= below), Ordering::Relaxed);
+        let now = Instant::now();
         for change in changes {
-            if change.pos <= below || !progress.applied.insert((change.pos, change.name.clone())) {
+            if change.pos <= below {
                 continue;
             }
+            match progress.applied.entry((change.pos, change.name.clone())) {
+                std::collections::btree_map::Entry::Occupied(_) => continue,
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(now),
+            };
             // The stream delivered it already (its writer reported past
             // it, after applying it): nothing to do.
             if reported.get(change.writer.as_str()).is_some_and(|p| change.pos <= *p) {
@@ -281,9 +295,14 @@ impl Barrier {
             self.invalidator.user_changed(&change.name);
         }
         // Every writer's rows up to its position are in this snapshot and
-        // applied now; so is every id of the unbroken run. Without a
-        // position for each writer, only the run moves the floor.
-        let floor = below.max(self.writers_floor(&positions, &reported).unwrap_or(below)).max(gapless);
+        // applied now; so is every id of the unbroken run, and every id
+        // below a change first read [`PATIENCE`] ago (oldest first, so
+        // stopping at the first younger one). Without a position for each
+        // writer, only the last two move the floor.
+        let patient = now
+            .checked_sub(PATIENCE)
+            .and_then(|cutoff| progress.applied.iter().take_while(|(_, seen)| **seen <= cutoff).map(|((id, _), _)| *id).last());
+        let floor = below.max(self.writers_floor(&positions, &reported).unwrap_or(below)).max(gapless).max(patient.unwrap_or(below));
         progress.floor = Some(floor);
         progress.applied = progress.applied.split_off(&(floor + 1, String::new()));
         if progress.applied.len() > MAX_PENDING {
@@ -389,8 +408,8 @@ fn is_refusal(code: Option<&str>) -> bool {
     matches!(code, Some("42501" | "42P01"))
 }
 
-fn changes_head(applied: &BTreeSet<(i64, String)>) -> i64 {
-    applied.last().map_or(0, |(id, _)| *id)
+fn changes_head(applied: &BTreeMap<(i64, String), Instant>) -> i64 {
+    applied.last_key_value().map_or(0, |((id, _), _)| *id)
 }
 
 #[cfg(test)]
@@ -580,6 +599,28 @@ mod tests {
         }
         assert_eq!(app.barrier.counters().resets.load(Ordering::Relaxed), 0, "nothing dropped");
         assert_eq!(applied(&app), 12_000);
+    }
+
+    /// A stopped writer and an id that never commits (rolled back): the
+    /// floor waits for it, then passes it once a later change was first
+    /// read a minute ago.
+    #[tokio::test]
+    async fn a_missing_id_is_passed_a_minute_after_a_later_change_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = "INSERT INTO stream_positions VALUES ('device_lists_stream', 'dl1', 10), ('device_lists_stream', 'dl2', 10);";
+        let (app, pool) = app_with(&dir, seed, TWO_WRITERS).await;
+        app.barrier.sync(&[]).await.unwrap();
+        exec(&pool, "INSERT INTO device_lists_stream VALUES (12, '@a:hs', 'D', 'dl1'), (13, '@b:hs', 'D', 'dl1')").await;
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(10), "11 may still commit");
+        // Pretend 12 was first read a minute ago, 13 just now.
+        let long_ago = Instant::now() - PATIENCE - Duration::from_millis(1);
+        *app.barrier.progress.lock().await.applied.values_mut().next().unwrap() = long_ago;
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(12), "past 11 (given up) and 12");
+        app.barrier.sync(&[]).await.unwrap();
+        assert_eq!(floor(&app).await, Some(13), "then the unbroken run to 13");
+        assert_eq!(applied(&app), 2, "each change applied once");
     }
 
     /// One request naming many remote users does not make the shared
