@@ -55,6 +55,8 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
 #[tokio::test]
 async fn request_ids_are_honoured_or_made() {
     let (logs, _capture) = captured_logs();
+    // Only this test's thread is captured.
+    std::thread::spawn(|| tracing::info!("another-thread-marker")).join().unwrap();
     let worker = spawn_worker().await;
     let resp = http().get(format!("{}/health", worker.url)).header("X-Request-Id", "proxy-id-42").send().await.unwrap();
     assert_eq!(resp.headers()["x-request-id"], "proxy-id-42");
@@ -64,6 +66,7 @@ async fn request_ids_are_honoured_or_made() {
         logged.lines().any(|l| l.contains("request_id=proxy-id-42") && l.contains("status=200") && l.contains("path=/health")),
         "no access-log line with the request's ID in\n{logged}"
     );
+    assert!(!logged.contains("another-thread-marker"), "another thread's line was captured");
     let resp = http().get(format!("{}/health", worker.url)).send().await.unwrap();
     let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(made.len(), 16);
@@ -77,24 +80,54 @@ async fn request_ids_are_honoured_or_made() {
     }
 }
 
-/// What this test's thread logs, at debug level, into a buffer of its
-/// own, while the guard lives. `#[tokio::test]` runs the test and the
-/// service it spawns in-process on one thread, so their logs are caught
-/// and no other test's are (each test has its own thread, and nothing is
-/// installed process-wide).
-fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    let make_writer = move || Sink(sink.clone());
-    let subscriber = tracing_subscriber::fmt().with_env_filter("debug").with_writer(make_writer).with_ansi(false).finish();
-    (buf, tracing::subscriber::set_default(subscriber))
+thread_local! {
+    /// Where this thread's log lines go while a test captures them.
+    static CAPTURE: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { std::cell::RefCell::new(None) };
 }
 
-struct Sink(Arc<Mutex<Vec<u8>>>);
+/// Captures what this test's thread logs, at debug level, into a buffer of
+/// its own until the guard drops. `#[tokio::test]` runs the test and the
+/// service it spawns in-process on one thread. One subscriber is installed
+/// for the binary (tracing's callsite interest is process-wide, so a
+/// thread-scoped subscriber can miss events another thread registered),
+/// but it formats only on a thread that captures: other tests' events are
+/// filtered out before formatting, and nothing is kept after the test.
+fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let capturing =
+            tracing_subscriber::filter::filter_fn(|m| *m.level() <= tracing::Level::DEBUG && CAPTURE.with(|c| c.borrow().is_some()));
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(|| Sink(CAPTURE.with(|c| c.borrow().clone())))
+            .with_ansi(false)
+            .with_filter(capturing);
+        tracing_subscriber::registry().with(layer).try_init().expect("no other subscriber in the test binary");
+    });
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
+    (buf, CaptureGuard)
+}
+
+/// Ends this thread's capture.
+struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// This thread's capture buffer, if any.
+struct Sink(Option<Arc<Mutex<Vec<u8>>>>);
 
 impl Write for Sink {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        if let Some(buf) = &self.0 {
+            buf.lock().unwrap().extend_from_slice(b);
+        }
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
