@@ -54,6 +54,18 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
 
 #[tokio::test]
 async fn request_ids_are_honoured_or_made() {
+    // With the subscriber installed, the access-log line's callsite is
+    // first met on a thread that does not capture: capturing must still
+    // see it later.
+    drop(captured_logs());
+    std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+            let other = spawn_worker().await;
+            http().get(format!("{}/health", other.url)).send().await.unwrap();
+        })
+    })
+    .join()
+    .unwrap();
     let (logs, _capture) = captured_logs();
     // Only this test's thread is captured.
     std::thread::spawn(|| tracing::info!("another-thread-marker")).join().unwrap();
@@ -98,8 +110,12 @@ fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
     use tracing_subscriber::util::SubscriberInitExt;
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {
-        let capturing =
-            tracing_subscriber::filter::filter_fn(|m| *m.level() <= tracing::Level::DEBUG && CAPTURE.with(|c| c.borrow().is_some()));
+        // Dynamic, so asked at every event: a callsite first met on a
+        // thread that does not capture is not disabled for good (a plain
+        // `filter_fn` caches its first answer per callsite).
+        let capturing = tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
+            *m.level() <= tracing::Level::DEBUG && CAPTURE.with(|c| c.borrow().is_some())
+        });
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(|| Sink(CAPTURE.with(|c| c.borrow().clone())))
             .with_ansi(false)
