@@ -87,7 +87,7 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
     let (pubsub, mut conn) = tokio::time::timeout(Duration::from_secs(5), connect).await??;
     // Commands go to the subscription's own connection (its sink), so that
     // their answers prove that connection delivers.
-    let (mut sink, messages) = pubsub.split();
+    let (mut sink, mut messages) = pubsub.split();
     // Subscribed first, so nothing published from here on is missed; then
     // ask every writer for its position.
     let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg("REPLICATE ").query_async(&mut conn).await?;
@@ -102,7 +102,6 @@ async fn session(app: &Follower, inv: &Invalidator, client: &redis::Client, posi
     let mut awaited = Awaited::new(&positions.known, &app.config.synapse.device_lists_writers);
     let settle_by = Instant::now() + SETTLE;
     let mut settled = false;
-    let mut messages = messages;
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
         tokio::select! {

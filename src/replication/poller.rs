@@ -51,7 +51,7 @@ async fn poll(app: &Follower, inv: &Invalidator, caches: &mut CachesCursor) -> a
     if caches.floor.is_none() {
         caches.floor = Some(app.store.cache_invalidations_start(PATIENCE_MS).await?);
     }
-    let rows = app.store.cache_invalidations_after(caches.floor.unwrap_or(0)).await?;
+    let rows = app.store.cache_invalidations(caches.floor.unwrap_or(0), i64::MAX, None).await?;
     for row in caches.advance(&rows, crate::now_ms()) {
         inv.synapse_cache(&row.cache_func, row.keys.as_deref());
     }
@@ -73,7 +73,7 @@ struct CachesCursor {
 }
 
 impl CachesCursor {
-    /// Takes the rows read above the floor (in id order) at `now_ms`:
+    /// Takes the rows read above the floor (in any order) at `now_ms`:
     /// returns those not applied yet, and moves the floor over the
     /// unbroken run of ids, passing an id missing for [`PATIENCE_MS`].
     fn advance<'r>(&mut self, rows: &'r [CacheInvalidation], now_ms: i64) -> Vec<&'r CacheInvalidation> {

@@ -168,10 +168,6 @@ const MAX_DEVICE_LISTS: Sql = Sql::same(
     ) AS heads",
 );
 
-// Polling the caches stream (PostgreSQL only): every row after `$1`.
-const CACHES_AFTER_PG: &str = "
-    SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance WHERE stream_id > $1 ORDER BY stream_id";
-
 // Where polling the caches stream starts: the newest row written more than
 // `$1` ms ago by the database's clock, else just below the oldest row kept,
 // else 0.
@@ -194,15 +190,6 @@ impl Store {
     pub async fn cache_invalidations(&self, after: i64, upto: i64, instance: Option<&str>) -> Result<Vec<CacheInvalidation>, sqlx::Error> {
         match self {
             Store::Postgres(p) => p.run(async |c| sqlx::query_as(CACHES_PG).bind(after).bind(upto).bind(instance).fetch_all(c).await).await,
-            Store::Sqlite(_) => Ok(Vec::new()),
-        }
-    }
-
-    /// Every caches-stream row after `after`, in id order (none on SQLite,
-    /// where Synapse writes none).
-    pub async fn cache_invalidations_after(&self, after: i64) -> Result<Vec<CacheInvalidation>, sqlx::Error> {
-        match self {
-            Store::Postgres(p) => p.run(async |c| sqlx::query_as(CACHES_AFTER_PG).bind(after).fetch_all(c).await).await,
             Store::Sqlite(_) => Ok(Vec::new()),
         }
     }
