@@ -609,9 +609,14 @@ def tls_certificate_cmd(w):
 
 
 def federating_synapse(name, database):
-    proc = synapse(name, fed_server_name(name), database, lambda w: (
-        f"tls_certificate_path: {w.path('federation-tls.crt')}\n"
-        f"tls_private_key_path: {w.path('federation-tls.key')}"), ports=(f"{name}-federation",))
+    def extra(w):
+        # A registration secret of its own, so tests can make server admins
+        # (register_new_matrix_user --admin) for the device-list health API.
+        w.path(f"{name}-registration.secret").write_text(secret() + "\n")
+        return (f"tls_certificate_path: {w.path('federation-tls.crt')}\n"
+                f"tls_private_key_path: {w.path('federation-tls.key')}\n"
+                f"registration_shared_secret_path: {w.path(f'{name}-registration.secret')}")
+    proc = synapse(name, fed_server_name(name), database, extra, ports=(f"{name}-federation",))
     plain = proc.write
 
     def write_federating(w):

@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
+use crate::device_lists::HealthError;
 use crate::keys::KeysError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +116,21 @@ impl From<KeysError> for MatrixError {
             KeysError::BadJson(message) => Self::bad_json(message),
             KeysError::Unavailable(cause) => Self::unavailable(cause),
             KeysError::Internal(cause) => Self::internal(cause),
+        }
+    }
+}
+
+impl From<HealthError> for MatrixError {
+    fn from(e: HealthError) -> Self {
+        match e {
+            HealthError::BadRequest(m) => Self::invalid_param(m),
+            HealthError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", m),
+            HealthError::Refused(m) => Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", m),
+            HealthError::WriterUnavailable(m) => {
+                tracing::warn!(error = %m, "device-list repair: writer unavailable");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", m)
+            }
+            HealthError::Database(e) => e.into(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod device_lists;
 pub mod error;
 pub mod federation;
 #[doc(hidden)]

@@ -96,6 +96,10 @@ pub struct WorkerConfig {
     /// a Synapse listener with `x_forwarded: true` does. Only safe behind a
     /// proxy that sets the header.
     pub x_forwarded: bool,
+    /// Let the admin API repair remote device lists: the one write this
+    /// service can make to Synapse's database, Synapse's own stale mark
+    /// (a row of `device_lists_remote_resync`). Off: the API only reads.
+    pub device_list_repair: bool,
 }
 
 impl Default for WorkerConfig {
@@ -132,6 +136,7 @@ impl Default for WorkerConfig {
             max_concurrent_queries_per_device: 10,
             queue_wait_ms: 10_000,
             x_forwarded: false,
+            device_list_repair: false,
         }
     }
 }

@@ -93,7 +93,6 @@ impl FederationClient {
         })
     }
 
-    /// `GET /_matrix/federation/v1/user/devices/{userId}`.
     /// Destinations we are backing off from now.
     pub fn destinations_backing_off(&self) -> usize {
         self.backoff.count()
@@ -109,6 +108,12 @@ impl FederationClient {
         self.backoff.record_success(destination);
     }
 
+    /// The failure that made us back off from `destination`, while we do.
+    pub fn backing_off(&self, destination: &str) -> Option<FedError> {
+        self.backoff.in_backoff(destination)
+    }
+
+    /// `GET /_matrix/federation/v1/user/devices/{userId}`.
     pub async fn user_devices(&self, destination: &str, user_id: &str, timeout: Duration) -> Result<Value, FedError> {
         let path = format!("/_matrix/federation/v1/user/devices/{}", percent_encode(user_id));
         self.request(Method::GET, destination, &path, None, timeout, None).await

@@ -2,7 +2,10 @@
 //! Synapse's `InternalAuth.get_user_by_req` checks it, or, with delegated
 //! auth, `MasDelegatedAuth.get_user_by_req`.
 
+use axum::Extension;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, header};
+use std::net::SocketAddr;
 
 use super::params::QueryParams;
 use crate::error::MatrixError;
@@ -26,6 +29,9 @@ pub struct Requester {
     /// Authentication waited for the read barrier (MAS, to check the
     /// device): the caches are already as fresh as the request needs.
     pub caught_up: bool,
+    /// Delegated auth: the token's scope grants Synapse's admin API
+    /// (`urn:synapse:admin:*`), which is what makes a server admin there.
+    pub admin_scope: bool,
 }
 
 /// `Authorization: Bearer <token>` or `?access_token=`, never both.
@@ -92,7 +98,13 @@ pub async fn authenticate(
         return Err(MatrixError::user_locked());
     }
     check_account_validity(app, row.expiration_ts, now_ms)?;
-    Ok(Requester { user_id: row.user_id.clone(), device_id: row.device_id.clone(), is_guest: row.is_guest, caught_up: false })
+    Ok(Requester {
+        user_id: row.user_id.clone(),
+        device_id: row.device_id.clone(),
+        is_guest: row.is_guest,
+        caught_up: false,
+        admin_scope: false,
+    })
 }
 
 /// Delegated auth (Synapse's `MasDelegatedAuth.get_user_by_access_token`):
@@ -113,6 +125,7 @@ async fn mas_requester(app: &App, mas: &MasClient, token: &str) -> Result<Reques
     }
     let device_id = answer.device().map_err(rejected)?.map(str::to_owned);
     let caught_up = device_id.is_some();
+    let admin_scope = answer.scopes().contains(crate::mas::ADMIN_SCOPE);
     if let Some(device) = &device_id {
         app.barrier.sync(&[]).await.map_err(MatrixError::unavailable)?;
         if device.contains('\0') || !app.caches.device_exists(&app.store, &user_id, device).await? {
@@ -120,7 +133,7 @@ async fn mas_requester(app: &App, mas: &MasClient, token: &str) -> Result<Reques
             return Err(rejected(Rejection::Inactive));
         }
     }
-    Ok(Requester { user_id, device_id, is_guest: false, caught_up })
+    Ok(Requester { user_id, device_id, is_guest: false, caught_up, admin_scope })
 }
 
 /// Synapse's answer to each refusal: the client's token (401), or a fault
@@ -148,7 +161,7 @@ async fn guest_requester(app: &App, token: &str, now_ms: i64) -> Result<Requeste
         Some((true, true, _)) => Err(MatrixError::user_locked()),
         Some((true, false, expiration_ts)) => {
             check_account_validity(app, expiration_ts, now_ms)?;
-            Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true, caught_up: false })
+            Ok(Requester { user_id, device_id: Some("guest_device".into()), is_guest: true, caught_up: false, admin_scope: false })
         }
     }
 }
@@ -205,7 +218,18 @@ async fn app_service_requester(store: &Store, service: &AppService, params: &Que
         Some(d) => Some(d.to_owned()),
         None => None,
     };
-    Ok(Requester { user_id, device_id, is_guest: false, caught_up: false })
+    Ok(Requester { user_id, device_id, is_guest: false, caught_up: false, admin_scope: false })
+}
+
+/// The client's address: with `x_forwarded` on, the first `X-Forwarded-For`
+/// entry when there is one (as Synapse's `XForwardedForRequest`), else the
+/// peer.
+pub fn client_ip(headers: &HeaderMap, peer: Option<Extension<ConnectInfo<SocketAddr>>>, x_forwarded: bool) -> Option<IpAddr> {
+    let forwarded = || {
+        let first = headers.get("x-forwarded-for")?.to_str().ok()?.split(',').next()?;
+        first.trim().parse().ok()
+    };
+    x_forwarded.then(forwarded).flatten().or(peer.map(|Extension(ConnectInfo(addr))| addr.ip()))
 }
 
 #[cfg(test)]

@@ -9,13 +9,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::auth::authenticate;
-use super::json_response;
+use super::auth::{authenticate, client_ip};
 use super::params::QueryParams;
+use super::{json_response, within};
 use crate::App;
 use crate::error::MatrixError;
 use crate::keys::{KeysQuery, query_keys};
@@ -57,23 +57,4 @@ pub async fn keys_query(
     let answer =
         within(db_budget.map(|b| b + query.timeout), async { Ok(query_keys(&*app, &requester.user_id, &query, now).await?) }).await?;
     Ok(json_response(StatusCode::OK, &answer))
-}
-
-/// `work`, or 503 if it has not finished within `budget` (if bounded).
-async fn within<T>(budget: Option<Duration>, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
-    let Some(budget) = budget else {
-        return work.await;
-    };
-    tokio::time::timeout(budget, work).await.unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
-}
-
-/// The client's address: with `x_forwarded` on, the first `X-Forwarded-For`
-/// entry when there is one (as Synapse's `XForwardedForRequest`), else the
-/// peer.
-fn client_ip(headers: &HeaderMap, peer: Option<Extension<ConnectInfo<SocketAddr>>>, x_forwarded: bool) -> Option<IpAddr> {
-    let forwarded = || {
-        let first = headers.get("x-forwarded-for")?.to_str().ok()?.split(',').next()?;
-        first.trim().parse().ok()
-    };
-    x_forwarded.then(forwarded).flatten().or(peer.map(|Extension(ConnectInfo(addr))| addr.ip()))
 }

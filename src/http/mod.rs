@@ -3,6 +3,7 @@
 //! limit and panic safety net. Handlers are thin: they parse, call into
 //! [`crate::keys`], and serialise.
 
+mod admin;
 pub mod auth;
 mod health;
 mod keys_query;
@@ -43,6 +44,7 @@ fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
     for path in KEYS_QUERY_PATHS {
         t.push((Method::POST, path, post(keys_query::keys_query)));
     }
+    t.extend(admin::route_table());
     t.push((Method::POST, "/_synapse/replication/multi_user_device_resync/{txn_id}", post(resync_rpc::resync_rpc)));
     // Every other replication call goes on to the device-lists writer.
     let pass = replication_pass::replication_pass;
@@ -104,6 +106,14 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
         }
         Err(e) => MatrixError::internal(e).into_response(),
     }
+}
+
+/// `work`, or 503 if it has not finished within `budget` (if bounded).
+async fn within<T>(budget: Option<std::time::Duration>, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
+    let Some(budget) = budget else {
+        return work.await;
+    };
+    tokio::time::timeout(budget, work).await.unwrap_or_else(|_| Err(MatrixError::unavailable(format!("no answer within {budget:?}"))))
 }
 
 #[cfg(test)]

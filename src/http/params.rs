@@ -26,6 +26,17 @@ impl QueryParams {
         }
         Ok(Some(u64::try_from(n).unwrap_or(u64::MAX)))
     }
+
+    /// Synapse's `parse_boolean(request, name, default)`: `true` or `false`,
+    /// anything else 400 `M_INVALID_PARAM`.
+    pub fn boolean(&self, name: &str, default: bool) -> Result<bool, MatrixError> {
+        match self.first(name) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(_) => Err(MatrixError::invalid_param(format!("Boolean query parameter '{name}' must be one of ['true', 'false']"))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -40,5 +51,15 @@ mod tests {
         assert_eq!(p.non_negative_int("neg").unwrap_err().errcode, "M_INVALID_PARAM");
         assert_eq!(p.non_negative_int("t2").unwrap_err().errcode, "M_INVALID_PARAM");
         assert_eq!(p.first("a"), Some("x"));
+    }
+
+    #[test]
+    fn booleans_like_synapse() {
+        let p = QueryParams::parse(Some("a=true&b=false&c=1&d="));
+        assert!(p.boolean("a", false).unwrap());
+        assert!(!p.boolean("b", true).unwrap());
+        assert!(p.boolean("missing", true).unwrap());
+        assert_eq!(p.boolean("c", false).unwrap_err().errcode, "M_INVALID_PARAM");
+        assert_eq!(p.boolean("d", false).unwrap_err().errcode, "M_INVALID_PARAM");
     }
 }

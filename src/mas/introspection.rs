@@ -10,6 +10,8 @@ pub const UNSTABLE_SCOPE_MATRIX_API: &str = "urn:matrix:org.matrix.msc2967.clien
 pub const UNSTABLE_SCOPE_MATRIX_DEVICE_PREFIX: &str = "urn:matrix:org.matrix.msc2967.client:device:";
 pub const STABLE_SCOPE_MATRIX_API: &str = "urn:matrix:client:api:*";
 pub const STABLE_SCOPE_MATRIX_DEVICE_PREFIX: &str = "urn:matrix:client:device:";
+/// The scope that makes a token a server admin's (`MasDelegatedAuth.is_server_admin`).
+pub const ADMIN_SCOPE: &str = "urn:synapse:admin:*";
 
 /// A valid introspection answer.
 #[derive(Debug, Clone, PartialEq)]

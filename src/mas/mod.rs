@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-pub use introspection::{Introspection, Rejection};
+pub use introspection::{ADMIN_SCOPE, Introspection, Rejection};
 
 use crate::breaker::Breaker;
 use crate::config::Config;

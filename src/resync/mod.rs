@@ -57,7 +57,25 @@ pub struct Coordinator {
     /// Budget of one direct `GET /user/devices`.
     direct_timeout: Duration,
     concurrency: usize,
+    /// Each user's newest resync, for the device-list health API.
+    history: moka::sync::Cache<String, LastResync>,
 }
+
+/// How a user's newest resync went.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LastResync {
+    /// When it ended, in ms since the epoch.
+    pub at_ts: i64,
+    /// `writer` (the device-lists writer resynced, Synapse's cache holds
+    /// the result) or `direct` (we asked the remote; only our memory holds it).
+    pub via: &'static str,
+    /// `ok`, or why it failed.
+    pub outcome: String,
+}
+
+/// Users whose newest resync is remembered, and for how long.
+const HISTORY_USERS: u64 = 10_000;
+const HISTORY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,6 +103,7 @@ impl Coordinator {
             outcomes: OutcomeCounters::default(),
             direct_timeout: Duration::from_millis(w.default_timeout_ms),
             concurrency: w.federation_concurrency.max(1),
+            history: moka::sync::Cache::builder().max_capacity(HISTORY_USERS).time_to_live(HISTORY_TTL).build(),
         })
     }
 
@@ -164,6 +183,32 @@ impl Coordinator {
         self.inflight.forget(user);
     }
 
+    /// `user`'s newest resync, if one ended in the last day (and was not
+    /// pushed out by 10,000 newer ones).
+    pub fn last_resync(&self, user: &str) -> Option<LastResync> {
+        self.history.get(user)
+    }
+
+    fn remember(&self, user: &str, via: &'static str, outcome: &Outcome) {
+        let outcome = match outcome {
+            Ok(_) => "ok".to_owned(),
+            Err(failure) => failure.get("message").and_then(Value::as_str).unwrap_or("failed").to_owned(),
+        };
+        self.history.insert(user.to_owned(), LastResync { at_ts: crate::now_ms(), via, outcome });
+    }
+
+    /// A repair's resync: the device-lists writer alone, given `timeout`,
+    /// past our cache of results and the coalescing of queries (the caller
+    /// has just marked the users stale in Synapse, which a resync already
+    /// under way may have missed). What it answers replaces what we held.
+    pub async fn resync_through_writer(&self, users: &[String], timeout: Duration) -> Result<HashMap<String, Outcome>, WriterError> {
+        let answer = self.writer.resync_within(users, timeout).await?;
+        for user in users {
+            self.invalidate(user);
+        }
+        Ok(self.writer_outcomes(users, answer))
+    }
+
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
         self.inflight.forget_all();
@@ -233,6 +278,7 @@ impl Coordinator {
                 };
                 let counter = if outcome.is_ok() { &self.outcomes.writer_ok } else { &self.outcomes.writer_null };
                 counter.fetch_add(1, Ordering::Relaxed);
+                self.remember(u, "writer", &outcome);
                 (u.clone(), outcome)
             })
             .collect()
@@ -243,6 +289,7 @@ impl Coordinator {
             let outcome = self.direct(destination, &u).await;
             let counter = if outcome.is_ok() { &self.outcomes.fallback_ok } else { &self.outcomes.fallback_failed };
             counter.fetch_add(1, Ordering::Relaxed);
+            self.remember(&u, "direct", &outcome);
             (u, outcome)
         });
         futures::stream::iter(attempts).buffer_unordered(self.concurrency).collect().await

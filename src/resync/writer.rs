@@ -146,6 +146,12 @@ impl Writer {
     /// `POST /_synapse/replication/multi_user_device_resync/{txn}` for users
     /// of one destination.
     pub async fn resync(&self, users: &[String]) -> Result<WriterAnswer, WriterError> {
+        self.resync_within(users, self.timeout).await
+    }
+
+    /// [`Writer::resync`] given `timeout` (a repair waits for the remote
+    /// as long as the writer does).
+    pub async fn resync_within(&self, users: &[String], timeout: Duration) -> Result<WriterAnswer, WriterError> {
         let base = self.base.as_deref().ok_or(WriterError::NotConfigured)?;
         if !self.breaker.allow() {
             return Err(WriterError::BreakerOpen);
@@ -158,13 +164,13 @@ impl Writer {
         if let Some(secret) = &self.secret {
             req = req.header(header::AUTHORIZATION, format!("Bearer {secret}"));
         }
-        let result = match tokio::time::timeout(self.timeout, self.exchange(req)).await {
+        let result = match tokio::time::timeout(timeout, self.exchange(req)).await {
             Ok(r) => r,
-            Err(_) => Err(WriterError::TimedOut(format!("no answer within {:?}", self.timeout))),
+            Err(_) => Err(WriterError::TimedOut(format!("no answer within {timeout:?}"))),
         };
         let result = match result {
             // Slow, but is it hung? Its health endpoint tells.
-            Err(WriterError::TimedOut(_)) if healthy(&self.http, base).await => Err(WriterError::Busy(self.timeout)),
+            Err(WriterError::TimedOut(_)) if healthy(&self.http, base).await => Err(WriterError::Busy(timeout)),
             r => r,
         };
         if !matches!(result, Err(WriterError::TimedOut(_))) {

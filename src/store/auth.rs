@@ -99,3 +99,14 @@ impl Store {
         self.fetch_optional(&GUEST, &[Arg::Text(user_id)]).await
     }
 }
+
+const ADMIN: Sql = Sql { pg: "SELECT admin <> 0 FROM users WHERE name = $1", sqlite: "SELECT admin <> 0 FROM users WHERE name = ?1" };
+
+impl Store {
+    /// Whether `user_id` is a server admin (Synapse's `is_server_admin`:
+    /// `users.admin`; an unknown user is not).
+    pub async fn is_server_admin(&self, user_id: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<(bool,)> = self.fetch_optional(&ADMIN, &[Arg::Text(user_id)]).await?;
+        Ok(found.is_some_and(|(admin,)| admin))
+    }
+}

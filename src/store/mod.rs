@@ -6,16 +6,20 @@
 
 mod auth;
 mod connect;
+mod device_health;
 mod pg_conns;
 mod query_reads;
 mod remote;
 mod sql;
+mod stale_mark;
 mod streams;
 
 pub use auth::{DeviceIdRow, TokenRow};
+pub use device_health::{DestinationRow, LocalDeviceRow, RemoteListState, SelfSignatureRow, ServerMarks, StaleMark};
 pub use pg_conns::PgConns;
 pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;
+pub use stale_mark::StaleMarker;
 pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 
 use sqlx::SqlitePool;

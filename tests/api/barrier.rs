@@ -30,8 +30,8 @@ async fn a_nul_in_a_remote_user_id_leaves_the_quick_probe_on() {
 /// run of ids (each falls back, with a warning, when refused).
 ///
 /// This test writes PostgreSQL's catalog (it creates the role and grants
-/// it `SELECT` on Synapse's tables, as the docs say); nothing in Synapse's
-/// tables.
+/// it `SELECT` on Synapse's tables, as the docs say), and one stale mark
+/// of a made-up user, which it deletes.
 #[tokio::test]
 async fn the_documented_read_only_role_reads_everything_we_read() {
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md")).unwrap();
@@ -79,4 +79,28 @@ async fn the_documented_read_only_role_reads_everything_we_read() {
     assert_eq!(ask.send(&older.url).await.0, 200);
     assert!(!older.app.barrier.unbroken_run_usable(), "the refusal was noticed");
     assert_eq!(ask.send(&older.url).await.0, 200, "and probes go on without the run");
+
+    // Repair needs one more grant, docs/device-lists.md's; without it the
+    // start-up check says so in one line.
+    let mut repairing = worker.app.config.clone();
+    repairing.worker.device_list_repair = true;
+    let repairer = spawn_worker_with(repairing).await;
+    let said = synapse_keys_worker::device_lists::repair_readiness(&repairer.app).await.expect("the missing grant is said");
+    assert!(said.contains("may not insert into device_lists_remote_resync"), "{said}");
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/device-lists.md")).unwrap();
+    let grant = docs.split("```sql\n").nth(1).and_then(|b| b.split("```").next()).expect("device-lists.md has the grant");
+    assert!(grant.trim().starts_with("GRANT INSERT ON device_lists_remote_resync TO synapse_keys_ro"), "{grant}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(grant.to_owned())).execute(&pool).await.unwrap();
+    assert_eq!(synapse_keys_worker::device_lists::repair_readiness(&repairer.app).await, None);
+    // The one write works with that grant alone, on a read-only session,
+    // and keeps an existing mark as Synapse's upsert does. The test then
+    // deletes the mark it made (a test write: Synapse would retry it).
+    let marker = repairer.app.store.stale_marker().unwrap();
+    let user = format!("@ro-check-{}:localhost:1", std::process::id());
+    assert!(marker.mark(&user, 1).await.unwrap(), "marked");
+    assert!(!marker.mark(&user, 2).await.unwrap(), "an existing mark is kept");
+    let (added,): (i64,) =
+        sqlx::query_as("SELECT added_ts FROM device_lists_remote_resync WHERE user_id = $1").bind(&user).fetch_one(&pool).await.unwrap();
+    assert_eq!(added, 1);
+    sqlx::query("DELETE FROM device_lists_remote_resync WHERE user_id = $1").bind(&user).execute(&pool).await.unwrap();
 }

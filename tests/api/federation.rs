@@ -14,18 +14,18 @@ use crate::remote::{closed_port, with_writer};
 use crate::writer_proxy::CountingProxy;
 
 /// What scripts/world.py exports about the two federating homeservers.
-struct Fed {
+pub struct Fed {
     /// Ours: the homeserver our service serves.
-    url: String,
-    yaml: std::path::PathBuf,
-    server_name: String,
+    pub url: String,
+    pub yaml: std::path::PathBuf,
+    pub server_name: String,
     /// The remote homeserver.
-    remote_url: String,
-    remote_server_name: String,
-    remote_log: std::path::PathBuf,
+    pub remote_url: String,
+    pub remote_server_name: String,
+    pub remote_log: std::path::PathBuf,
 }
 
-fn fed() -> Fed {
+pub fn fed() -> Fed {
     Fed {
         url: var("SKW_TEST_FED_SYNAPSE_URL"),
         yaml: var("SKW_TEST_FED_HOMESERVER_YAML").into(),
@@ -36,23 +36,23 @@ fn fed() -> Fed {
     }
 }
 
-fn config() -> Config {
+pub fn config() -> Config {
     Config::load(&[fed().yaml], Vec::new()).unwrap()
 }
 
 /// A local user (on "synapse-fed") and a remote one (on "synapse-remote")
 /// in a room the remote user made: invited over federation, joined over
 /// federation.
-struct Pair {
-    env: Fed,
-    ours: Synapse,
-    remote: Synapse,
-    local: TestUser,
-    bob: TestUser,
+pub struct Pair {
+    pub env: Fed,
+    pub ours: Synapse,
+    pub remote: Synapse,
+    pub local: TestUser,
+    pub bob: TestUser,
 }
 
 impl Pair {
-    async fn new() -> Self {
+    pub async fn new() -> Self {
         let env = fed();
         let (ours, remote) = (Synapse::at(&env.url), Synapse::at(&env.remote_url));
         let local = ours.register("alice").await;
@@ -66,7 +66,7 @@ impl Pair {
     /// federation before createRoom answers), and ours joins it: a join
     /// over federation (make_join and send_join to the remote; Synapse
     /// joins with partial state, then fetches the rest).
-    async fn share_a_room(&self) {
+    pub async fn share_a_room(&self) {
         self.share_a_room_of(Side::Theirs).await;
     }
 
@@ -84,7 +84,7 @@ impl Pair {
     }
 
     /// Ours asking for bob's devices.
-    fn ask(&self) -> Ask {
+    pub fn ask(&self) -> Ask {
         Ask::keys_query("v3", &self.local.session.token, TokenIn::Header, &json!({"device_keys": {&self.bob.user_id: []}}))
     }
 }

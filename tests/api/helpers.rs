@@ -352,14 +352,20 @@ impl Synapse {
     /// A new server admin, registered with Synapse's own
     /// `register_new_matrix_user` (shared-secret registration), then logged in.
     pub async fn register_admin(&self, prefix: &str) -> TestUser {
+        self.register_admin_on(prefix, &env().homeserver_yaml, &env().server_name).await
+    }
+
+    /// [`Synapse::register_admin`] on this homeserver, whose config is
+    /// `yaml` and server name `server_name`.
+    pub async fn register_admin_on(&self, prefix: &str, yaml: &std::path::Path, server_name: &str) -> TestUser {
         let username = unique(prefix);
         let password = format!("pw-{username}");
         let tool = std::path::Path::new(&std::env::var("SKW_TEST_VENV_BIN").expect("SKW_TEST_VENV_BIN")).join("register_new_matrix_user");
         let mut command = std::process::Command::new(tool);
-        command.args(["-c", env().homeserver_yaml.to_str().unwrap(), "-u", &username, "-p", &password, "--admin"]).arg(&env().synapse_url);
+        command.args(["-c", yaml.to_str().unwrap(), "-u", &username, "-p", &password, "--admin"]).arg(&self.url);
         let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().unwrap();
         assert!(out.status.success(), "register_new_matrix_user: {}", String::from_utf8_lossy(&out.stderr));
-        let user_id = format!("@{username}:{}", env().server_name);
+        let user_id = format!("@{username}:{server_name}");
         let session = session_of(
             &self
                 .call(

@@ -6,6 +6,7 @@ mod barrier;
 mod bounded;
 mod dashboard;
 mod demo;
+mod device_health;
 mod differential;
 mod errors;
 mod fake_mas;

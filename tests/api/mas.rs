@@ -408,3 +408,36 @@ async fn mas_down_answers_like_synapse_and_recovers() {
     // MAS, so both of us answer as soon as it is back.
     assert_eq!(same(&ours, &t, &body).await, StatusCode::OK);
 }
+
+/// Under MAS a server admin is a token with `urn:synapse:admin:*` in its
+/// scope, whatever `users.admin` says: the device-list health API answers
+/// each token as Synapse's own admin API does (403 without the scope,
+/// 200 with it).
+#[tokio::test]
+async fn the_admin_api_takes_the_admin_scope_as_synapse_does() {
+    let _shared = STAND_IN.read().await;
+    let mas = fake_mas();
+    let ours = worker().await;
+    let alice = provision(mas, &["ALICE1"]).await;
+    let lp = alice.localpart.as_str();
+    let synapse_admin =
+        format!("{}/_synapse/admin/v2/users/{}", synapse_url(), synapse_keys_worker::federation::percent_encode(&alice.user_id));
+    let ours_admin = format!("{}/_keys_worker/admin/v1/resync_queue", ours.url);
+    for (case, scope, want) in [
+        ("no admin scope", format!("{API} {DEVICE}ALICE1"), StatusCode::FORBIDDEN),
+        ("admin scope", format!("{API} urn:synapse:admin:* {DEVICE}ALICE1"), StatusCode::OK),
+    ] {
+        let t = token(mas, Reply::Json(active(lp, &scope)));
+        let theirs = http().get(&synapse_admin).bearer_auth(&t).send().await.unwrap();
+        assert_eq!(theirs.status(), want, "{case}: Synapse's admin API");
+        let theirs: Value = theirs.json().await.unwrap();
+        let mine = http().get(&ours_admin).bearer_auth(&t).send().await.unwrap();
+        assert_eq!(mine.status(), want, "{case}: ours");
+        let mine: Value = mine.json().await.unwrap();
+        if want == StatusCode::FORBIDDEN {
+            assert_eq!(mine, theirs, "{case} (left: ours, right: Synapse's)");
+        } else {
+            assert!(mine["servers"].is_array(), "{case}: {mine}");
+        }
+    }
+}

@@ -104,7 +104,7 @@ thread_local! {
 /// thread-scoped subscriber can miss events another thread registered),
 /// but it formats only on a thread that captures: other tests' events are
 /// filtered out before formatting, and nothing is kept after the test.
-fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
+pub fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -128,7 +128,7 @@ fn captured_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
 }
 
 /// Ends this thread's capture.
-struct CaptureGuard;
+pub struct CaptureGuard;
 
 impl Drop for CaptureGuard {
     fn drop(&mut self) {

@@ -1,0 +1,108 @@
+//! `POST …/users/{userId}/device_list/resync`: Synapse's stale mark, then
+//! its device-lists writer's resync. The writer's resync alone answers from
+//! Synapse's cache for a user it holds unmarked
+//! (`_user_device_resync_returning_failed`); with the mark it refetches the
+//! list from the remote, rewrites its cache, deletes the mark and tells
+//! clients through `/sync`, as for any resync it makes.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::inspect::synapse_view;
+use super::view::{Drift, ListSummary};
+use super::{HealthError, remote_user};
+use crate::App;
+
+/// What a repair did.
+#[derive(Debug, Serialize)]
+pub struct Repair {
+    pub user_id: String,
+    /// The stale mark was written by this call (false: Synapse had one).
+    pub marked: bool,
+    /// The writer gave the remote's list, and Synapse now holds it.
+    pub repaired: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Synapse's cache before and after.
+    pub before: ListSummary,
+    pub after: ListSummary,
+    /// How the list before differs from the list after (`missing_devices`:
+    /// added by the repair, `extra_devices`: removed by it).
+    pub diff: Drift,
+}
+
+/// Marks `user_id`'s list stale in Synapse and has the writer resync it,
+/// waiting `timeout` for the writer at most; `by`: who asked (logged).
+pub async fn repair(app: &App, user_id: &str, timeout: Duration, by: &str) -> Result<Repair, HealthError> {
+    if !app.config.worker.device_list_repair {
+        return Err(HealthError::Refused(
+            "Device-list repair is off: set keys_worker.device_list_repair: true to let this service write Synapse's stale marks \
+             (see docs/device-lists.md)"
+                .into(),
+        ));
+    }
+    let Some(marker) = app.store.stale_marker() else {
+        return Err(HealthError::Refused("Device-list repair needs Synapse on PostgreSQL: its SQLite file is never written".into()));
+    };
+    remote_user(&app.config.synapse.server_name, user_id)?;
+    let state = app.store.remote_list_state(user_id).await?;
+    if state.stream_id.is_none() && state.shared_rooms == 0 {
+        return Err(HealthError::NotFound(format!("Synapse does not track {user_id}'s device list and shares no room with them")));
+    }
+    let before = synapse_view(app, user_id, state.stream_id.as_deref()).await?;
+    let marked = marker.mark(user_id, crate::now_ms()).await?;
+    tracing::info!(user_id, newly = marked, by, "marked a remote device list stale in Synapse, for a repair");
+    let users = [user_id.to_owned()];
+    let mut outcomes = app.remote.coordinator.resync_through_writer(&users, timeout).await.map_err(|e| {
+        HealthError::WriterUnavailable(format!(
+            "The device-lists writer could not be reached ({e}). Synapse's stale mark for {user_id} stays: Synapse retries it \
+             by itself within about 30 seconds"
+        ))
+    })?;
+    let error = match outcomes.remove(user_id) {
+        Some(Ok(devices)) if devices.is_resync_result => None,
+        Some(Ok(_)) => Some("the writer answered from its cache: it did not see the stale mark".to_owned()),
+        Some(Err(failure)) => Some(failure.get("message").and_then(|m| m.as_str()).unwrap_or("resync failed").to_owned()),
+        None => Some("the writer gave no result for the user".to_owned()),
+    };
+    let state = app.store.remote_list_state(user_id).await?;
+    let after = synapse_view(app, user_id, state.stream_id.as_deref()).await?;
+    let diff = before.drift_from(&after);
+    Ok(Repair {
+        user_id: user_id.to_owned(),
+        marked,
+        repaired: error.is_none(),
+        error,
+        before: before.summary(),
+        after: after.summary(),
+        diff,
+    })
+}
+
+/// With repair on, what stands in its way, in one line (checked at
+/// start-up): Synapse on SQLite, or a database role that may not insert
+/// into `device_lists_remote_resync`. `None` when repair is off or ready.
+pub async fn repair_readiness(app: &App) -> Option<String> {
+    if !app.config.worker.device_list_repair {
+        return None;
+    }
+    let Some(marker) = app.store.stale_marker() else {
+        return Some(
+            "keys_worker.device_list_repair is on, but Synapse's database is SQLite, which is never written: repairs are refused".into(),
+        );
+    };
+    match marker.may_mark().await {
+        Ok(true) => None,
+        Ok(false) => Some(
+            "keys_worker.device_list_repair is on, but our database role may not insert into device_lists_remote_resync: \
+             repairs will fail until it may (GRANT INSERT ON device_lists_remote_resync TO <role>; see docs/device-lists.md)"
+                .into(),
+        ),
+        Err(e) => Some(format!(
+            "keys_worker.device_list_repair is on, but whether our role may write stale marks could not be checked ({})",
+            crate::store::short_reason(&e)
+        )),
+    }
+}
