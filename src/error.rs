@@ -131,6 +131,7 @@ impl From<HealthError> for MatrixError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", m)
             }
             HealthError::Database(e) => e.into(),
+            HealthError::Keys(e) => e.into(),
         }
     }
 }

@@ -6,11 +6,13 @@
 //! repairs a list the one way that makes Synapse itself refetch it: its
 //! own stale mark, then its device-lists writer's resync.
 
+mod explain;
 mod inspect;
 mod queue;
 mod repair;
 pub mod view;
 
+pub use explain::{Explanation, explain};
 pub use inspect::{Inspection, inspect};
 pub use queue::{Queue, queue};
 pub use repair::{Repair, repair, repair_readiness};
@@ -32,6 +34,9 @@ pub enum HealthError {
     WriterUnavailable(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The query path's own error (a bad query body, the database).
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeysError),
 }
 
 /// A remote user's ID, checked: valid, and not ours.

@@ -15,7 +15,7 @@ pub mod request;
 pub use context::{Context, LocalReads};
 pub use error::KeysError;
 pub use model::{Outcome, RemoteUser, UserDevices};
-pub use query::{KeysQueryResponse, query_keys};
+pub use query::{KeysQueryResponse, Provenance, Source, query_keys};
 
 /// One queried user and the devices asked for (empty: all).
 pub type UserQuery<'a> = (&'a str, &'a [String]);

@@ -27,6 +27,47 @@ pub struct KeysQueryResponse {
     pub master_keys: BTreeMap<String, KeyJson>,
     pub self_signing_keys: BTreeMap<String, KeyJson>,
     pub user_signing_keys: BTreeMap<String, KeyJson>,
+    /// With [`KeysQuery::explain`]: where each remote user's part came from.
+    #[serde(skip)]
+    pub provenance: BTreeMap<String, Provenance>,
+}
+
+/// Where one remote user's part of an answer came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Provenance {
+    pub source: Source,
+    /// Synapse had marked the user's list stale when the request's read
+    /// barrier looked (its cache was not used).
+    pub stale_mark_seen: bool,
+    /// Synapse held the list and trusted it (tracked, not marked).
+    pub in_synapse_cache: bool,
+    /// The user is joined to a room this server is in.
+    pub shares_a_room: bool,
+    /// The remote's device-list stream id of a resync's result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_stream_id: Option<i64>,
+    /// A resync tried before the federation query, and how it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_failure: Option<Value>,
+    /// The `failures` entry of the user's server, when the answer has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Synapse's device-list cache, read from its database.
+    SynapseCache,
+    /// A resync by the device-lists writer (Synapse now holds the result).
+    ResyncWriter,
+    /// A resync we made ourselves, the writer unreachable (only our
+    /// memory holds the result).
+    ResyncDirect,
+    /// The remote's federation `/user/keys/query`.
+    FederationQuery,
+    /// Nothing: the user's server failed, timed out or is backed off from.
+    Failure,
 }
 
 /// Answers `query` for `requester`: local users from memory or the
@@ -62,7 +103,7 @@ pub async fn query_keys(ctx: &impl Context, requester: &str, query: &KeysQuery, 
     let keys = queried.iter().filter_map(|u| key_map.get(u));
     add_cross_signing_keys(&mut resp, keys, &requester_sigs, requester);
     let budget = Budget { timeout: query.timeout, deadline };
-    add_remote_users(ctx, &mut resp, &remote, &stale_marks, budget, now_ms).await?;
+    add_remote_users(ctx, &mut resp, &remote, &stale_marks, budget, now_ms, query.explain).await?;
     Ok(resp)
 }
 

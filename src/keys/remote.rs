@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::UserQuery;
 use super::json::{KeyObject, parse_object};
-use super::query::KeysQueryResponse;
+use super::query::{KeysQueryResponse, Provenance, Source};
 use super::rendered::DeviceMap;
 use super::{Context, KeysError};
 use crate::ids::domain_of;
@@ -43,6 +43,7 @@ pub async fn add_remote_users(
     stale_marks: &HashSet<String>,
     budget: Budget,
     now_ms: i64,
+    explain: bool,
 ) -> Result<(), KeysError> {
     if remote.is_empty() {
         return Ok(());
@@ -67,7 +68,11 @@ pub async fn add_remote_users(
             by_destination.entry(domain_of(user)).or_default().push((user, devices));
         }
     }
+    let mut sources: HashMap<String, Asked> = HashMap::new();
     if by_destination.is_empty() {
+        if explain {
+            record(resp, &users, &known, &cached, stale_marks, sources);
+        }
         return Ok(());
     }
     let destinations: Vec<&str> = by_destination.keys().copied().collect();
@@ -99,10 +104,55 @@ pub async fn add_remote_users(
         .collect();
     let answers: Vec<DestinationAnswer> =
         futures::stream::iter(queries).buffer_unordered(ctx.destination_concurrency().max(1)).collect().await;
-    for a in answers {
+    for mut a in answers {
+        sources.extend(a.sources.drain(..));
         a.merge_into(resp);
     }
+    if explain {
+        record(resp, &users, &known, &cached, stale_marks, sources);
+    }
     Ok(())
+}
+
+/// How a user's destination was asked about them.
+#[derive(Debug, Default)]
+struct Asked {
+    source: Option<Source>,
+    remote_stream_id: Option<i64>,
+    resync_failure: Option<Value>,
+}
+
+/// Fills `resp.provenance` for the remote `users`.
+fn record(
+    resp: &mut KeysQueryResponse,
+    users: &[&str],
+    known: &HashMap<String, std::sync::Arc<super::RemoteUser>>,
+    cached: &HashSet<&str>,
+    stale_marks: &HashSet<String>,
+    mut asked: HashMap<String, Asked>,
+) {
+    for user in users {
+        let asked = asked.remove(*user).unwrap_or_default();
+        let failure = resp.failures.get(domain_of(user)).cloned();
+        let source = match asked.source {
+            Some(source) => source,
+            None if cached.contains(user) => Source::SynapseCache,
+            None => Source::Failure,
+        };
+        let k = known.get(*user);
+        resp.provenance.insert(
+            (*user).to_owned(),
+            Provenance {
+                source,
+                stale_mark_seen: stale_marks.contains(*user),
+                in_synapse_cache: k.is_some_and(|k| k.in_synapse_cache),
+                shares_a_room: k.is_some_and(|k| k.shares_a_room),
+                remote_stream_id: asked.remote_stream_id,
+                resync_failure: asked.resync_failure,
+                failure: (source == Source::Failure).then_some(failure).flatten(),
+            },
+        );
+    }
 }
 
 /// What one destination contributed.
@@ -117,6 +167,8 @@ pub(crate) struct DestinationAnswer {
     master_keys: Vec<(String, KeyObject)>,
     self_signing_keys: Vec<(String, KeyObject)>,
     failure: Option<Value>,
+    /// How each user asked about was answered (for explain).
+    sources: Vec<(String, Asked)>,
 }
 
 impl DestinationAnswer {
@@ -161,11 +213,15 @@ async fn query_destination(
     let resync: Vec<String> =
         queries.iter().filter(|(u, devices)| devices.is_empty() && sharing.contains(*u)).map(|(u, _)| (*u).to_owned()).collect();
     let mut updated: HashSet<String> = HashSet::new();
+    let mut resync_failures: HashMap<String, Value> = HashMap::new();
     if !resync.is_empty() {
         let outcomes = ctx.resync(dest, &resync, budget.deadline, looked_at).await;
         for user in resync {
             match outcomes.get(&user) {
                 Some(Ok(d)) if d.is_resync_result => {
+                    let source = if d.stream_pos.is_some() { Source::ResyncWriter } else { Source::ResyncDirect };
+                    let stream_id = serde_json::from_str::<Value>(d.raw.get()).ok().and_then(|r| r.get("stream_id")?.as_i64());
+                    answer.sources.push((user.clone(), Asked { source: Some(source), remote_stream_id: stream_id, resync_failure: None }));
                     let devices = d.devices.iter().filter_map(|(id, k)| Some((id.clone(), parse_object(k.get())?))).collect();
                     answer.resynced.push((user.clone(), devices));
                     if let Some(k) = resync_key(d.master_key.as_deref()) {
@@ -179,7 +235,10 @@ async fn query_destination(
                 // The writer's bare `{device_id: content}` map (it had the
                 // user cached) is no resync result for Synapse either.
                 Some(Ok(_)) | None => {}
-                Some(Err(f)) => answer.failure = Some(f.clone()),
+                Some(Err(f)) => {
+                    answer.failure = Some(f.clone());
+                    resync_failures.insert(user, f.clone());
+                }
             }
         }
     }
@@ -188,9 +247,19 @@ async fn query_destination(
         return answer;
     }
     let query: Map<String, Value> = direct.iter().map(|(u, d)| ((*u).to_owned(), json!(d))).collect();
-    match ctx.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
-        Ok(remote) => answer.take_user_keys(&query, &remote),
-        Err(failure) => answer.failure = Some(failure),
+    let source = match ctx.user_keys_query(dest, &Value::Object(query.clone()), budget.timeout, budget.deadline).await {
+        Ok(remote) => {
+            answer.take_user_keys(&query, &remote);
+            Source::FederationQuery
+        }
+        Err(failure) => {
+            answer.failure = Some(failure);
+            Source::Failure
+        }
+    };
+    for (user, _) in direct {
+        let asked = Asked { source: Some(source), remote_stream_id: None, resync_failure: resync_failures.remove(*user) };
+        answer.sources.push(((*user).to_owned(), asked));
     }
     answer
 }

@@ -22,6 +22,9 @@ pub struct KeysQuery {
     /// The request already waited for a read-barrier probe that started
     /// after it arrived (authentication did, under MAS).
     pub caught_up: bool,
+    /// Record where each remote user's part of the answer came from
+    /// (the admin API's explain), in [`super::KeysQueryResponse::provenance`].
+    pub explain: bool,
 }
 
 impl KeysQuery {
@@ -53,7 +56,14 @@ impl KeysQuery {
         if !all_lists {
             return Err(KeysError::BadJson("'device_keys' values must be a list of strings"));
         }
-        Ok(Self { users, body_timeout_ms: body.timeout, timeout: Duration::from_secs(10), arrived: Instant::now(), caught_up: false })
+        Ok(Self {
+            users,
+            body_timeout_ms: body.timeout,
+            timeout: Duration::from_secs(10),
+            arrived: Instant::now(),
+            caught_up: false,
+            explain: false,
+        })
     }
 }
 

@@ -43,6 +43,7 @@ fn endpoints(user: &str) -> Vec<(Method, String)> {
         (Method::GET, format!("{API}/users/{}/device_list", enc(user))),
         (Method::POST, format!("{API}/users/{}/device_list/resync", enc(user))),
         (Method::GET, format!("{API}/resync_queue")),
+        (Method::POST, format!("{API}/keys/query/explain")),
     ]
 }
 
@@ -148,9 +149,29 @@ async fn bad_input_gets_matrix_errors() {
         (Method::GET, format!("{API}/resync_queue?limit=0"), 400, "M_INVALID_PARAM"),
         (Method::GET, format!("{API}/resync_queue?from=garbage"), 400, "M_INVALID_PARAM"),
         (Method::DELETE, format!("{API}/resync_queue"), 405, "M_UNRECOGNIZED"),
+        (Method::POST, format!("{API}/keys/query/explain"), 400, "M_NOT_JSON"),
     ] {
         let (got, body) = call(&worker.url, method, &path, token).await;
         assert_eq!((got.as_u16(), body["errcode"].as_str()), (status, Some(errcode)), "{path}: {body}");
+    }
+    let unknown_requester = format!("@nobody-{}:{}", std::process::id(), env().server_name);
+    for (body, status, errcode) in [
+        (json!({"query": {"device_keys": {}}}), 400, "M_BAD_JSON"),
+        (json!({"requester": admin.user_id, "query": {"device_keys": 5}}), 400, "M_BAD_JSON"),
+        (json!({"requester": admin.user_id, "query": {"device_keys": {"@a:b": "x"}}}), 400, "M_BAD_JSON"),
+        (json!({"requester": "@someone:elsewhere.invalid", "query": {"device_keys": {}}}), 400, "M_INVALID_PARAM"),
+        (json!({"requester": unknown_requester, "query": {"device_keys": {}}}), 404, "M_NOT_FOUND"),
+    ] {
+        let resp = http()
+            .post(format!("{}{API}/keys/query/explain", worker.url))
+            .bearer_auth(&admin.session.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let got = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!((got, answer["errcode"].as_str()), (status, Some(errcode)), "{body}: {answer}");
     }
     // An unreachable remote is an answer about the remote, not an error.
     let (status, body) =
@@ -204,6 +225,15 @@ impl FedWorld {
         let (status, body) = call(base, Method::GET, &path, self.token()).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
+    }
+
+    /// Explain of alice's query for bob.
+    async fn explain(&self, base: &str) -> Value {
+        let body = json!({"requester": self.pair.local.user_id, "query": {"device_keys": {&self.pair.bob.user_id: []}}});
+        let resp =
+            http().post(format!("{base}{API}/keys/query/explain")).bearer_auth(&self.admin.session.token).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
     }
 
     /// Synapse's own `/keys/query` answer about bob, asked by alice.
@@ -275,6 +305,19 @@ async fn drift_is_found_and_repaired_through_synapse() {
     let mut expected = vec![p.bob.session.device_id.clone(), resigned.clone(), "GHOST".to_owned()];
     expected.sort();
     assert_eq!(device_ids(&drifted, bob), expected, "Synapse itself answers the drifted list: {drifted}");
+
+    // Explain, by a service started after the loss (ours caches Synapse's
+    // view of bob for up to remote_status_ttl_ms, and a test's write is on
+    // no stream): the answer is Synapse's own, and it came from its cache.
+    let fresh = spawn_worker_with(worker.app.config.clone()).await;
+    let explained = w.explain(&fresh.url).await;
+    assert_eq!(explained["answer"], drifted, "explain's answer is what Synapse answers");
+    assert_eq!(explained["answer"], p.ask().send(&fresh.url).await.1, "and what our /keys/query answers");
+    let why = &explained["provenance"][bob];
+    assert_eq!(why["source"], "synapse_cache", "{explained}");
+    assert_eq!((why["stale_mark_seen"].as_bool(), why["in_synapse_cache"].as_bool()), (Some(false), Some(true)), "{why}");
+    assert!(why["synapse_stream_id"].is_i64(), "{why}");
+    assert_eq!(explained["provenance"][&p.local.user_id], Value::Null, "only queried users are explained");
 
     let checked = w.inspect(&worker.url, "?check=true").await;
     let drift = &checked["drift"];
@@ -381,6 +424,14 @@ async fn a_repair_without_the_writer_leaves_the_mark_for_synapse() {
     let listed = queue["users"].as_array().unwrap().iter().any(|u| u["user_id"] == bob.as_str());
     let server = queue["servers"].as_array().unwrap().iter().find(|s| s["server_name"] == p.env.remote_server_name.as_str());
     assert!(listed && server.is_some_and(|s| s["users"].as_i64() >= Some(1)), "{queue}");
+    // While the mark stands Synapse's cache is not used: the writer being
+    // unreachable, we resynced bob ourselves. (Synapse's loop may have
+    // cleared the mark meanwhile: then its cache answers.)
+    let explained = w.explain(&worker.url).await;
+    let why = &explained["provenance"][bob];
+    let expected = if why["stale_mark_seen"] == true { "resync_direct" } else { "synapse_cache" };
+    assert_eq!(why["source"], expected, "{explained}");
+    assert_eq!(device_ids(&explained["answer"], bob).len(), 1, "{explained}");
     // Synapse retries marked users every 30 s, and clears the mark.
     eventually_some(std::time::Duration::from_secs(90), || async {
         let inspected = w.inspect(&worker.url, "").await;

@@ -7,6 +7,7 @@
 //! work is [`crate::device_lists`]'.
 
 mod device_list;
+mod explain;
 mod queue;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
         (Method::GET, "/_keys_worker/admin/v1/users/{user_id}/device_list", get(device_list::inspect)),
         (Method::POST, "/_keys_worker/admin/v1/users/{user_id}/device_list/resync", post(device_list::repair)),
         (Method::GET, "/_keys_worker/admin/v1/resync_queue", get(queue::queue)),
+        (Method::POST, "/_keys_worker/admin/v1/keys/query/explain", post(explain::explain)),
     ]
 }
 
