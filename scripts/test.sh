@@ -54,8 +54,10 @@ fi
 # The heavy tests (load, faults, memory, fuzzing from the spec) never run
 # beside the tests that assert a time bound: the main suite skips them, and
 # they run afterwards, one at a time (faults also asserts time bounds of
-# its own).
-HEAVY=(faults:: bounded:: dashboard:: tooling::schemathesis)
+# its own). The fleet tests of the device-list health API join them: they
+# mark every user of the federating world's remote server stale, other
+# tests' users too.
+HEAVY=(faults:: bounded:: dashboard:: tooling::schemathesis device_health::fleet_)
 skip_heavy=()
 for t in "${HEAVY[@]}"; do skip_heavy+=(--skip "$t"); done
 # A full run: the main suite, the heavy tests, then the client test, then a smoke run of the

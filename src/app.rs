@@ -35,6 +35,8 @@ pub struct App {
     pub appservice_keys: Option<appservice_keys::AppServiceKeys>,
     /// Delegated auth: MAS introspects user tokens.
     pub mas: Option<Arc<mas::MasClient>>,
+    /// Device-list repairs of whole servers, started through the admin API.
+    pub device_list_tasks: crate::device_lists::Tasks,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -91,6 +93,7 @@ impl App {
             barrier,
             metrics,
             limiter,
+            device_list_tasks: Default::default(),
         }))
     }
 

@@ -125,6 +125,7 @@ impl From<HealthError> for MatrixError {
         match e {
             HealthError::BadRequest(m) => Self::invalid_param(m),
             HealthError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", m),
+            HealthError::Conflict(m) => Self::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", m),
             HealthError::Refused(m) => Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", m),
             HealthError::WriterUnavailable(m) => {
                 tracing::warn!(error = %m, "device-list repair: writer unavailable");

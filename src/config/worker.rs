@@ -100,6 +100,9 @@ pub struct WorkerConfig {
     /// service can make to Synapse's database, Synapse's own stale mark
     /// (a row of `device_lists_remote_resync`). Off: the API only reads.
     pub device_list_repair: bool,
+    /// A server's repair (the admin API) repairs at most this many of its
+    /// users a second, one at a time.
+    pub device_list_repair_per_second: u32,
 }
 
 impl Default for WorkerConfig {
@@ -137,6 +140,7 @@ impl Default for WorkerConfig {
             queue_wait_ms: 10_000,
             x_forwarded: false,
             device_list_repair: false,
+            device_list_repair_per_second: 5,
         }
     }
 }

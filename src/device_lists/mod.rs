@@ -10,12 +10,15 @@ mod explain;
 mod inspect;
 mod queue;
 mod repair;
+mod tasks;
 pub mod view;
 
 pub use explain::{Explanation, explain};
 pub use inspect::{Inspection, inspect};
 pub use queue::{Queue, queue};
+use repair::repair_allowed;
 pub use repair::{Repair, repair, repair_readiness};
+pub use tasks::{Task, TaskStatus, Tasks, repair_server};
 
 /// Why a health call could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,9 @@ pub enum HealthError {
     /// Not allowed by the configuration (403).
     #[error("{0}")]
     Refused(String),
+    /// Already under way (400, as Synapse's "already in progress").
+    #[error("{0}")]
+    Conflict(String),
     /// The device-lists writer could not be reached (503).
     #[error("{0}")]
     WriterUnavailable(String),

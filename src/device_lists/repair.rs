@@ -13,6 +13,21 @@ use super::inspect::synapse_view;
 use super::view::{Drift, ListSummary};
 use super::{HealthError, remote_user};
 use crate::App;
+use crate::store::StaleMarker;
+
+/// The stale-mark writer, when repair is on and possible.
+pub(super) fn repair_allowed(app: &App) -> Result<StaleMarker, HealthError> {
+    if !app.config.worker.device_list_repair {
+        return Err(HealthError::Refused(
+            "Device-list repair is off: set keys_worker.device_list_repair: true to let this service write Synapse's stale marks \
+             (see docs/device-lists.md)"
+                .into(),
+        ));
+    }
+    app.store
+        .stale_marker()
+        .ok_or_else(|| HealthError::Refused("Device-list repair needs Synapse on PostgreSQL: its SQLite file is never written".into()))
+}
 
 /// What a repair did.
 #[derive(Debug, Serialize)]
@@ -36,16 +51,7 @@ pub struct Repair {
 /// Marks `user_id`'s list stale in Synapse and has the writer resync it,
 /// waiting `timeout` for the writer at most; `by`: who asked (logged).
 pub async fn repair(app: &App, user_id: &str, timeout: Duration, by: &str) -> Result<Repair, HealthError> {
-    if !app.config.worker.device_list_repair {
-        return Err(HealthError::Refused(
-            "Device-list repair is off: set keys_worker.device_list_repair: true to let this service write Synapse's stale marks \
-             (see docs/device-lists.md)"
-                .into(),
-        ));
-    }
-    let Some(marker) = app.store.stale_marker() else {
-        return Err(HealthError::Refused("Device-list repair needs Synapse on PostgreSQL: its SQLite file is never written".into()));
-    };
+    let marker = repair_allowed(app)?;
     remote_user(&app.config.synapse.server_name, user_id)?;
     let state = app.store.remote_list_state(user_id).await?;
     if state.stream_id.is_none() && state.shared_rooms == 0 {

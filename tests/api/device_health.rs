@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
 
 use crate::federation::{Pair, config as fed_config};
-use crate::helpers::{Synapse, TestUser, env, eventually_some, http, spawn_worker, spawn_worker_with, var};
+use crate::helpers::{Ask, Synapse, TestUser, TokenIn, env, eventually_some, http, spawn_worker, spawn_worker_with, var};
 use crate::operations::captured_logs;
 use crate::remote::{closed_port, with_writer};
 
@@ -438,4 +438,61 @@ async fn a_repair_without_the_writer_leaves_the_mark_for_synapse() {
         inspected["synapse"]["stale_since_ts"].is_null().then_some(())
     })
     .await;
+}
+
+/// A whole server's repair, in the background: every user of the remote
+/// server "synapse-fed" tracks is repaired, one at a time at the
+/// configured rate, the drifted one comes back right, and a second repair
+/// of the server is refused while the first runs. (Run apart from the
+/// main suite: it marks every tracked user of that server stale, other
+/// tests' too.)
+#[tokio::test]
+async fn fleet_a_whole_server_is_repaired_at_the_configured_rate() {
+    let mut w = FedWorld::new().await;
+    let (p, bob) = (&w.pair, w.pair.bob.user_id.clone());
+    let carol = p.remote.register("carol").await;
+    for s in [&p.bob.session, &carol.session] {
+        p.remote.upload_device_keys(s).await;
+    }
+    p.share_a_room().await;
+    let room = p.remote.post("/_matrix/client/v3/createRoom", &carol.session.token, json!({"invite": [&p.local.user_id]})).await;
+    let room_id = room["room_id"].as_str().unwrap();
+    p.ours.post(&format!("/_matrix/client/v3/rooms/{room_id}/join"), &p.local.session.token, json!({})).await;
+    let mut config = with_writer(fed_config(), fed_writer_port(&fed_config()));
+    config.worker.device_list_repair = true;
+    config.worker.device_list_repair_per_second = 4;
+    let worker = spawn_worker_with(config).await;
+    let both = Ask::keys_query("v3", &p.local.session.token, TokenIn::Header, &json!({"device_keys": {&bob: [], &carol.user_id: []}}));
+    let (status, first) = both.send(&worker.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((device_ids(&first, &bob).len(), device_ids(&first, &carol.user_id).len()), (1, 1), "{first}");
+    // Carol's one device lost, as in `lose_updates` (a test write).
+    sqlx::query("DELETE FROM device_lists_remote_cache WHERE user_id = $1").bind(&carol.user_id).execute(&mut w.db).await.unwrap();
+    let p = &w.pair;
+
+    let server = enc(&p.env.remote_server_name);
+    let path = format!("{API}/destinations/{server}/device_list/resync");
+    let (status, started) = call(&worker.url, Method::POST, &path, w.token()).await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    assert!(started["total"].as_i64().unwrap() >= 2, "{started}");
+    let (status, again) = call(&worker.url, Method::POST, &path, w.token()).await;
+    assert_eq!((status, again["errcode"].as_str()), (StatusCode::BAD_REQUEST, Some("M_UNKNOWN")), "one task per server: {again}");
+    let task = format!("{API}/tasks/{}", started["task_id"].as_str().unwrap());
+    let done = eventually_some(std::time::Duration::from_secs(180), || async {
+        let (status, t) = call(&worker.url, Method::GET, &task, w.token()).await;
+        assert_eq!(status, StatusCode::OK, "{t}");
+        (t["status"] != "running").then_some(t)
+    })
+    .await;
+    assert_eq!(done["status"], "finished", "{done}");
+    let handled = done["repaired"].as_u64().unwrap() + done["unchanged"].as_u64().unwrap() + done["failed"].as_u64().unwrap();
+    assert_eq!(Some(handled), done["done"].as_u64(), "{done}");
+    assert!(done["repaired"].as_u64() >= Some(1), "carol's list changed: {done}");
+    let took_ms = done["finished_ts"].as_i64().unwrap() - done["started_ts"].as_i64().unwrap();
+    let paced_ms = (i64::try_from(handled).unwrap() - 1) * 250;
+    assert!(took_ms >= paced_ms, "{handled} users in {took_ms} ms: faster than 4 a second");
+    let answer = p.ours.post("/_matrix/client/v3/keys/query", &p.local.session.token, json!({"device_keys": {&carol.user_id: []}})).await;
+    assert_eq!(device_ids(&answer, &carol.user_id), vec![carol.session.device_id.clone()], "Synapse has carol's device again");
+    let (status, _) = call(&worker.url, Method::GET, &format!("{API}/tasks/nosuchtask"), w.token()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -9,6 +9,7 @@
 mod device_list;
 mod explain;
 mod queue;
+mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
         (Method::POST, "/_keys_worker/admin/v1/users/{user_id}/device_list/resync", post(device_list::repair)),
         (Method::GET, "/_keys_worker/admin/v1/resync_queue", get(queue::queue)),
         (Method::POST, "/_keys_worker/admin/v1/keys/query/explain", post(explain::explain)),
+        (Method::POST, "/_keys_worker/admin/v1/destinations/{server_name}/device_list/resync", post(tasks::repair_server)),
+        (Method::GET, "/_keys_worker/admin/v1/tasks/{task_id}", get(tasks::task)),
     ]
 }
 
