@@ -81,7 +81,8 @@ install_system() {
     local pkgs=()
     [ -n "$(pg_bindir)" ] || pkgs+=(postgresql)
     command -v redis-server >/dev/null || pkgs+=(redis-server)
-    command -v prometheus >/dev/null || pkgs+=(prometheus)
+    # prometheus also brings promtool, which checks contrib/prometheus/'s rules.
+    { command -v prometheus && command -v promtool; } >/dev/null || pkgs+=(prometheus)
     nginx_bin >/dev/null || pkgs+=(nginx)
     # The bench's load generator; the test command runs a smoke bench.
     command -v wrk >/dev/null || pkgs+=(wrk)
@@ -92,6 +93,7 @@ install_system() {
     [ -n "$(pg_bindir)" ] || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
     command -v redis-server >/dev/null || die "redis-server not found"
     command -v prometheus >/dev/null || die "prometheus not found"
+    command -v promtool >/dev/null || die "promtool not found"
     nginx_bin >/dev/null || die "nginx not found"
     command -v wrk >/dev/null || die "wrk not found"
 }

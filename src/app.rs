@@ -37,6 +37,8 @@ pub struct App {
     pub mas: Option<Arc<mas::MasClient>>,
     /// Device-list repairs of whole servers, started through the admin API.
     pub device_list_tasks: crate::device_lists::Tasks,
+    /// What device-list health counted (the auditor, repairs, signals).
+    pub device_list_stats: Arc<crate::device_lists::stats::HealthStats>,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -66,6 +68,7 @@ impl App {
             Arc::clone(&replication.reported),
         ));
         let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
+        let device_list_stats = Arc::new(crate::device_lists::stats::HealthStats::default());
         let metrics = metrics::Metrics::new(metrics::Sources {
             mas: mas.clone(),
             caches: Arc::clone(&caches),
@@ -75,6 +78,8 @@ impl App {
             replication: Arc::clone(&replication),
             barrier: Arc::clone(&barrier),
             store: store.clone(),
+            device_lists: Arc::clone(&device_list_stats),
+            audit_enabled: config.worker.device_list_audit.enabled,
         });
         let limiter = http::limit::DeviceLimiter::new(
             config.worker.max_concurrent_queries_per_device,
@@ -94,6 +99,7 @@ impl App {
             metrics,
             limiter,
             device_list_tasks: Default::default(),
+            device_list_stats,
         }))
     }
 

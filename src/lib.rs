@@ -57,6 +57,7 @@ impl Server {
     /// and in-flight requests get `shutdown_grace_ms` to finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         replication::start(self.app.follower());
+        device_lists::start(Arc::clone(&self.app));
         let grace = std::time::Duration::from_millis(self.app.config.worker.shutdown_grace_ms);
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let service = http::router(self.app).into_make_service_with_connect_info::<SocketAddr>();

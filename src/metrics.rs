@@ -53,6 +53,8 @@ pub struct Sources {
     pub barrier: Arc<replication::Barrier>,
     pub store: Store,
     pub mas: Option<Arc<crate::mas::MasClient>>,
+    pub device_lists: Arc<crate::device_lists::stats::HealthStats>,
+    pub audit_enabled: bool,
 }
 
 impl Metrics {
@@ -233,6 +235,8 @@ impl Collector for Sources {
             &[(&[], b.resets.load(Ordering::Relaxed))],
         )?;
 
+        self.encode_device_lists(&mut e)?;
+
         let (size, idle, max) = self.store.pool_state();
         gauge(
             &mut e,
@@ -242,5 +246,64 @@ impl Collector for Sources {
         )?;
         gauge(&mut e, "db_pool_max_connections", "Largest database pool size", &[(&[], i64::from(max))])?;
         Ok(())
+    }
+}
+
+impl Sources {
+    /// Device-list health: the signals, the auditor, repairs.
+    fn encode_device_lists(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::device_lists::stats::{CHECK_OUTCOMES, DRIFT_KINDS, REPAIR_OUTCOMES, REPAIR_TRIGGERS};
+        let h = &self.device_lists;
+        if let Some(sig) = h.signals() {
+            let age = sig.oldest_mark_ts.map_or(0, |ts| ((crate::now_ms() - ts) / 1000).max(0));
+            gauge(
+                e,
+                "device_list_stale_marks",
+                "Remote users whose device list Synapse has marked stale (its resync queue)",
+                &[(&[], sig.stale_marks)],
+            )?;
+            gauge(e, "device_list_oldest_stale_mark_age_seconds", "Age of Synapse's oldest stale mark (0: none)", &[(&[], age)])?;
+            gauge(
+                e,
+                "device_list_tracked_without_shared_room",
+                "Remote users whose device list Synapse still tracks though no room is shared with them",
+                &[(&[], sig.tracked_without_room)],
+            )?;
+            gauge(
+                e,
+                "device_list_local_unsigned_devices",
+                "Local devices with keys but without their owner's current self-signing signature",
+                &[(&[], sig.local_unsigned_devices)],
+            )?;
+        }
+        gauge(e, "device_list_audit_enabled", "1 when the device-list auditor runs", &[(&[], i64::from(self.audit_enabled))])?;
+        counter(e, "device_list_audit_rounds", "Rounds the device-list auditor ran", &[(&[], h.rounds.load(Ordering::Relaxed))])?;
+        let checks: Vec<([(&str, &str); 1], u64)> = CHECK_OUTCOMES.iter().map(|(o, l)| ([("outcome", *l)], h.checks(*o))).collect();
+        let refs: Vec<(&[(&str, &str)], u64)> = checks.iter().map(|(l, n)| (&l[..], *n)).collect();
+        counter(e, "device_list_audit_checks", "Remote users the auditor checked against their server, by outcome", &refs)?;
+        let drift = h.drift();
+        let kinds: Vec<([(&str, &str); 1], u64)> = DRIFT_KINDS.iter().zip(drift).map(|(k, n)| ([("kind", *k)], n)).collect();
+        let refs: Vec<(&[(&str, &str)], u64)> = kinds.iter().map(|(l, n)| (&l[..], *n)).collect();
+        counter(e, "device_list_audit_drift", "Drifted users the auditor found, by kind of drift (a user can count under several)", &refs)?;
+        counter(
+            e,
+            "device_list_audit_skipped_backoff",
+            "Servers a round skipped because Synapse or we are backing off from them",
+            &[(&[], h.skipped_backoff.load(Ordering::Relaxed))],
+        )?;
+        let repairs = h.repairs();
+        let rows: Vec<([(&str, &str); 2], u64)> = REPAIR_TRIGGERS
+            .iter()
+            .enumerate()
+            .flat_map(|(t, trigger)| REPAIR_OUTCOMES.iter().enumerate().map(move |(o, outcome)| (t, o, *trigger, *outcome)))
+            .map(|(t, o, trigger, outcome)| ([("trigger", trigger), ("outcome", outcome)], repairs[t][o]))
+            .collect();
+        let refs: Vec<(&[(&str, &str)], u64)> = rows.iter().map(|(l, n)| (&l[..], *n)).collect();
+        counter(
+            e,
+            "device_list_repairs",
+            "Device-list repairs (stale mark, then the writer's resync), by what started them and outcome",
+            &refs,
+        )
     }
 }

@@ -103,6 +103,32 @@ pub struct WorkerConfig {
     /// A server's repair (the admin API) repairs at most this many of its
     /// users a second, one at a time.
     pub device_list_repair_per_second: u32,
+    /// The device-list auditor (off by default: it makes federation
+    /// requests).
+    pub device_list_audit: AuditConfig,
+}
+
+/// `keys_worker.device_list_audit`: a background check of Synapse's copies
+/// of remote users' device lists against their servers' answers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// How often a round starts, in ms.
+    pub interval_ms: u64,
+    /// Users checked per round, in all.
+    pub users_per_interval: u32,
+    /// Users checked per round on any one server: the most requests a
+    /// server gets from the auditor per round.
+    pub per_destination_per_interval: u32,
+    /// Repair the drifted users found (needs `device_list_repair`).
+    pub repair: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: false, interval_ms: 60_000, users_per_interval: 20, per_destination_per_interval: 2, repair: false }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -141,6 +167,7 @@ impl Default for WorkerConfig {
             x_forwarded: false,
             device_list_repair: false,
             device_list_repair_per_second: 5,
+            device_list_audit: AuditConfig::default(),
         }
     }
 }
@@ -171,8 +198,14 @@ impl WorkerConfig {
             let value = yaml_serde::from_str::<Value>(&raw).unwrap_or(Value::String(raw));
             map.insert(Value::String(key.to_ascii_lowercase()), value);
         }
-        yaml_serde::from_value(Value::Mapping(map))
-            .map_err(|e| ConfigError::new(format!("invalid `{SECTION}` setting (in a config file or a {ENV_PREFIX}* variable): {e}")))
+        let config: Self = yaml_serde::from_value(Value::Mapping(map))
+            .map_err(|e| ConfigError::new(format!("invalid `{SECTION}` setting (in a config file or a {ENV_PREFIX}* variable): {e}")))?;
+        if config.device_list_audit.repair && !config.device_list_repair {
+            return Err(ConfigError::new(format!(
+                "`{SECTION}.device_list_audit.repair` needs `{SECTION}.device_list_repair: true` (the auditor repairs as the admin API does)"
+            )));
+        }
+        Ok(config)
     }
 }
 
@@ -218,6 +251,19 @@ mod tests {
         assert_eq!((c.writer_timeout_ms, c.writer_breaker_ms), (1234, 99));
         let c = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_MASTER_TIMEOUT_MS", "77")])).unwrap();
         assert_eq!(c.writer_timeout_ms, 77);
+    }
+
+    #[test]
+    fn the_auditor_is_a_section_of_its_own_and_repairs_only_with_repair_on() {
+        let section: Value = yaml_serde::from_str("device_list_audit: {enabled: true, users_per_interval: 7}").unwrap();
+        let c = WorkerConfig::from_section(section, env(&[])).unwrap();
+        assert!(c.device_list_audit.enabled);
+        assert_eq!((c.device_list_audit.users_per_interval, c.device_list_audit.interval_ms), (7, 60_000));
+        let section: Value = yaml_serde::from_str("device_list_audit: {repair: true}").unwrap();
+        let err = WorkerConfig::from_section(section, env(&[])).unwrap_err().to_string();
+        assert!(err.contains("device_list_repair"), "{err}");
+        let c = WorkerConfig::from_section(Value::Null, env(&[("SYNAPSE_KEYS_WORKER_DEVICE_LIST_AUDIT", "{enabled: true, bogus: 1}")]));
+        assert!(c.unwrap_err().to_string().contains("bogus"));
     }
 
     #[test]

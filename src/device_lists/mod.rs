@@ -6,13 +6,16 @@
 //! repairs a list the one way that makes Synapse itself refetch it: its
 //! own stale mark, then its device-lists writer's resync.
 
+mod audit;
 mod explain;
 mod inspect;
 mod queue;
 mod repair;
+pub mod stats;
 mod tasks;
 pub mod view;
 
+pub use audit::start;
 pub use explain::{Explanation, explain};
 pub use inspect::{Inspection, inspect};
 pub use queue::{Queue, queue};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::inspect::synapse_view;
+use super::stats::Trigger;
 use super::view::{Drift, ListSummary};
 use super::{HealthError, remote_user};
 use crate::App;
@@ -49,8 +50,22 @@ pub struct Repair {
 }
 
 /// Marks `user_id`'s list stale in Synapse and has the writer resync it,
-/// waiting `timeout` for the writer at most; `by`: who asked (logged).
-pub async fn repair(app: &App, user_id: &str, timeout: Duration, by: &str) -> Result<Repair, HealthError> {
+/// waiting `timeout` for the writer at most; `trigger`: who asked (logged
+/// and counted).
+pub async fn repair(app: &App, user_id: &str, timeout: Duration, trigger: Trigger<'_>) -> Result<Repair, HealthError> {
+    let result = repair_once(app, user_id, timeout, trigger).await;
+    let outcome = match &result {
+        Ok(r) if !r.repaired => "failed",
+        Ok(r) if r.diff.any() => "repaired",
+        Ok(_) => "unchanged",
+        Err(HealthError::WriterUnavailable(_)) => "writer_unavailable",
+        Err(_) => return result,
+    };
+    app.device_list_stats.repaired(trigger, outcome);
+    result
+}
+
+async fn repair_once(app: &App, user_id: &str, timeout: Duration, trigger: Trigger<'_>) -> Result<Repair, HealthError> {
     let marker = repair_allowed(app)?;
     remote_user(&app.config.synapse.server_name, user_id)?;
     let state = app.store.remote_list_state(user_id).await?;
@@ -59,6 +74,10 @@ pub async fn repair(app: &App, user_id: &str, timeout: Duration, by: &str) -> Re
     }
     let before = synapse_view(app, user_id, state.stream_id.as_deref()).await?;
     let marked = marker.mark(user_id, crate::now_ms()).await?;
+    let by = match trigger {
+        Trigger::Admin(who) => who,
+        other => other.label(),
+    };
     tracing::info!(user_id, newly = marked, by, "marked a remote device list stale in Synapse, for a repair");
     let users = [user_id.to_owned()];
     let mut outcomes = app.remote.coordinator.resync_through_writer(&users, timeout).await.map_err(|e| {

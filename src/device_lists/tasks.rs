@@ -13,6 +13,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
 
+use super::stats::Trigger;
 use super::{HealthError, repair};
 use crate::App;
 
@@ -156,7 +157,7 @@ async fn run_task(app: &App, task: &Task, timeout: Duration) -> Result<(), Healt
         after = last.clone();
         for user in &users {
             pace.tick().await;
-            match repair(app, user, timeout, "a server repair").await {
+            match repair(app, user, timeout, Trigger::Server).await {
                 Ok(r) if !r.repaired => task.failed.fetch_add(1, Ordering::SeqCst),
                 Ok(r) if r.diff.any() => task.repaired.fetch_add(1, Ordering::SeqCst),
                 Ok(_) => task.unchanged.fetch_add(1, Ordering::SeqCst),

@@ -192,3 +192,127 @@ impl Store {
         Ok(count.map_or(0, |(n,)| n))
     }
 }
+
+// Servers of tracked users who share a room with us, in name order after one.
+const AUDITED_SERVERS: Sql = Sql {
+    pg: "
+    SELECT DISTINCT substr(e.user_id, strpos(e.user_id, ':') + 1) AS server FROM device_lists_remote_extremeties e
+    WHERE substr(e.user_id, strpos(e.user_id, ':') + 1) > $1
+      AND EXISTS (SELECT 1 FROM current_state_events c WHERE c.type = 'm.room.member' AND c.membership = 'join' AND c.state_key = e.user_id)
+    ORDER BY server LIMIT $2",
+    sqlite: "
+    SELECT DISTINCT substr(e.user_id, instr(e.user_id, ':') + 1) AS server FROM device_lists_remote_extremeties e
+    WHERE substr(e.user_id, instr(e.user_id, ':') + 1) > ?1
+      AND EXISTS (SELECT 1 FROM current_state_events c WHERE c.type = 'm.room.member' AND c.membership = 'join' AND c.state_key = e.user_id)
+    ORDER BY server LIMIT ?2",
+};
+
+// Tracked users of one server who share a room with us, in ID order after one.
+const AUDITED_USERS: Sql = Sql {
+    pg: "
+    SELECT e.user_id FROM device_lists_remote_extremeties e
+    WHERE substr(e.user_id, strpos(e.user_id, ':') + 1) = $1 AND e.user_id > $2
+      AND EXISTS (SELECT 1 FROM current_state_events c WHERE c.type = 'm.room.member' AND c.membership = 'join' AND c.state_key = e.user_id)
+    ORDER BY e.user_id LIMIT $3",
+    sqlite: "
+    SELECT e.user_id FROM device_lists_remote_extremeties e
+    WHERE substr(e.user_id, instr(e.user_id, ':') + 1) = ?1 AND e.user_id > ?2
+      AND EXISTS (SELECT 1 FROM current_state_events c WHERE c.type = 'm.room.member' AND c.membership = 'join' AND c.state_key = e.user_id)
+    ORDER BY e.user_id LIMIT ?3",
+};
+
+/// The signals that need no federation request.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct HealthSignals {
+    /// Synapse's stale marks.
+    pub stale_marks: i64,
+    /// When the oldest was made (ms since the epoch).
+    pub oldest_mark_ts: Option<i64>,
+    /// Remote users Synapse tracks who share no room with us any more.
+    pub tracked_without_room: i64,
+    /// Local users' devices with keys that lack their owner's current
+    /// self-signing signature (owners with a self-signing key only).
+    pub local_unsigned_devices: i64,
+}
+
+/// The signals' statement; only how each dialect walks a JSON object differs.
+macro_rules! signals_sql {
+    ($keys_of_ssk:literal) => {
+        concat!(
+            "
+    WITH ssk AS (
+        SELECT k.user_id, k.keydata FROM e2e_cross_signing_keys k
+        WHERE k.keytype = 'self_signing' AND k.stream_id = (
+            SELECT MAX(stream_id) FROM e2e_cross_signing_keys WHERE user_id = k.user_id AND keytype = 'self_signing')
+    ), ssk_ids AS (
+        SELECT ssk.user_id, j.key AS key_id FROM ssk, ",
+            $keys_of_ssk,
+            " j
+    )
+    SELECT (SELECT COUNT(*) FROM device_lists_remote_resync) AS stale_marks,
+           (SELECT MIN(added_ts) FROM device_lists_remote_resync) AS oldest_mark_ts,
+           (SELECT COUNT(*) FROM device_lists_remote_extremeties e WHERE NOT EXISTS (
+               SELECT 1 FROM current_state_events c WHERE c.type = 'm.room.member' AND c.membership = 'join' AND c.state_key = e.user_id
+           )) AS tracked_without_room,
+           (SELECT COUNT(*) FROM e2e_device_keys_json d
+            JOIN devices v ON v.user_id = d.user_id AND v.device_id = d.device_id AND NOT v.hidden
+            JOIN ssk_ids s ON s.user_id = d.user_id
+            WHERE d.key_json <> '' AND NOT EXISTS (
+                SELECT 1 FROM e2e_cross_signing_signatures g
+                WHERE g.user_id = d.user_id AND g.target_user_id = d.user_id AND g.target_device_id = d.device_id AND g.key_id = s.key_id
+           )) AS local_unsigned_devices"
+        )
+    };
+}
+
+const SIGNALS: Sql =
+    Sql { pg: signals_sql!("jsonb_each(ssk.keydata::jsonb -> 'keys')"), sqlite: signals_sql!("json_each(ssk.keydata, '$.keys')") };
+
+impl Store {
+    /// Up to `limit` servers (after `after`, by name) with tracked users
+    /// who share a room with us.
+    pub async fn audited_servers(&self, after: &str, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+        self.fetch_column(&AUDITED_SERVERS, &[Arg::Text(after), Arg::Int(limit)]).await
+    }
+
+    /// Up to `limit` tracked users of `server_name` who share a room with
+    /// us, after `after` by ID.
+    pub async fn audited_users_of(&self, server_name: &str, after: &str, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+        self.fetch_column(&AUDITED_USERS, &[Arg::Text(server_name), Arg::Text(after), Arg::Int(limit)]).await
+    }
+
+    /// The cheap device-list signals, in one statement.
+    pub async fn health_signals(&self) -> Result<HealthSignals, sqlx::Error> {
+        self.fetch_one(&SIGNALS).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signals on an SQLite fixture (the PostgreSQL text differs only in
+    /// how it walks the key's JSON; the metrics test reads it there).
+    #[tokio::test]
+    async fn the_signals_count_what_they_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = r#"
+            INSERT INTO devices (user_id, device_id, hidden) VALUES ('@a:hs', 'SIGNED', 0), ('@a:hs', 'UNSIGNED', 0),
+                ('@a:hs', 'NOKEYS', 0), ('@b:hs', 'NOSSK', 0);
+            INSERT INTO e2e_device_keys_json (user_id, device_id, ts_added_ms, key_json) VALUES
+                ('@a:hs', 'SIGNED', 1, '{"k":1}'), ('@a:hs', 'UNSIGNED', 1, '{"k":2}'), ('@b:hs', 'NOSSK', 1, '{"k":3}');
+            INSERT INTO e2e_cross_signing_keys (user_id, keytype, keydata, stream_id) VALUES
+                ('@a:hs', 'self_signing', '{"keys":{"ed25519:OLD":"OLD"}}', 1),
+                ('@a:hs', 'self_signing', '{"keys":{"ed25519:NEW":"NEW"}}', 2);
+            INSERT INTO e2e_cross_signing_signatures (user_id, key_id, target_user_id, target_device_id, signature) VALUES
+                ('@a:hs', 'ed25519:NEW', '@a:hs', 'SIGNED', 's'), ('@a:hs', 'ed25519:OLD', '@a:hs', 'UNSIGNED', 's');
+            INSERT INTO device_lists_remote_resync (user_id, added_ts) VALUES ('@r1:remote', 500), ('@r2:remote', 300);
+            INSERT INTO device_lists_remote_extremeties (user_id, stream_id) VALUES ('@r1:remote', '1'), ('@r3:remote', '2');
+            INSERT INTO current_state_events (event_id, room_id, type, state_key, membership) VALUES ('$e', '!r', 'm.room.member', '@r1:remote', 'join');
+        "#;
+        let store = Store::create_sqlite_fixture(&dir.path().join("db"), seed).await.unwrap();
+        let signals = store.health_signals().await.unwrap();
+        let expected = HealthSignals { stale_marks: 2, oldest_mark_ts: Some(300), tracked_without_room: 1, local_unsigned_devices: 1 };
+        assert_eq!(signals, expected, "UNSIGNED has only the old key's signature; NOSSK's owner has no self-signing key");
+    }
+}

@@ -15,7 +15,7 @@ mod stale_mark;
 mod streams;
 
 pub use auth::{DeviceIdRow, TokenRow};
-pub use device_health::{DestinationRow, LocalDeviceRow, RemoteListState, SelfSignatureRow, ServerMarks, StaleMark};
+pub use device_health::{DestinationRow, HealthSignals, LocalDeviceRow, RemoteListState, SelfSignatureRow, ServerMarks, StaleMark};
 pub use pg_conns::PgConns;
 pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;

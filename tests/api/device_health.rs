@@ -13,6 +13,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use synapse_keys_worker::config::Config;
+use synapse_keys_worker::config::worker::AuditConfig;
 
 use crate::federation::{Pair, config as fed_config};
 use crate::helpers::{Ask, Synapse, TestUser, TokenIn, env, eventually_some, http, spawn_worker, spawn_worker_with, var};
@@ -37,13 +38,15 @@ async fn call(base: &str, method: Method, path: &str, token: Option<&str>) -> (S
     (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}")))
 }
 
-/// The API's three calls about `user`.
+/// Every call of the API (those naming a user, about `user`).
 fn endpoints(user: &str) -> Vec<(Method, String)> {
     vec![
         (Method::GET, format!("{API}/users/{}/device_list", enc(user))),
         (Method::POST, format!("{API}/users/{}/device_list/resync", enc(user))),
         (Method::GET, format!("{API}/resync_queue")),
         (Method::POST, format!("{API}/keys/query/explain")),
+        (Method::POST, format!("{API}/destinations/remote.invalid/device_list/resync")),
+        (Method::GET, format!("{API}/tasks/sometask")),
     ]
 }
 
@@ -495,4 +498,89 @@ async fn fleet_a_whole_server_is_repaired_at_the_configured_rate() {
     assert_eq!(device_ids(&answer, &carol.user_id), vec![carol.session.device_id.clone()], "Synapse has carol's device again");
     let (status, _) = call(&worker.url, Method::GET, &format!("{API}/tasks/nosuchtask"), w.token()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// The auditor, unattended, against real lost updates: fake remote
+/// servers whose users' lists change without a word to Synapse (no EDU is
+/// ever sent), so Synapse's copies drift as after a lost update: a device
+/// added, one removed, one's keys replaced, a self-signing key rotated.
+/// The auditor finds each, and repairs it through Synapse (Synapse's own
+/// answers become the remote's truth); it asks the server at most
+/// `per_destination_per_interval` times a round; and a server that hangs
+/// costs it one timeout, once, while the other is checked on. (Run apart
+/// from the main suite, see the fleet test above. Like the remote tests,
+/// it writes room memberships into Synapse's database: the fake servers
+/// cannot join rooms.)
+#[tokio::test]
+async fn fleet_the_auditor_finds_and_repairs_drift_unattended() {
+    use crate::fake_remote::{FakeRemote, Mode, Route};
+    use crate::remote::{our_calls, setup, share_a_room};
+    let s = setup().await;
+    let hang = FakeRemote::start_for_homeserver().await;
+    let users: Vec<String> = (0..5).map(|i| s.remote_user(&format!("audited{i}"))).collect();
+    let stuck = hang.add_user(&crate::helpers::unique("stuck")).user_id;
+    hang.add_device(&stuck, "PHONE", None);
+    let ask_all = |list: &[&String]| {
+        let body = json!({"device_keys": list.iter().map(|u| ((*u).clone(), json!([]))).collect::<serde_json::Map<_, _>>()});
+        Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &body)
+    };
+    for u in users.iter().chain([&stuck]) {
+        share_a_room(u).await;
+    }
+    // Synapse fetches and tracks them all.
+    let (status, before) = ask_all(&users.iter().chain([&stuck]).collect::<Vec<_>>()).send(&s.hs.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(device_ids(&before, &users[0]).len(), 2, "{before}");
+    // The lost updates; users[4] stays as Synapse holds it.
+    s.remote.add_device(&users[0], "NEW", None);
+    s.remote.remove_device(&users[1], "LAPTOP");
+    s.remote.add_device(&users[2], "PHONE", Some("Phone"));
+    s.remote.rotate_self_signing_key(&users[3]);
+    hang.set_mode(Route::UserDevices, Mode::Hang);
+
+    let mut config = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    config.worker.device_list_repair = true;
+    config.worker.default_timeout_ms = 2000;
+    config.worker.device_list_audit =
+        AuditConfig { enabled: true, interval_ms: 1000, users_per_interval: 200, per_destination_per_interval: 3, repair: true };
+    let worker = spawn_worker_with(config).await;
+    let stats = &worker.app.device_list_stats;
+    let truth = |u: &String| {
+        let mut ids: Vec<String> = ["PHONE", "LAPTOP", "NEW"].iter().map(|d| (*d).to_owned()).collect();
+        ids.retain(|d| !(u == &users[1] && d == "LAPTOP") && (u == &users[0] || d != "NEW"));
+        ids.sort();
+        ids
+    };
+    let rounds = eventually_some(std::time::Duration::from_secs(120), || async {
+        let answer = ask_all(&users.iter().collect::<Vec<_>>()).send(&s.hs.url).await.1;
+        let lists_right = users.iter().all(|u| device_ids(&answer, u) == truth(u));
+        let ssk = |a: &Value| a["self_signing_keys"][&users[3]]["keys"].clone();
+        let remote_ssk = s.remote_ssk(&users[3]);
+        let keys_right = ssk(&answer) == remote_ssk;
+        let all_repaired = stats.repairs()[2][0] >= 4;
+        let unchanged_checked = stats.checks(synapse_keys_worker::device_lists::stats::CheckOutcome::InSync) >= 1;
+        (lists_right && keys_right && all_repaired && unchanged_checked).then(|| stats.rounds.load(std::sync::atomic::Ordering::Relaxed))
+    })
+    .await;
+    use synapse_keys_worker::device_lists::stats::CheckOutcome;
+    let drift = stats.drift();
+    assert!(stats.checks(CheckOutcome::Drifted) >= 4 && drift[0] >= 1 && drift[1] >= 1 && drift[2] >= 1 && drift[3] >= 1, "{drift:?}");
+    let outcomes: Vec<u64> =
+        [CheckOutcome::InSync, CheckOutcome::Drifted, CheckOutcome::AlreadyStale, CheckOutcome::Failed].map(|o| stats.checks(o)).to_vec();
+    assert!(stats.checks(CheckOutcome::InSync) >= 1, "the unchanged user was checked too: {outcomes:?}");
+    // Synapse's answer is the fake's: the changed device's new keys too.
+    let answer = ask_all(&[&users[2]]).send(&s.hs.url).await.1;
+    assert_eq!(answer["device_keys"][&users[2]]["PHONE"]["keys"], s.remote_device(&users[2], "PHONE")["keys"]);
+    // Bounded: at most per_destination_per_interval of our requests a round.
+    let rounds_now = stats.rounds.load(std::sync::atomic::Ordering::Relaxed).max(rounds);
+    let asked = our_calls(&s.remote, Route::UserDevices);
+    assert!(asked >= 5 && asked as u64 <= 3 * (rounds_now + 1), "{asked} requests in {rounds_now} rounds");
+    // The hanging server was asked once (then backed off from), not three
+    // times a round, and did not hold the other server's checks back.
+    assert_eq!(our_calls(&hang, Route::UserDevices), 1, "one timeout for the hanging server");
+    eprintln!(
+        "auditor: {} drifted found, {} repaired, by round {rounds}; {asked} requests to the remote, 1 to the hanging one",
+        stats.checks(CheckOutcome::Drifted),
+        stats.repairs()[2][0]
+    );
 }

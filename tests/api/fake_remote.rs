@@ -22,6 +22,8 @@
 //! remote.remove_device(user_id, device_id) -> bool
 //!                                           (each change bumps that user's stream_id)
 //! remote.drop_self_signing_key(user_id)     answer with the master key only
+//! remote.rotate_self_signing_key(user_id)   a new self-signing key (devices keep the old signatures)
+//! remote.self_signing_key(user_id), remote.device(user_id, device_id) -> Value   what it answers now
 //! remote.set_mode(Route, Mode)              Mode::Normal | Status(u16) | Hang | Garbage | Huge | RedirectLoop | Trickle
 //! remote.calls(Route) -> Vec<Call>          every request, rejected ones included
 //! remote.rejected() -> usize
@@ -98,6 +100,7 @@ struct User {
     /// `None`: the user has only a master key.
     self_signing_key: Option<Value>,
     ssk: SigningKey,
+    master: SigningKey,
     devices: BTreeMap<String, (Value, Option<String>)>,
 }
 
@@ -238,6 +241,7 @@ impl FakeRemote {
             master_key: master_key.clone(),
             self_signing_key: Some(self_signing_key.clone()),
             ssk,
+            master,
             devices: BTreeMap::new(),
         };
         self.data().users.insert(user_id.clone(), user);
@@ -272,6 +276,28 @@ impl FakeRemote {
         let removed = user.devices.remove(device_id).is_some();
         user.stream_id += u64::from(removed);
         removed
+    }
+
+    /// The user's current self-signing key (`null` without one).
+    pub fn self_signing_key(&self, user_id: &str) -> Value {
+        self.data().users.get(user_id).and_then(|u| u.self_signing_key.clone()).unwrap_or(Value::Null)
+    }
+
+    /// One device's current keys (`null` without it).
+    pub fn device(&self, user_id: &str, device_id: &str) -> Value {
+        self.data().users.get(user_id).and_then(|u| u.devices.get(device_id)).map_or(Value::Null, |(k, _)| k.clone())
+    }
+
+    /// A new self-signing key, signed by the master key (the devices keep
+    /// the old one's signatures until signed again).
+    pub fn rotate_self_signing_key(&self, user_id: &str) {
+        let mut data = self.data();
+        let user = data.users.get_mut(user_id).unwrap_or_else(|| panic!("no fake user {user_id}"));
+        let ssk = SigningKey::generate(None);
+        let key = json!({"user_id": user_id, "usage": ["self_signing"], "keys": {format!("ed25519:{}", ssk.public): ssk.public}});
+        user.self_signing_key = Some(user.master.sign(user_id, &key));
+        user.ssk = ssk;
+        user.stream_id += 1;
     }
 
     /// From now on the user has a master key and no self-signing key.

@@ -50,6 +50,20 @@ async fn metrics_cover_requests_caches_resyncs_and_the_stream() {
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // Every family served is in docs/metrics.md's table, under its name
+    // without the prefix (counters with `_total`). The device-list signals
+    // come once read (at start-up, then every minute).
+    let text = crate::helpers::eventually_some(std::time::Duration::from_secs(20), || async {
+        let text = http().get(format!("{}/metrics", worker.url)).send().await.unwrap().text().await.unwrap();
+        text.contains("synapse_keys_worker_device_list_stale_marks ").then_some(text)
+    })
+    .await;
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE synapse_keys_worker_")) {
+        let (name, kind) = line.split_once(' ').unwrap();
+        let documented = if kind == "counter" { format!("| `{name}_total` |") } else { format!("| `{name}` |") };
+        assert!(docs.contains(&documented), "docs/metrics.md has no row {documented}");
+    }
 }
 
 #[tokio::test]

@@ -105,6 +105,16 @@ pub async fn setup() -> Setup {
 }
 
 impl Setup {
+    /// The fake's current self-signing key of `user` (its `keys`).
+    pub fn remote_ssk(&self, user: &str) -> Value {
+        self.remote.self_signing_key(user)["keys"].clone()
+    }
+
+    /// The fake's current keys of one device.
+    pub fn remote_device(&self, user: &str, device: &str) -> Value {
+        self.remote.device(user, device)
+    }
+
     /// A remote user with two devices (one named) and cross-signing keys.
     pub fn remote_user(&self, name: &str) -> String {
         let user = self.remote.add_user(&unique(name)).user_id;

@@ -1,4 +1,5 @@
-//! The project's non-Rust artefacts, checked with real tools: the Dockerfile
+//! The project's non-Rust artefacts, checked with real tools: the alert
+//! rules (promtool), the Dockerfile
 //! (hadolint, and against what the README and Cargo.toml say), and
 //! openapi/openapi.yaml (openapi-spec-validator, and its response schemas
 //! against real answers of the service). The tools live in the venv that
@@ -31,6 +32,26 @@ fn run(cmd: &mut Command) -> Output {
 
 fn output_text(out: &Output) -> String {
     format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+// ------------------------------------------------------------ Prometheus ---
+
+/// contrib/prometheus/alerts.yml parses, and its unit tests pass (promtool,
+/// from Debian's prometheus package): each device-list alert fires when it
+/// should, not before, with the annotations it is written to have.
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = repo_root().join("contrib/prometheus");
+    let out = run(Command::new("promtool").args(["check", "rules", "alerts.yml"]).current_dir(&dir));
+    assert!(out.status.success(), "promtool check rules failed:\n{}", output_text(&out));
+    let out = run(Command::new("promtool").args(["test", "rules", "alerts.test.yml"]).current_dir(&dir));
+    assert!(out.status.success(), "promtool test rules failed:\n{}", output_text(&out));
+    // Every alert of the file is exercised by a test.
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("alerts.test.yml")).unwrap();
+    for alert in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).filter(|a| a.starts_with("KeysWorkerDeviceList")) {
+        assert!(tests.contains(&format!("alertname: {alert}\n")), "{alert} has no promtool test");
+    }
 }
 
 // ------------------------------------------------------------- Dockerfile ---

@@ -12,6 +12,7 @@ use axum::response::Response;
 
 use super::Admin;
 use crate::App;
+use crate::device_lists::stats::Trigger;
 use crate::error::MatrixError;
 use crate::http::json_response;
 use crate::http::params::QueryParams;
@@ -35,7 +36,7 @@ pub async fn repair(
     uri: Uri,
 ) -> Result<Response, MatrixError> {
     let wait = timeout(&app, &QueryParams::parse(uri.query()))?;
-    let repair = crate::device_lists::repair(&app, &path_user(user_id)?, wait, &admin.user_id).await?;
+    let repair = crate::device_lists::repair(&app, &path_user(user_id)?, wait, Trigger::Admin(&admin.user_id)).await?;
     Ok(json_response(StatusCode::OK, &repair))
 }
 
