@@ -584,3 +584,52 @@ async fn fleet_the_auditor_finds_and_repairs_drift_unattended() {
         stats.repairs()[2][0]
     );
 }
+
+/// The auditor between the two real homeservers: a device "synapse-fed"
+/// lost (a test write, as in the drift test) is found by the auditor and
+/// put back through Synapse, unattended; the remote homeserver's access log
+/// shows at most `per_destination_per_interval` of the auditor's requests
+/// a round. (Run apart from the main suite: the auditor checks every
+/// tracked user of the remote, other tests' too.)
+#[tokio::test]
+async fn fleet_the_auditor_repairs_a_lost_update_between_real_homeservers() {
+    let mut w = FedWorld::new().await;
+    let (p, bob) = (&w.pair, w.pair.bob.user_id.clone());
+    let laptop = p.remote.login(&p.bob, Some("laptop")).await;
+    for s in [&p.bob.session, &laptop] {
+        p.remote.upload_device_keys(s).await;
+    }
+    p.share_a_room().await;
+    let live = spawn_worker_with(with_writer(fed_config(), fed_writer_port(&fed_config()))).await;
+    assert_eq!(device_ids(&p.ask().send(&live.url).await.1, &bob).len(), 2);
+    sqlx::query("DELETE FROM device_lists_remote_cache WHERE user_id = $1 AND device_id = $2")
+        .bind(&bob)
+        .bind(&laptop.device_id)
+        .execute(&mut w.db)
+        .await
+        .unwrap();
+    let p = &w.pair;
+    assert_eq!(device_ids(&w.synapse_answer().await, &bob).len(), 1, "Synapse lost the laptop");
+
+    let log_start = std::fs::metadata(&p.env.remote_log).unwrap().len();
+    let mut config = with_writer(fed_config(), fed_writer_port(&fed_config()));
+    config.worker.device_list_repair = true;
+    config.worker.device_list_audit =
+        AuditConfig { enabled: true, interval_ms: 1000, users_per_interval: 200, per_destination_per_interval: 5, repair: true };
+    let worker = spawn_worker_with(config).await;
+    let stats = &worker.app.device_list_stats;
+    eventually_some(std::time::Duration::from_secs(180), || async {
+        (device_ids(&w.synapse_answer().await, &bob).len() == 2).then_some(())
+    })
+    .await;
+    assert!(stats.repairs()[2][0] >= 1, "the auditor repaired it: {:?}", stats.repairs());
+    let rounds = stats.rounds.load(std::sync::atomic::Ordering::Relaxed);
+    let log = std::fs::read(&p.env.remote_log).unwrap();
+    let ua = format!("\"{}\"", synapse_keys_worker::federation::USER_AGENT);
+    let asked = String::from_utf8_lossy(&log[usize::try_from(log_start).unwrap()..])
+        .lines()
+        .filter(|l| l.contains("Processed request") && l.contains(&ua) && l.contains("/user/devices/"))
+        .count();
+    assert!(asked >= 1 && asked as u64 <= 5 * (rounds + 1), "{asked} requests at the remote in {rounds} rounds");
+    eprintln!("auditor between real homeservers: repaired by round {rounds}; {asked} of its requests at the remote");
+}

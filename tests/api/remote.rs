@@ -15,7 +15,9 @@ use synapse_keys_worker::config::synapse::InstanceLocation;
 use tokio::net::TcpListener;
 
 use crate::fake_remote::{FakeRemote, Mode, Route};
-use crate::helpers::{Ask, Synapse, TestUser, TokenIn, assert_same, env, poll_until, spawn_worker, spawn_worker_with, unique};
+use crate::helpers::{
+    Ask, Synapse, TestUser, TokenIn, assert_same, env, poll_until, ready_worker, spawn_worker, spawn_worker_with, unique,
+};
 
 const OURS: &str = "synapse-keys-worker";
 
@@ -243,7 +245,7 @@ async fn a_writer_slow_for_one_remote_is_still_asked_for_the_others() {
     writer.hold(0);
     let mut config = with_writer(base_config(), writer.port);
     config.worker.writer_timeout_ms = 1_500;
-    let worker = spawn_worker_with(config).await;
+    let worker = ready_worker(config).await;
     let (_, answer, _) = query(&worker.url, &s.me, json!({&bob: []}), Some(1_000)).await;
     assert_eq!(answer["device_keys"][&bob].as_object().map(|m| m.len()), Some(2), "{answer}");
     assert_eq!(writer.calls(), 1);
@@ -266,7 +268,7 @@ async fn a_writer_slow_for_one_remote_is_still_asked_for_the_others() {
 async fn a_hurried_caller_brings_the_hedge_forward() {
     let s = setup().await;
     let (port, _) = hanging_listener().await;
-    let worker = spawn_worker_with(with_writer(base_config(), port)).await;
+    let worker = ready_worker(with_writer(base_config(), port)).await;
     let bob = s.remote_user("bob");
     share_a_room(&bob).await;
     let patient = {
@@ -295,7 +297,10 @@ async fn concurrent_queries_for_one_stale_user_make_one_writer_call() {
     config.worker.writer_timeout_ms = 20_000;
     // All 200 come from one device: lift Synapse's per-device limit of 10.
     config.worker.max_concurrent_queries_per_device = 200;
-    let worker = spawn_worker_with(config).await;
+    // Once the stream is followed: its first position drops every cached
+    // entry and in-flight resync (what came before it is not known), and
+    // a query after that would start a second one.
+    let worker = ready_worker(config).await;
     let url = worker.url.clone();
     let mut tasks = Vec::new();
     for _ in 0..200 {
