@@ -55,7 +55,9 @@ pub struct SynapseState {
     /// Synapse marked the list stale then (ms since the epoch): it will
     /// refetch it, and meanwhile does not answer from it.
     pub stale_since_ts: Option<i64>,
-    /// Synapse's `/keys/query` answers from this cache (tracked, not stale).
+    /// Synapse's `/keys/query` answers from this cache (tracked, not
+    /// stale, and a room is shared: Synapse does not trust the copy of a
+    /// user it shares no room with).
     pub answers_from_cache: bool,
     #[serde(flatten)]
     pub list: ListSummary,
@@ -114,7 +116,10 @@ pub async fn inspect(app: &App, user_id: &str, check: Option<Duration>) -> Resul
         synapse: SynapseState {
             tracked,
             stale_since_ts: state.stale_since_ts,
-            answers_from_cache: tracked && state.stream_id.as_deref() != Some("") && state.stale_since_ts.is_none(),
+            answers_from_cache: tracked
+                && state.stream_id.as_deref() != Some("")
+                && state.stale_since_ts.is_none()
+                && state.shared_rooms > 0,
             list: held.summary(),
         },
         shared_rooms: state.shared_rooms,
