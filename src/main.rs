@@ -64,10 +64,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Err(e) = app.store.ping().await {
         tracing::warn!(error = %e, "database not reachable yet; serving anyway (requests get 503 until it is)");
     }
-    if let Some(line) = synapse_keys_worker::device_lists::repair_readiness(&app).await {
-        tracing::warn!("{line}");
-    }
-    let server = Server::bind(app, &listen).await?;
+    let server = Server::bind(std::sync::Arc::clone(&app), &listen).await?;
+    // Said once the database answers; serving does not wait for it.
+    tokio::spawn(async move {
+        if let Some(line) = synapse_keys_worker::device_lists::repair_readiness(&app).await {
+            tracing::warn!("{line}");
+        }
+    });
     if let Some(mas) = &config_mas {
         tracing::info!(endpoint = %mas.endpoint, "delegated auth: user tokens are introspected by Matrix Authentication Service");
     }

@@ -48,7 +48,7 @@ async fn signals(app: Arc<App>) {
         every.tick().await;
         match app.store.health_signals().await {
             Ok(s) => app.device_list_stats.set_signals(s),
-            Err(e) => tracing::debug!(error = %e, "device-list signals not read"),
+            Err(e) => tracing::warn!(error = %e, "device-list signals not read (their metrics are left out until they are)"),
         }
     }
 }

@@ -14,6 +14,7 @@ use super::stats::Trigger;
 use super::view::{Drift, ListSummary};
 use super::{HealthError, remote_user};
 use crate::App;
+use crate::resync::writer::WriterError;
 use crate::store::StaleMarker;
 
 /// The stale-mark writer, when repair is on and possible.
@@ -67,7 +68,12 @@ pub async fn repair(app: &App, user_id: &str, timeout: Duration, trigger: Trigge
 
 async fn repair_once(app: &App, user_id: &str, timeout: Duration, trigger: Trigger<'_>) -> Result<Repair, HealthError> {
     let marker = repair_allowed(app)?;
-    remote_user(&app.config.synapse.server_name, user_id)?;
+    let server = remote_user(&app.config.synapse.server_name, user_id)?;
+    if !app.remote.federation.is_domain_allowed(server) {
+        // Synapse never resyncs from it (`FederationDeniedError`), and would
+        // keep the mark for good, no longer answering from its copy.
+        return Err(HealthError::BadRequest(format!("{server} is not in federation_domain_whitelist: Synapse would never resync it")));
+    }
     let state = app.store.remote_list_state(user_id).await?;
     if state.stream_id.is_none() && state.shared_rooms == 0 {
         return Err(HealthError::NotFound(format!("Synapse does not track {user_id}'s device list and shares no room with them")));
@@ -80,19 +86,30 @@ async fn repair_once(app: &App, user_id: &str, timeout: Duration, trigger: Trigg
     };
     tracing::info!(user_id, newly = marked, by, "marked a remote device list stale in Synapse, for a repair");
     let users = [user_id.to_owned()];
-    let mut outcomes = app.remote.coordinator.resync_through_writer(&users, timeout).await.map_err(|e| {
-        HealthError::WriterUnavailable(format!(
-            "The device-lists writer could not be reached ({e}). Synapse's stale mark for {user_id} stays: Synapse retries it \
-             by itself within about 30 seconds"
-        ))
-    })?;
-    let error = match outcomes.remove(user_id) {
+    let outcome = match app.remote.coordinator.resync_through_writer(&users, timeout).await {
+        Ok(mut outcomes) => outcomes.remove(user_id),
+        // Alive, but still waiting on the remote: this user's resync, not
+        // the writer, is what failed (Synapse keeps the mark and retries).
+        Err(WriterError::Busy(waited)) => Some(Err(serde_json::json!({
+            "message": format!("the writer was still fetching from {server} after {waited:?}; Synapse keeps its mark and retries")
+        }))),
+        Err(e) => {
+            return Err(HealthError::WriterUnavailable(format!(
+                "The device-lists writer could not be reached ({e}). Synapse's stale mark for {user_id} stays: Synapse retries it \
+                 by itself within about 30 seconds"
+            )));
+        }
+    };
+    let state = app.store.remote_list_state(user_id).await?;
+    let error = match outcome {
         Some(Ok(devices)) if devices.is_resync_result => None,
+        // Synapse's own retry loop took the mark first and refetched the
+        // list; the writer then answered from what it had just stored.
+        Some(Ok(_)) if state.stale_since_ts.is_none() => None,
         Some(Ok(_)) => Some("the writer answered from its cache: it did not see the stale mark".to_owned()),
         Some(Err(failure)) => Some(failure.get("message").and_then(|m| m.as_str()).unwrap_or("resync failed").to_owned()),
         None => Some("the writer gave no result for the user".to_owned()),
     };
-    let state = app.store.remote_list_state(user_id).await?;
     let after = synapse_view(app, user_id, state.stream_id.as_deref()).await?;
     let diff = before.drift_from(&after);
     Ok(Repair {

@@ -5,6 +5,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::view::Drift;
 use crate::store::HealthSignals;
@@ -59,8 +60,12 @@ pub struct HealthStats {
     repairs: [[AtomicU64; 4]; 3],
     pub rounds: AtomicU64,
     pub skipped_backoff: AtomicU64,
-    signals: Mutex<Option<HealthSignals>>,
+    signals: Mutex<Option<(HealthSignals, Instant)>>,
 }
+
+/// Signals older than this are not exported (their reads failed since):
+/// an age computed from an old read would grow without bound.
+const SIGNALS_KEPT: Duration = Duration::from_secs(180);
 
 impl HealthStats {
     pub fn checked(&self, outcome: CheckOutcome) {
@@ -104,11 +109,11 @@ impl HealthStats {
     }
 
     pub fn set_signals(&self, signals: HealthSignals) {
-        *self.signals.lock().expect("signals") = Some(signals);
+        *self.signals.lock().expect("signals") = Some((signals, Instant::now()));
     }
 
-    /// The latest signals read, if any was.
+    /// The latest signals, if read in the last three minutes.
     pub fn signals(&self) -> Option<HealthSignals> {
-        self.signals.lock().expect("signals").clone()
+        self.signals.lock().expect("signals").as_ref().filter(|(_, at)| at.elapsed() < SIGNALS_KEPT).map(|(s, _)| s.clone())
     }
 }

@@ -5,6 +5,7 @@
 //! server at a time. Tasks live in the memory of the replica that runs
 //! them, for a day.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,15 +21,20 @@ use crate::App;
 /// Users read from Synapse per page.
 const PAGE: i64 = 500;
 
-/// The tasks of one process.
+/// The tasks of one process: those running, one per server, and the
+/// ended ones, kept a day.
 #[derive(Debug)]
 pub struct Tasks {
-    tasks: moka::sync::Cache<String, Arc<Task>>,
+    running: Mutex<HashMap<String, Arc<Task>>>,
+    ended: moka::sync::Cache<String, Arc<Task>>,
 }
 
 impl Default for Tasks {
     fn default() -> Self {
-        Self { tasks: moka::sync::Cache::builder().max_capacity(1000).time_to_live(Duration::from_secs(24 * 3600)).build() }
+        Self {
+            running: Mutex::default(),
+            ended: moka::sync::Cache::builder().max_capacity(1000).time_to_live(Duration::from_secs(24 * 3600)).build(),
+        }
     }
 }
 
@@ -92,19 +98,27 @@ impl Task {
             error,
         }
     }
-
-    fn running(&self) -> bool {
-        self.finished_ts.load(Ordering::SeqCst) == 0
-    }
 }
 
 impl Tasks {
     pub fn get(&self, task_id: &str) -> Option<Arc<Task>> {
-        self.tasks.get(task_id)
+        let running = self.running.lock().expect("running tasks").values().find(|t| t.task_id == task_id).cloned();
+        running.or_else(|| self.ended.get(task_id))
     }
 
-    fn running_for(&self, server_name: &str) -> Option<Arc<Task>> {
-        self.tasks.iter().map(|(_, t)| t).find(|t| t.server_name == server_name && t.running())
+    /// Registers `task` as its server's running one, unless one runs.
+    fn start(&self, task: &Arc<Task>) -> Result<(), HealthError> {
+        let mut running = self.running.lock().expect("running tasks");
+        if let Some(other) = running.get(&task.server_name) {
+            return Err(HealthError::Conflict(format!("A repair of {} is running: task {}", task.server_name, other.task_id)));
+        }
+        running.insert(task.server_name.clone(), Arc::clone(task));
+        Ok(())
+    }
+
+    fn end(&self, task: &Arc<Task>) {
+        self.running.lock().expect("running tasks").remove(&task.server_name);
+        self.ended.insert(task.task_id.clone(), Arc::clone(task));
     }
 }
 
@@ -118,15 +132,11 @@ pub async fn repair_server(app: &Arc<App>, server_name: &str, timeout: Duration,
     if server_name == app.config.synapse.server_name {
         return Err(HealthError::BadRequest("This server's own users' lists are Synapse's own, not cached copies".into()));
     }
-    if let Some(running) = app.device_list_tasks.running_for(server_name) {
-        return Err(HealthError::Conflict(format!("A repair of {server_name} is running: task {}", running.task_id)));
-    }
-    let total = app.store.tracked_count_of(server_name).await?;
     let task = Arc::new(Task {
         task_id: rand::rng().sample_iter(&Alphanumeric).take(16).map(char::from).collect(),
         server_name: server_name.to_owned(),
         started_ts: crate::now_ms(),
-        total: AtomicI64::new(total),
+        total: AtomicI64::new(0),
         done: AtomicU64::new(0),
         repaired: AtomicU64::new(0),
         unchanged: AtomicU64::new(0),
@@ -134,7 +144,16 @@ pub async fn repair_server(app: &Arc<App>, server_name: &str, timeout: Duration,
         finished_ts: AtomicI64::new(0),
         error: Mutex::new(None),
     });
-    app.device_list_tasks.tasks.insert(task.task_id.clone(), Arc::clone(&task));
+    let tasks = &app.device_list_tasks;
+    tasks.start(&task)?;
+    let total = match app.store.tracked_count_of(server_name).await {
+        Ok(total) => total,
+        Err(e) => {
+            tasks.running.lock().expect("running tasks").remove(server_name);
+            return Err(e.into());
+        }
+    };
+    task.total.store(total, Ordering::SeqCst);
     tracing::info!(task_id = task.task_id, server_name, users = total, by, "device-list repair of a server started");
     let (app, run) = (Arc::clone(app), Arc::clone(&task));
     tokio::spawn(async move {
@@ -142,6 +161,7 @@ pub async fn repair_server(app: &Arc<App>, server_name: &str, timeout: Duration,
         tracing::info!(task_id = run.task_id, server_name = run.server_name, error, "device-list repair of a server ended");
         *run.error.lock().expect("task error") = error;
         run.finished_ts.store(crate::now_ms(), Ordering::SeqCst);
+        app.device_list_tasks.end(&run);
     });
     Ok(task.status())
 }

@@ -108,6 +108,12 @@ impl FederationClient {
         self.backoff.record_success(destination);
     }
 
+    /// Whether `federation_domain_whitelist` lets us (and Synapse) talk to
+    /// `destination`.
+    pub fn is_domain_allowed(&self, destination: &str) -> bool {
+        self.settings.is_domain_allowed(destination)
+    }
+
     /// The failure that made us back off from `destination`, while we do.
     pub fn backing_off(&self, destination: &str) -> Option<FedError> {
         self.backoff.in_backoff(destination)

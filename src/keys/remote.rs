@@ -95,7 +95,7 @@ pub async fn add_remote_users(
     let queries: Vec<_> = ask
         .into_iter()
         .map(|(dest, queries)| async move {
-            let work = query_destination(ctx, dest, queries, sharing, budget, looked_at);
+            let work = query_destination(ctx, dest, queries, sharing, budget, looked_at, explain);
             match tokio::time::timeout_at(safety_net.into(), work).await {
                 Ok(answer) => answer,
                 Err(_) => DestinationAnswer::failed(dest, ctx.timed_out(budget.timeout)),
@@ -208,6 +208,7 @@ async fn query_destination(
     sharing: &HashSet<&str>,
     budget: Budget,
     looked_at: Instant,
+    explain: bool,
 ) -> DestinationAnswer {
     let mut answer = DestinationAnswer { destination: dest.to_owned(), ..Default::default() };
     let resync: Vec<String> =
@@ -220,7 +221,7 @@ async fn query_destination(
             match outcomes.get(&user) {
                 Some(Ok(d)) if d.is_resync_result => {
                     let source = if d.stream_pos.is_some() { Source::ResyncWriter } else { Source::ResyncDirect };
-                    let stream_id = serde_json::from_str::<Value>(d.raw.get()).ok().and_then(|r| r.get("stream_id")?.as_i64());
+                    let stream_id = explain.then(|| serde_json::from_str::<Value>(d.raw.get()).ok()?.get("stream_id")?.as_i64()).flatten();
                     answer.sources.push((user.clone(), Asked { source: Some(source), remote_stream_id: stream_id, resync_failure: None }));
                     let devices = d.devices.iter().filter_map(|(id, k)| Some((id.clone(), parse_object(k.get())?))).collect();
                     answer.resynced.push((user.clone(), devices));

@@ -235,14 +235,16 @@ pub struct HealthSignals {
     pub local_unsigned_devices: i64,
 }
 
-/// The signals' statement; only how each dialect walks a JSON object differs.
+/// The signals' statement; only how each dialect walks a JSON object
+/// differs (`json`, not `jsonb`, on PostgreSQL: it takes any text Synapse
+/// stored). Only local users' keys are read.
 macro_rules! signals_sql {
     ($keys_of_ssk:literal) => {
         concat!(
             "
     WITH ssk AS (
         SELECT k.user_id, k.keydata FROM e2e_cross_signing_keys k
-        WHERE k.keytype = 'self_signing' AND k.stream_id = (
+        WHERE k.keytype = 'self_signing' AND EXISTS (SELECT 1 FROM users u WHERE u.name = k.user_id) AND k.stream_id = (
             SELECT MAX(stream_id) FROM e2e_cross_signing_keys WHERE user_id = k.user_id AND keytype = 'self_signing')
     ), ssk_ids AS (
         SELECT ssk.user_id, j.key AS key_id FROM ssk, ",
@@ -266,7 +268,7 @@ macro_rules! signals_sql {
 }
 
 const SIGNALS: Sql =
-    Sql { pg: signals_sql!("jsonb_each(ssk.keydata::jsonb -> 'keys')"), sqlite: signals_sql!("json_each(ssk.keydata, '$.keys')") };
+    Sql { pg: signals_sql!("json_each(ssk.keydata::json -> 'keys')"), sqlite: signals_sql!("json_each(ssk.keydata, '$.keys')") };
 
 impl Store {
     /// Up to `limit` servers (after `after`, by name) with tracked users
@@ -297,6 +299,9 @@ mod tests {
     async fn the_signals_count_what_they_say() {
         let dir = tempfile::tempdir().unwrap();
         let seed = r#"
+            INSERT INTO users (name) VALUES ('@a:hs'), ('@b:hs');
+            INSERT INTO e2e_cross_signing_keys (user_id, keytype, keydata, stream_id) VALUES
+                ('@remote:elsewhere', 'self_signing', '{"keys":{"ed25519:R":"R"}}', 3);
             INSERT INTO devices (user_id, device_id, hidden) VALUES ('@a:hs', 'SIGNED', 0), ('@a:hs', 'UNSIGNED', 0),
                 ('@a:hs', 'NOKEYS', 0), ('@b:hs', 'NOSSK', 0);
             INSERT INTO e2e_device_keys_json (user_id, device_id, ts_added_ms, key_json) VALUES

@@ -63,6 +63,12 @@ impl PgConns {
         u32::try_from(self.inner.idle.lock().expect("idle connections").len()).unwrap_or(u32::MAX)
     }
 
+    /// How long a statement may wait for a connection, and a new one take
+    /// to open.
+    pub fn acquire_timeout(&self) -> Duration {
+        self.inner.acquire_timeout
+    }
+
     /// The options connections are opened with.
     pub fn options(&self) -> &PgConnectOptions {
         &self.inner.options

@@ -11,6 +11,8 @@
 //! `READ WRITE` transaction. SQLite is never written (another process
 //! writing Synapse's SQLite file is not safe).
 
+use std::time::Duration;
+
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
@@ -20,6 +22,8 @@ use super::Store;
 #[derive(Debug, Clone)]
 pub struct StaleMarker {
     options: PgConnectOptions,
+    /// Longest a connection may take to open, and then its work.
+    patience: Duration,
 }
 
 /// `mark_remote_users_device_caches_as_stale`'s upsert: `added_ts` only on
@@ -32,7 +36,7 @@ impl Store {
     /// The marker, on PostgreSQL; `None` on SQLite.
     pub fn stale_marker(&self) -> Option<StaleMarker> {
         match self {
-            Store::Postgres(p) => Some(StaleMarker { options: p.options().clone() }),
+            Store::Postgres(p) => Some(StaleMarker { options: p.options().clone(), patience: p.acquire_timeout() }),
             Store::Sqlite(_) => None,
         }
     }
@@ -41,19 +45,33 @@ impl Store {
 impl StaleMarker {
     /// Whether our database role may insert into `device_lists_remote_resync`.
     pub async fn may_mark(&self) -> Result<bool, sqlx::Error> {
-        let mut conn = PgConnection::connect_with(&self.options).await?;
-        let (may,): (bool,) = sqlx::query_as(MAY_MARK).fetch_one(&mut conn).await?;
-        let _ = conn.close().await;
-        Ok(may)
+        self.on_a_session(async |conn| {
+            let (may,): (bool,) = sqlx::query_as(MAY_MARK).fetch_one(&mut *conn).await?;
+            Ok(may)
+        })
+        .await
     }
 
     /// Marks `user_id`'s list stale as of `now_ms`; false if it already was.
     pub async fn mark(&self, user_id: &str, now_ms: i64) -> Result<bool, sqlx::Error> {
-        let mut conn = PgConnection::connect_with(&self.options).await?;
-        sqlx::raw_sql("START TRANSACTION READ WRITE").execute(&mut conn).await?;
-        let inserted = sqlx::query(MARK).bind(user_id).bind(now_ms).execute(&mut conn).await?.rows_affected() == 1;
-        sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
-        let _ = conn.close().await;
-        Ok(inserted)
+        self.on_a_session(async |conn| {
+            sqlx::raw_sql("START TRANSACTION READ WRITE").execute(&mut *conn).await?;
+            let inserted = sqlx::query(MARK).bind(user_id).bind(now_ms).execute(&mut *conn).await?.rows_affected() == 1;
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok(inserted)
+        })
+        .await
+    }
+
+    /// `work` on a session opened for it and closed after; opening it, and
+    /// then the work (whose statements also have the statement timeout),
+    /// each within the acquire timeout: never a hang.
+    async fn on_a_session<T>(&self, work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        let mut conn = tokio::time::timeout(self.patience, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        let result = tokio::time::timeout(self.patience, work(&mut conn)).await.map_err(|_| sqlx::Error::PoolTimedOut)?;
+        let _ = tokio::time::timeout(self.patience, conn.close()).await;
+        result
     }
 }

@@ -579,7 +579,7 @@ async fn fleet_the_auditor_finds_and_repairs_drift_unattended() {
     // times a round, and did not hold the other server's checks back.
     assert_eq!(our_calls(&hang, Route::UserDevices), 1, "one timeout for the hanging server");
     eprintln!(
-        "auditor: {} drifted found, {} repaired, by round {rounds}; {asked} requests to the remote, 1 to the hanging one",
+        "auditor: {} drifted found, {} repaired, {rounds} rounds completed when all were; {asked} requests to the remote, 1 to the hanging one",
         stats.checks(CheckOutcome::Drifted),
         stats.repairs()[2][0]
     );
@@ -631,5 +631,62 @@ async fn fleet_the_auditor_repairs_a_lost_update_between_real_homeservers() {
         .filter(|l| l.contains("Processed request") && l.contains(&ua) && l.contains("/user/devices/"))
         .count();
     assert!(asked >= 1 && asked as u64 <= 5 * (rounds + 1), "{asked} requests at the remote in {rounds} rounds");
-    eprintln!("auditor between real homeservers: repaired by round {rounds}; {asked} of its requests at the remote");
+    eprintln!("auditor between real homeservers: repaired with {rounds} rounds completed; {asked} of its requests at the remote");
+}
+
+/// Repairs refuse a server outside `federation_domain_whitelist` (Synapse
+/// would never resync it, and its stale mark would stay for good); a
+/// writer that is alive but still fetching from the remote fails that
+/// user's repair (200, `repaired: false`), not the writer (503); and the
+/// start-up check of the grant never hangs on a database that does not
+/// answer.
+#[tokio::test]
+async fn repairs_fail_the_right_way() {
+    use crate::remote::{setup, share_a_room};
+    let s = setup().await;
+    let admin = s.hs.register_admin("admin").await;
+    let bob = s.remote_user("bob");
+    share_a_room(&bob).await;
+    let (status, _) =
+        Ask::keys_query("v3", &s.me.session.token, TokenIn::Header, &json!({"device_keys": {&bob: []}})).send(&s.hs.url).await;
+    assert_eq!(status, StatusCode::OK, "Synapse tracks bob");
+    let path = format!("{API}/users/{}/device_list/resync?timeout_ms=1000", enc(&bob));
+
+    let mut listed = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    listed.worker.device_list_repair = true;
+    listed.synapse.federation.domain_whitelist = Some(["elsewhere.invalid".to_owned()].into());
+    let worker = spawn_worker_with(listed).await;
+    let (status, body) = call(&worker.url, Method::POST, &path, Some(&admin.session.token)).await;
+    assert_eq!((status, body["errcode"].as_str()), (StatusCode::BAD_REQUEST, Some("M_INVALID_PARAM")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("federation_domain_whitelist"), "{body}");
+    let (status, queue) = call(&worker.url, Method::GET, &format!("{API}/resync_queue?limit=1000"), Some(&admin.session.token)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!queue["users"].as_array().unwrap().iter().any(|u| u["user_id"] == bob.as_str()), "no mark written: {queue}");
+
+    // A writer that answers /health but holds the resync.
+    let writer = crate::fake_writer::FakeWriter::start(vec![json!({})]).await;
+    writer.hold(0);
+    let mut config = with_writer(Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap(), writer.port);
+    config.worker.device_list_repair = true;
+    let worker = spawn_worker_with(config).await;
+    let (status, body) = call(&worker.url, Method::POST, &path, Some(&admin.session.token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["repaired"], false, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("still fetching"), "{body}");
+    writer.unhold();
+    // The test leaves Synapse's mark for bob: Synapse resyncs him from the
+    // fake remote and clears it.
+
+    // A database that accepts connections and never answers.
+    let (port, _) = crate::remote::hanging_listener().await;
+    let mut stalled = Config::load(&[env().homeserver_yaml.clone()], Vec::new()).unwrap();
+    stalled.worker.device_list_repair = true;
+    stalled.worker.db_acquire_timeout_ms = 300;
+    let synapse_keys_worker::config::DatabaseConfig::Postgres(args) = &mut stalled.synapse.database else { panic!("PostgreSQL") };
+    (args.host, args.port) = (Some("127.0.0.1".into()), Some(port));
+    let app = synapse_keys_worker::App::from_config(stalled).unwrap();
+    let said = tokio::time::timeout(std::time::Duration::from_secs(30), synapse_keys_worker::device_lists::repair_readiness(&app))
+        .await
+        .expect("the check gives up");
+    assert!(said.is_some_and(|l| l.contains("could not be checked")));
 }
