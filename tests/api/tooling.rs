@@ -380,6 +380,78 @@ async fn validate(cases: &[Case]) -> std::collections::HashMap<String, Verdict> 
         .collect()
 }
 
+/// The device-list health API's answers, as a server admin (and a user)
+/// gets them.
+async fn admin_cases(worker: &crate::helpers::Worker, user_id: &str, nowhere: &str, user_token: &str) -> Vec<Case> {
+    let admin = Synapse::new().register_admin("openapi").await;
+    let token = admin.session.token.as_str();
+    let enc = synapse_keys_worker::federation::percent_encode;
+    let client = http();
+    let base = &worker.url;
+    let mut config = worker.app.config.clone();
+    config.worker.device_list_repair = true;
+    let repairing = crate::helpers::spawn_worker_with(config).await;
+    let inspect = "/_keys_worker/admin/v1/users/{user_id}/device_list";
+    let queue = "/_keys_worker/admin/v1/resync_queue";
+    let explain = "/_keys_worker/admin/v1/keys/query/explain";
+    let repair = "/_keys_worker/admin/v1/users/{user_id}/device_list/resync";
+    let server_repair = "/_keys_worker/admin/v1/destinations/{server_name}/device_list/resync";
+    let task = "/_keys_worker/admin/v1/tasks/{task_id}";
+    let get = |path: String| client.get(format!("{base}{path}")).bearer_auth(token);
+    let mut cases = vec![
+        observe("admin_inspect_local", Method::GET, inspect, get(format!("/_keys_worker/admin/v1/users/{}/device_list", enc(user_id))))
+            .await,
+        observe(
+            "admin_inspect_remote_checked",
+            Method::GET,
+            inspect,
+            get(format!("/_keys_worker/admin/v1/users/{}/device_list?check=true&timeout_ms=2000", enc(nowhere))),
+        )
+        .await,
+        observe("admin_queue", Method::GET, queue, get(format!("{queue}?limit=5"))).await,
+        observe(
+            "admin_explain",
+            Method::POST,
+            explain,
+            client
+                .post(format!("{base}{explain}"))
+                .bearer_auth(token)
+                .json(&json!({"requester": user_id, "query": {"device_keys": {user_id: [], nowhere: []}, "timeout": 2000}})),
+        )
+        .await,
+        observe("admin_not_an_admin", Method::GET, queue, client.get(format!("{base}{queue}")).bearer_auth(user_token)).await,
+        observe(
+            "admin_repair_off",
+            Method::POST,
+            repair,
+            client.post(format!("{base}/_keys_worker/admin/v1/users/{}/device_list/resync", enc(nowhere))).bearer_auth(token),
+        )
+        .await,
+        observe("admin_no_task", Method::GET, task, get("/_keys_worker/admin/v1/tasks/none".to_owned())).await,
+    ];
+    // A server Synapse tracks nobody of: the task starts and ends at once.
+    let server = format!("{}.invalid", unique("nobody").replace('_', "-"));
+    let started = observe(
+        "admin_server_repair",
+        Method::POST,
+        server_repair,
+        client.post(format!("{}/_keys_worker/admin/v1/destinations/{server}/device_list/resync", repairing.url)).bearer_auth(token),
+    )
+    .await;
+    let id = started.body["task_id"].as_str().unwrap_or_else(|| panic!("{}", started.body)).to_owned();
+    cases.push(started);
+    cases.push(
+        observe(
+            "admin_task",
+            Method::GET,
+            task,
+            client.get(format!("{}/_keys_worker/admin/v1/tasks/{id}", repairing.url)).bearer_auth(token),
+        )
+        .await,
+    );
+    cases
+}
+
 #[tokio::test]
 async fn openapi_schemas_match_real_responses() {
     let worker = spawn_worker().await;
@@ -411,9 +483,10 @@ async fn openapi_schemas_match_real_responses() {
         observe("health", Method::GET, "/health", client.get(url("/health"))).await,
         observe("metrics", Method::GET, "/metrics", client.get(url("/metrics"))).await,
     ];
+    cases.extend(admin_cases(&worker, &user.user_id, &nowhere, token).await);
 
     // The answers are the ones the cases are about.
-    let by_name = |name: &str| cases.iter().find(|c| c.name == name).unwrap();
+    let by_name = |name: &str| cases.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
     let expect = |name: &str, status: StatusCode, content_type: &str| {
         let c = by_name(name);
         assert_eq!((c.status, c.content_type.as_str()), (status, content_type), "{name}: {}", c.body);
@@ -425,6 +498,19 @@ async fn openapi_schemas_match_real_responses() {
     expect("ready", StatusCode::OK, "application/json");
     expect("health", StatusCode::OK, "text/plain");
     expect("metrics", StatusCode::OK, "application/openmetrics-text");
+    for (name, status) in [
+        ("admin_inspect_local", StatusCode::OK),
+        ("admin_inspect_remote_checked", StatusCode::OK),
+        ("admin_queue", StatusCode::OK),
+        ("admin_explain", StatusCode::OK),
+        ("admin_server_repair", StatusCode::OK),
+        ("admin_task", StatusCode::OK),
+        ("admin_not_an_admin", StatusCode::FORBIDDEN),
+        ("admin_repair_off", StatusCode::FORBIDDEN),
+        ("admin_no_task", StatusCode::NOT_FOUND),
+    ] {
+        expect(name, status, "application/json");
+    }
     let ok = &by_name("keys_query_200").body;
     assert!(ok["device_keys"][&user.user_id].as_object().is_some_and(|d| !d.is_empty()), "{ok}");
     assert!(ok["master_keys"][&user.user_id].is_object(), "{ok}");
