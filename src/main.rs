@@ -18,9 +18,11 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// A Synapse config file (homeserver.yaml, worker.yaml, ...); repeat to
-    /// layer them, later files overriding earlier top-level keys.
-    #[arg(short = 'c', long = "config-path", value_name = "FILE")]
+    /// A Synapse config file (homeserver.yaml, worker.yaml, ...) or a
+    /// directory of them (its `*.yaml` files, in sorted order, as Synapse
+    /// reads `conf.d/`); repeat to layer them, later files overriding
+    /// earlier top-level keys.
+    #[arg(short = 'c', long = "config-path", value_name = "PATH")]
     config: Vec<PathBuf>,
     /// Address to listen on; wins over the config file and environment.
     #[arg(long, value_name = "ADDR")]

@@ -1,7 +1,9 @@
 //! Configuration from Synapse's own YAML files.
 //!
-//! `-c homeserver.yaml -c worker.yaml`: files are read in order and, as in
-//! Synapse, a later file's top-level keys replace an earlier file's. Synapse's
+//! `-c homeserver.yaml -c worker.yaml` (or `--config-path`, Synapse's long
+//! name): files are read in order and, as in Synapse, a later file's
+//! top-level keys replace an earlier file's; a directory gives its `.yaml`
+//! files in sorted order, as Synapse's `find_config_files` does. Synapse's
 //! keys are read by [`synapse`]; our own settings live in the `keys_worker`
 //! section ([`worker`]), where every key can also come from the environment.
 
@@ -50,8 +52,8 @@ impl Config {
     /// variables from `env` to our section.
     pub fn load(paths: &[PathBuf], env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut merged = Mapping::new();
-        for path in paths {
-            for (k, v) in read_yaml_file(path)? {
+        for path in find_config_files(paths)? {
+            for (k, v) in read_yaml_file(&path)? {
                 merged.insert(k, v);
             }
         }
@@ -64,6 +66,37 @@ impl Config {
         let synapse = SynapseConfig::from_mapping(&merged)?;
         Ok(Self { synapse, worker })
     }
+}
+
+/// Synapse's `find_config_files`: a file is read as it is; a directory
+/// gives its entries whose names end in `.yaml` (hidden ones too), in
+/// sorted order, skipping (with Synapse's words on stderr) subdirectories
+/// and other files.
+pub fn find_config_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let entries =
+            std::fs::read_dir(path).map_err(|e| ConfigError::new(format!("cannot read config directory {}: {e}", path.display())))?;
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| ConfigError::new(format!("cannot read config directory {}: {e}", path.display())))?;
+            let entry_path = entry.path();
+            if !entry_path.is_file() {
+                eprintln!("Found subdirectory in config directory: {:?}. IGNORING.", entry_path.display().to_string());
+            } else if !entry.file_name().to_string_lossy().ends_with(".yaml") {
+                eprintln!("Found file in config directory that does not end in '.yaml': {:?}. IGNORING.", entry_path.display().to_string());
+            } else {
+                found.push(entry_path);
+            }
+        }
+        found.sort_by(|a, b| a.as_os_str().as_encoded_bytes().cmp(b.as_os_str().as_encoded_bytes()));
+        files.extend(found);
+    }
+    Ok(files)
 }
 
 fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
@@ -79,6 +112,32 @@ fn read_yaml_file(path: &Path) -> Result<Mapping, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Debian's layout: `--config-path homeserver.yaml --config-path conf.d/`,
+    /// the directory read as Synapse reads it (its `.yaml` files, hidden ones
+    /// too, in sorted order; anything else skipped), later files winning.
+    #[test]
+    fn a_directory_gives_its_yaml_files_in_sorted_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_d = dir.path().join("conf.d");
+        std::fs::create_dir_all(conf_d.join("sub.yaml")).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(conf_d.join(name), text).unwrap();
+        write("server_name.yaml", "server_name: debian.example\n");
+        write("database.yaml", "database: {name: sqlite3, args: {database: /var/lib/matrix-synapse/homeserver.db}}\n");
+        write("zz.yaml", "keys_worker: {listen: '127.0.0.1:9'}\n");
+        write(".hidden.yaml", "keys_worker: {listen: '127.0.0.1:1'}\n");
+        write("notes.yml", "server_name: not.read\n");
+        write("README", "not yaml: [\n");
+        let main = dir.path().join("homeserver.yaml");
+        std::fs::write(&main, "server_name: overridden\nkeys_worker: {listen: '127.0.0.1:2'}\n").unwrap();
+        let files = find_config_files(&[main.clone(), conf_d.clone()]).unwrap();
+        let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["homeserver.yaml", ".hidden.yaml", "database.yaml", "server_name.yaml", "zz.yaml"]);
+        let config = Config::load(&[main, conf_d], Vec::new()).unwrap();
+        assert_eq!(config.synapse.server_name, "debian.example");
+        assert_eq!(config.worker.listen, "127.0.0.1:9", "the last file in sorted order wins");
+        assert!(matches!(config.synapse.database, DatabaseConfig::Sqlite { .. }));
+    }
 
     /// Found by fuzzing: a key with line breaks in it was quoted verbatim.
     #[test]

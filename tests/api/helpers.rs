@@ -85,12 +85,16 @@ impl ServiceProcess {
 
     /// Serving the config file `config`.
     pub async fn start_from(config: &std::path::Path, settings: &[(&str, &str)]) -> Self {
+        Self::start_with_args(&["-c".as_ref(), config.as_os_str()], settings).await
+    }
+
+    /// Given `args` (its config paths) and `--listen` on a free port.
+    pub async fn start_with_args(args: &[&std::ffi::OsStr], settings: &[(&str, &str)]) -> Self {
         let port = crate::remote::closed_port().await;
         let log = std::env::temp_dir().join(format!("{}.log", unique("service")));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-keys-worker"))
             .envs(settings.iter().copied())
-            .arg("-c")
-            .arg(config)
+            .args(args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .stdout(std::fs::File::create(&log).unwrap())

@@ -433,3 +433,39 @@ async fn behind_a_database_proxy(
     assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
     (proxy, worker, ask)
 }
+
+/// Debian's package runs Synapse with `--config-path=/etc/matrix-synapse/homeserver.yaml
+/// --config-path=/etc/matrix-synapse/conf.d/`, `server_name` and often
+/// `database` in files of that directory: the real binary starts from the
+/// same layout (the test world's config split that way) and answers as
+/// Synapse does.
+#[tokio::test]
+async fn the_debian_config_layout_starts_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut main: yaml_serde::Mapping = yaml_serde::from_str(&std::fs::read_to_string(&env().homeserver_yaml).unwrap()).unwrap();
+    let conf_d = dir.path().join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    for key in ["server_name", "database"] {
+        let value = main.remove(key).unwrap_or_else(|| panic!("the world's config has {key}"));
+        let mut part = yaml_serde::Mapping::new();
+        part.insert(key.into(), value);
+        std::fs::write(conf_d.join(format!("{key}.yaml")), yaml_serde::to_string(&part).unwrap()).unwrap();
+    }
+    std::fs::write(conf_d.join("README"), "not read: [\n").unwrap();
+    let homeserver = dir.path().join("homeserver.yaml");
+    std::fs::write(&homeserver, yaml_serde::to_string(&main).unwrap()).unwrap();
+    let with_slash = format!("{}/", conf_d.display());
+    let service = ServiceProcess::start_with_args(
+        &["--config-path".as_ref(), homeserver.as_os_str(), "--config-path".as_ref(), with_slash.as_ref()],
+        &[],
+    )
+    .await;
+    let hs = Synapse::new();
+    let user = hs.register("debian").await;
+    hs.upload_device_keys(&user.session).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {&user.user_id: []}}));
+    let theirs = ask.send(&env().synapse_url).await;
+    let ours = ask.send(&service.url).await;
+    assert_eq!(ours, theirs, "left: ours (Debian layout), right: Synapse");
+    assert!(theirs.1["device_keys"][&user.user_id].as_object().is_some_and(|d| d.len() == 1), "{}", theirs.1);
+}
