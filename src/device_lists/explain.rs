@@ -6,6 +6,8 @@
 //! stale mark was seen. What answers "the server or the client?" in an
 //! undecryptable-message report.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -44,11 +46,15 @@ pub async fn explain(app: &App, requester: &str, query: &[u8]) -> Result<Explana
         provenance.insert(user.clone(), json!({"source": if cached { "our_cache" } else { "local_database" }}));
     }
     let mut answer = query_keys(app, requester, &query, crate::now_ms()).await?;
-    for (user, p) in std::mem::take(&mut answer.provenance) {
+    let remote = std::mem::take(&mut answer.provenance);
+    let users: Vec<&str> = remote.keys().map(String::as_str).collect();
+    let (stream_ids, marks) = app.store.remote_list_positions(&users).await?;
+    let stream_ids: HashMap<String, String> = stream_ids.into_iter().collect();
+    let marks: HashMap<String, i64> = marks.into_iter().map(|m| (m.user_id, m.added_ts)).collect();
+    for (user, p) in remote {
         let mut p = serde_json::to_value(p).expect("provenance serialises");
-        let state = app.store.remote_list_state(&user).await?;
-        p["synapse_stream_id"] = state.stream_id.and_then(|s| s.parse::<i64>().ok()).into();
-        p["stale_since_ts"] = state.stale_since_ts.into();
+        p["synapse_stream_id"] = stream_ids.get(&user).and_then(|s| s.parse::<i64>().ok()).into();
+        p["stale_since_ts"] = marks.get(&user).copied().into();
         provenance.insert(user, p);
     }
     Ok(Explanation { answer, provenance })

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::auth::{authenticate, client_ip};
 use super::params::QueryParams;
-use super::{json_response, within};
+use super::{json_response, read_body, within};
 use crate::App;
 use crate::error::MatrixError;
 use crate::keys::{KeysQuery, query_keys};
@@ -28,10 +28,7 @@ pub async fn keys_query(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MatrixError> {
     let arrived = std::time::Instant::now();
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => MatrixError::too_large(),
-        _ => MatrixError::bad_json("Error reading JSON content."),
-    })?;
+    let body = read_body(body)?;
     let params = QueryParams::parse(uri.query());
     let now = crate::now_ms();
     // Nothing behind us may hold a request: the database gets its statement

@@ -108,6 +108,15 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     }
 }
 
+/// A request body as Synapse reads one: too large is 413 `M_TOO_LARGE`,
+/// any other failure to read it 400 `M_BAD_JSON`.
+pub fn read_body(body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Result<axum::body::Bytes, MatrixError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => MatrixError::too_large(),
+        _ => MatrixError::bad_json("Error reading JSON content."),
+    })
+}
+
 /// `work`, or 503 if it has not finished within `budget` (if bounded).
 async fn within<T>(budget: Option<std::time::Duration>, work: impl Future<Output = Result<T, MatrixError>>) -> Result<T, MatrixError> {
     let Some(budget) = budget else {

@@ -143,7 +143,25 @@ const TRACKED_COUNT_OF_SERVER: Sql = Sql {
     sqlite: "SELECT COUNT(*) FROM device_lists_remote_extremeties WHERE substr(user_id, instr(user_id, ':') + 1) = ?1",
 };
 
+const STREAM_IDS: Sql = Sql {
+    pg: "SELECT user_id, stream_id FROM device_lists_remote_extremeties WHERE user_id = ANY($1)",
+    sqlite: "SELECT user_id, stream_id FROM device_lists_remote_extremeties WHERE user_id IN (SELECT value FROM json_each(?1))",
+};
+
+const MARKS_OF: Sql = Sql {
+    pg: "SELECT user_id, added_ts FROM device_lists_remote_resync WHERE user_id = ANY($1)",
+    sqlite: "SELECT user_id, added_ts FROM device_lists_remote_resync WHERE user_id IN (SELECT value FROM json_each(?1))",
+};
+
 impl Store {
+    /// For each of `users` Synapse tracks, the stream id it holds; and for
+    /// each it marked stale, since when. Two statements, however many users.
+    pub async fn remote_list_positions(&self, users: &[&str]) -> Result<(Vec<(String, String)>, Vec<StaleMark>), sqlx::Error> {
+        let stream_ids = self.fetch_all(&STREAM_IDS, &[Arg::any_of(users)]).await?;
+        let marks = self.fetch_all(&MARKS_OF, &[Arg::any_of(users)]).await?;
+        Ok((stream_ids, marks))
+    }
+
     /// Synapse's state of `user_id`'s list (a remote user).
     pub async fn remote_list_state(&self, user_id: &str) -> Result<RemoteListState, sqlx::Error> {
         let state = self.fetch_optional(&REMOTE_STATE, &[Arg::Text(user_id)]).await?;

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 
-use super::Admin;
+use super::{Admin, path_param};
 use crate::App;
 use crate::device_lists::stats::Trigger;
 use crate::error::MatrixError;
@@ -25,7 +25,7 @@ pub async fn inspect(
 ) -> Result<Response, MatrixError> {
     let params = QueryParams::parse(uri.query());
     let check = params.boolean("check", false)?.then(|| timeout(&app, &params)).transpose()?;
-    let inspection = crate::device_lists::inspect(&app, &path_user(user_id)?, check).await?;
+    let inspection = crate::device_lists::inspect(&app, &path_param(user_id, "user ID")?, check).await?;
     Ok(json_response(StatusCode::OK, &inspection))
 }
 
@@ -36,12 +36,8 @@ pub async fn repair(
     uri: Uri,
 ) -> Result<Response, MatrixError> {
     let wait = timeout(&app, &QueryParams::parse(uri.query()))?;
-    let repair = crate::device_lists::repair(&app, &path_user(user_id)?, wait, Trigger::Admin(&admin.user_id)).await?;
+    let repair = crate::device_lists::repair(&app, &path_param(user_id, "user ID")?, wait, Trigger::Admin(&admin.user_id)).await?;
     Ok(json_response(StatusCode::OK, &repair))
-}
-
-fn path_user(user_id: Result<Path<String>, PathRejection>) -> Result<String, MatrixError> {
-    user_id.map(|Path(u)| u).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID in the path: {e}")))
 }
 
 /// `?timeout_ms=`: how long the remote (or the writer asking it) may take;

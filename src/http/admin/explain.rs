@@ -13,13 +13,10 @@ use serde_json::Value;
 use super::Admin;
 use crate::App;
 use crate::error::MatrixError;
-use crate::http::json_response;
+use crate::http::{json_response, read_body};
 
 pub async fn explain(State(app): State<Arc<App>>, _admin: Admin, body: Result<Bytes, BytesRejection>) -> Result<Response, MatrixError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => MatrixError::too_large(),
-        _ => MatrixError::bad_json("Error reading JSON content."),
-    })?;
+    let body = read_body(body)?;
     let body: Value = serde_json::from_slice(&body).map_err(|_| MatrixError::not_json())?;
     let requester = body.get("requester").and_then(Value::as_str).ok_or_else(|| MatrixError::bad_json("'requester' must be a user ID"))?;
     let query = body.get("query").filter(|q| q.is_object()).ok_or_else(|| MatrixError::bad_json("'query' must be a /keys/query body"))?;

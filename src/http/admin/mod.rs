@@ -39,6 +39,14 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<App>>)> {
     ]
 }
 
+/// A path parameter, or 400 naming `what` it should have been.
+fn path_param(
+    param: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    what: &str,
+) -> Result<String, MatrixError> {
+    param.map(|axum::extract::Path(p)| p).map_err(|e| MatrixError::invalid_param(format!("Invalid {what} in the path: {e}")))
+}
+
 /// A server admin of this homeserver made the request.
 #[derive(Debug)]
 pub struct Admin {

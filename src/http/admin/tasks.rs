@@ -8,8 +8,8 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 
-use super::Admin;
 use super::device_list::timeout;
+use super::{Admin, path_param};
 use crate::App;
 use crate::error::MatrixError;
 use crate::http::json_response;
@@ -21,7 +21,7 @@ pub async fn repair_server(
     server_name: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Response, MatrixError> {
-    let Path(server_name) = server_name.map_err(|e| MatrixError::invalid_param(format!("Invalid server name in the path: {e}")))?;
+    let server_name = path_param(server_name, "server name")?;
     let wait = timeout(&app, &QueryParams::parse(uri.query()))?;
     let started = crate::device_lists::repair_server(&app, &server_name, wait, &admin.user_id).await?;
     Ok(json_response(StatusCode::OK, &started))
@@ -32,7 +32,7 @@ pub async fn task(
     _admin: Admin,
     task_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, MatrixError> {
-    let Path(task_id) = task_id.map_err(|e| MatrixError::invalid_param(format!("Invalid task ID in the path: {e}")))?;
+    let task_id = path_param(task_id, "task ID")?;
     let task = app.device_list_tasks.get(&task_id).ok_or_else(|| {
         MatrixError::new(
             StatusCode::NOT_FOUND,
