@@ -238,6 +238,24 @@ def health(*ports):
     return lambda w: all(http_ok(w.url(p)) for p in ports)
 
 
+def redis_tls_cmd(w):
+    """A CA (alone in `redis-tls/ca/`, usable as a file or as a directory),
+    and the server's and a client's certificates signed by it."""
+    d = w.path("redis-tls")
+    ssl = "/usr/bin/openssl"
+    key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    script = f"""set -e
+mkdir -p {d}/ca && cd {d}
+{ssl} req -x509 {key} -days 7 -keyout ca.key -out ca/ca.crt -subj /CN=skw-test-redis-ca
+for who in server client; do
+  {ssl} req {key} -keyout $who.key -out $who.csr -subj /CN=localhost
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > $who.ext
+  {ssl} x509 -req -in $who.csr -CA ca/ca.crt -CAkey ca.key -CAcreateserial -days 7 -extfile $who.ext -out $who.crt
+done
+"""
+    return ["/bin/sh", "-c", script]
+
+
 def redis_pong(w):
     try:
         with socket.create_connection(("127.0.0.1", w.port("redis")), timeout=2) as s:
@@ -548,9 +566,19 @@ PROCESSES = [
                         "-k", w.path("pgsock"), *(a for s in PG_SETTINGS for a in ("-c", s))],
          ready=pg_ready),
     Proc("databases", job=True, after=("postgres",), timeout=30, cmd=create_databases, ready=lambda w: True),
-    Proc("redis", ports=("redis",), timeout=30,
+    Proc("redis-tls-certificates", job=True, timeout=30, cmd=redis_tls_cmd,
+         ready=lambda w: w.path("redis-tls/client.key").stat().st_size > 0),
+    # Synapse talks to Redis on the plain port; the tests also reach the
+    # same Redis over TLS (client certificates required) and a UNIX socket,
+    # as Synapse's `redis` section can configure them.
+    Proc("redis", after=("redis-tls-certificates",), ports=("redis", "redis-tls"), timeout=30,
          cmd=lambda w: [w.tools.redis, "--port", w.port("redis"), "--bind", "127.0.0.1", "--save", "",
-                        "--appendonly", "no", "--dir", w.dir],
+                        "--appendonly", "no", "--dir", w.dir,
+                        "--tls-port", w.port("redis-tls"), "--tls-auth-clients", "yes",
+                        "--tls-cert-file", w.path("redis-tls/server.crt"),
+                        "--tls-key-file", w.path("redis-tls/server.key"),
+                        "--tls-ca-cert-file", w.path("redis-tls/ca/ca.crt"),
+                        "--unixsocket", w.path("redis.sock"), "--unixsocketperm", "700"],
          ready=redis_pong),
     # One signing key for every homeserver (the main config names it).
     Proc("signing-key", job=True,
@@ -678,6 +706,11 @@ def test_env(w):
         "SKW_TEST_HOMESERVER_YAML": w.path("synapse.yaml"),
         "SKW_TEST_PG_URL": f"postgres://synapse@127.0.0.1:{w.port('postgres')}/synapse",
         "SKW_TEST_REDIS_URL": f"redis://127.0.0.1:{w.port('redis')}",
+        # The same Redis over TLS (client certificates required; the CA,
+        # server and client files in this directory) and a UNIX socket.
+        "SKW_TEST_REDIS_TLS_PORT": w.port("redis-tls"),
+        "SKW_TEST_REDIS_TLS_DIR": w.path("redis-tls"),
+        "SKW_TEST_REDIS_SOCKET": w.path("redis.sock"),
         "SKW_TEST_SQLITE_SCHEMA_DB": w.path("synapse-schema.db"),
         "SKW_TEST_SERVER_NAME": w.server_name,
         "SKW_TEST_STATE_DIR": w.dir,

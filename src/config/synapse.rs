@@ -42,6 +42,9 @@ pub struct SynapseConfig {
     pub mas: Option<super::mas::MasConfig>,
 }
 
+/// Synapse's `redis` section (`synapse/config/redis.py`): TCP, TLS or a
+/// UNIX socket `path`; `password_path` is read when the config is loaded,
+/// into `password`, as Synapse reads it.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct RedisConfig {
@@ -50,9 +53,45 @@ pub struct RedisConfig {
     pub port: Option<u16>,
     pub path: Option<String>,
     pub dbid: Option<i64>,
+    pub username: Option<String>,
     pub password: Option<String>,
     pub password_path: Option<PathBuf>,
     pub use_tls: bool,
+    /// A client certificate (PEM) presented to Redis, with its key.
+    pub certificate_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    /// The CA that signs Redis's certificate: a PEM file, or a directory
+    /// of them (`ca_file` wins when both are set, as in Synapse).
+    pub ca_file: Option<PathBuf>,
+    pub ca_path: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// Synapse's checks, for an enabled section: `password` and
+    /// `password_path` exclude each other, the file is read (trimmed), and
+    /// a `username` needs a password.
+    fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if let Some(path) = &self.password_path {
+            if self.password.as_deref().is_some_and(|p| !p.is_empty()) {
+                return Err(ConfigError::new(
+                    "You have configured both `redis.password` and `redis.password_path`. These are mutually incompatible.",
+                ));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(format!("cannot read redis.password_path {}: {e}", path.display())))?;
+            self.password = Some(text.trim().to_owned());
+        }
+        if self.username.is_some() && self.password.is_none() {
+            return Err(ConfigError::new(
+                "`redis.username` was set without `redis.password` (or `redis.password_path`). \
+                 Redis username authentication requires a password to also be configured.",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An `instance_map` entry: TCP (`host`, `port`, `tls`) or a UNIX socket.
@@ -81,10 +120,11 @@ impl SynapseConfig {
             }
         };
         let database = DatabaseConfig::from_mapping(m)?;
-        let redis = match m.get("redis") {
+        let mut redis = match m.get("redis") {
             None | Some(Value::Null) => RedisConfig::default(),
             Some(v) => yaml_serde::from_value(v.clone()).map_err(|e| ConfigError::new(format!("invalid `redis` section: {e}")))?,
         };
+        redis.load_secrets()?;
         let worker_replication_secret = match (str_key(m, "worker_replication_secret")?, m.get("worker_replication_secret_path")) {
             (Some(s), _) => Some(s),
             (None, Some(Value::String(path))) => Some(
@@ -285,6 +325,25 @@ mod tests {
         assert!(c.msc4263_limit_key_queries_to_users_who_share_rooms);
         assert!(c.redis.enabled);
         assert_eq!(c.redis.port, Some(7000));
+    }
+
+    #[test]
+    fn redis_secrets_are_read_and_checked_as_synapse_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis.secret");
+        std::fs::write(&file, "  s3cret\n").unwrap();
+        let redis = |section: &str| parse(&format!("{DB}server_name: hs\nredis: {{enabled: true, {section}}}\n")).map(|c| c.redis);
+        let r = redis(&format!("username: u, password_path: {}", file.display())).unwrap();
+        assert_eq!((r.username.as_deref(), r.password.as_deref()), (Some("u"), Some("s3cret")));
+        let both = redis(&format!("password: p, password_path: {}", file.display())).unwrap_err().to_string();
+        assert!(both.contains("mutually incompatible"), "{both}");
+        let lonely = redis("username: u").unwrap_err().to_string();
+        assert!(lonely.contains("requires a password"), "{lonely}");
+        let missing = redis("password_path: /nonexistent/redis.secret").unwrap_err().to_string();
+        assert!(missing.contains("cannot read redis.password_path"), "{missing}");
+        // Only an enabled section is read, as in Synapse.
+        let off = parse(&format!("{DB}server_name: hs\nredis: {{enabled: false, username: u}}\n")).unwrap();
+        assert!(!off.redis.enabled);
     }
 
     #[test]

@@ -13,7 +13,6 @@ use tokio::time::Instant;
 use super::Follower;
 use super::Invalidator;
 use super::protocol::{self, Command};
-use crate::config::synapse::RedisConfig;
 
 /// How long after `REPLICATE` we wait for the writers' positions. Writers
 /// answer in milliseconds; a busy one may take seconds, and until every
@@ -29,33 +28,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
 const PING_WITHIN: Duration = Duration::from_secs(3);
 const STREAMS: [&str; 2] = ["device_lists", "caches"];
-
-pub fn redis_client(c: &RedisConfig) -> anyhow::Result<redis::Client> {
-    let password = match (&c.password, &c.password_path) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(path)) => Some(std::fs::read_to_string(path)?.trim().to_owned()),
-        _ => None,
-    };
-    let auth =
-        password.map(|p| format!(":{}@", url::form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>())).unwrap_or_default();
-    let db = c.dbid.unwrap_or(0);
-    let url = match &c.path {
-        Some(path) => format!("redis+unix://{path}?db={db}"),
-        None => {
-            let scheme = if c.use_tls { "rediss" } else { "redis" };
-            let host = c.host.as_deref().unwrap_or("localhost");
-            format!("{scheme}://{auth}{host}:{}/{db}", c.port.unwrap_or(6379))
-        }
-    };
-    let mut client = redis::Client::open(url)?;
-    if c.path.is_some() && !auth.is_empty() {
-        // Unix-socket URLs carry no password: set it on the connection info.
-        let info = client.get_connection_info().clone();
-        let redis_info = info.redis_settings().clone().set_password(c.password.clone().unwrap_or_default());
-        client = redis::Client::open(info.set_redis_settings(redis_info))?;
-    }
-    Ok(client)
-}
 
 pub async fn run(app: Arc<Follower>, invalidator: Arc<Invalidator>, client: redis::Client) {
     let mut positions = Positions::default();

@@ -13,6 +13,7 @@ mod invalidate;
 mod listener;
 mod poller;
 pub mod protocol;
+mod redis_client;
 mod reported;
 
 use std::collections::HashMap;
@@ -153,7 +154,7 @@ pub fn start(app: Follower) {
     }
     let invalidator = Arc::clone(&app.invalidator);
     if config.synapse.redis.enabled {
-        match listener::redis_client(&config.synapse.redis) {
+        match redis_client::redis_client(&config.synapse.redis) {
             Ok(client) => {
                 status.set_mode("redis");
                 tokio::spawn(listener::run(Arc::clone(&app), invalidator, client));

@@ -99,18 +99,17 @@ async fn changes_made_through_synapse_reach_both_replicas() {
 
 #[tokio::test]
 async fn logout_revokes_a_cached_token() {
+    a_logout_reaches_us(config()).await;
+}
+
+/// A token cached by `config`'s service is refused once Synapse logs it
+/// out: the logout travels only on the replication stream.
+pub async fn a_logout_reaches_us(config: Config) {
     let hs = Synapse::new();
     let user = hs.register("leaving").await;
-    let worker = ready_worker(config()).await;
-    let body = json!({"device_keys": {}});
-    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &body);
-    // Cached once a load is not voided by another user's change landing
-    // meanwhile (other tests register users all the time).
-    eventually(Duration::from_secs(10), || async {
-        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
-        worker.app.caches.tokens.counters.hits.load(Ordering::Relaxed) > 0
-    })
-    .await;
+    let worker = ready_worker(config).await;
+    let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {}}));
+    until_the_token_is_cached(&worker, &ask).await;
     hs.post("/_matrix/client/v3/logout", &user.session.token, json!({})).await;
     let started = Instant::now();
     let answer = eventually_some(Duration::from_secs(10), || async {
@@ -120,6 +119,16 @@ async fn logout_revokes_a_cached_token() {
     .await;
     assert_eq!(answer["errcode"], "M_UNKNOWN_TOKEN");
     println!("logout reached us in {:?}", started.elapsed());
+}
+
+/// Cached once a load is not voided by another user's change landing
+/// meanwhile (other tests register users all the time).
+async fn until_the_token_is_cached(worker: &Worker, ask: &Ask) {
+    eventually(Duration::from_secs(10), || async {
+        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
+        worker.app.caches.tokens.counters.hits.load(Ordering::Relaxed) > 0
+    })
+    .await;
 }
 
 /// The subscription's connection stops delivering while it stays open (a
@@ -140,11 +149,7 @@ async fn a_subscription_that_stops_delivering_is_found_and_bypassed() {
     c.synapse.redis.port = Some(proxy.port);
     let worker = ready_worker(c).await;
     let ask = Ask::keys_query("v3", &user.session.token, TokenIn::Header, &json!({"device_keys": {}}));
-    eventually(Duration::from_secs(10), || async {
-        assert_eq!(ask.send(&worker.url).await.0, StatusCode::OK);
-        worker.app.caches.tokens.counters.hits.load(Ordering::Relaxed) > 0
-    })
-    .await;
+    until_the_token_is_cached(&worker, &ask).await;
 
     proxy.set_frozen_marked(true);
     hs.post("/_matrix/client/v3/logout", &user.session.token, json!({})).await;
