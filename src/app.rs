@@ -39,6 +39,8 @@ pub struct App {
     pub device_list_tasks: crate::device_lists::Tasks,
     /// What device-list health counted (the auditor, repairs, signals).
     pub device_list_stats: Arc<crate::device_lists::stats::HealthStats>,
+    /// The database's Synapse schema, as last read (start-up, `/ready`).
+    pub schema: Arc<crate::schema_window::SchemaStatus>,
 }
 
 /// The ways to other servers: the resync coordinator (device-lists writer
@@ -69,6 +71,7 @@ impl App {
         ));
         let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
         let device_list_stats = Arc::new(crate::device_lists::stats::HealthStats::default());
+        let schema = Arc::new(crate::schema_window::SchemaStatus::default());
         let metrics = metrics::Metrics::new(metrics::Sources {
             mas: mas.clone(),
             caches: Arc::clone(&caches),
@@ -80,6 +83,7 @@ impl App {
             store: store.clone(),
             device_lists: Arc::clone(&device_list_stats),
             audit_enabled: config.worker.device_list_audit.enabled,
+            schema: Arc::clone(&schema),
         });
         let limiter = http::limit::DeviceLimiter::new(
             config.worker.max_concurrent_queries_per_device,
@@ -100,6 +104,7 @@ impl App {
             limiter,
             device_list_tasks: Default::default(),
             device_list_stats,
+            schema,
         }))
     }
 

@@ -20,6 +20,7 @@ pub mod mas;
 pub mod metrics;
 pub mod replication;
 pub mod resync;
+pub mod schema_window;
 pub mod store;
 pub mod telemetry;
 

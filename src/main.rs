@@ -63,9 +63,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("{limitation}");
     }
     let app = App::from_config(config)?;
+    let mut wait = std::time::Duration::from_millis(app.config.worker.db_acquire_timeout_ms.max(1000) * 2);
     if let Err(e) = app.store.ping().await {
         tracing::warn!(error = %e, "database not reachable yet; serving anyway (requests get 503 until it is)");
+        wait = std::time::Duration::ZERO;
     }
+    synapse_keys_worker::schema_window::check_at_start(std::sync::Arc::clone(&app.schema), app.store.clone(), wait)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let server = Server::bind(std::sync::Arc::clone(&app), &listen).await?;
     // Said once the database answers; serving does not wait for it.
     tokio::spawn(async move {

@@ -55,6 +55,7 @@ pub struct Sources {
     pub mas: Option<Arc<crate::mas::MasClient>>,
     pub device_lists: Arc<crate::device_lists::stats::HealthStats>,
     pub audit_enabled: bool,
+    pub schema: Arc<crate::schema_window::SchemaStatus>,
 }
 
 impl Metrics {
@@ -188,6 +189,20 @@ impl Collector for Sources {
             &[(&[], i64::try_from(self.federation.destinations_remembered()).unwrap_or(i64::MAX))],
         )?;
 
+        if let Some((state, verdict)) = self.schema.last() {
+            gauge(
+                &mut e,
+                "database_schema_version",
+                "The Synapse schema version of the database (schema_version)",
+                &[(&[], state.version)],
+            )?;
+            gauge(
+                &mut e,
+                "database_schema_in_tested_window",
+                "1 while the database's schema is inside the Synapse versions we test (schema_window::RELEASES)",
+                &[(&[], i64::from(verdict == crate::schema_window::Verdict::Inside))],
+            )?;
+        }
         let s = &self.replication;
         gauge(&mut e, "replication_connected", "1 while the replication stream is followed", &[(&[], i64::from(s.connected()))])?;
         gauge(&mut e, "replication_caught_up", "1 once the stream has caught up after (re)connecting", &[(&[], i64::from(s.caught_up()))])?;

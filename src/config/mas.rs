@@ -28,12 +28,17 @@ const INVALID: &str = "Could not validate Matrix Authentication Service configur
 impl MasConfig {
     /// The section, or `None` when it is missing or not enabled.
     pub fn from_mapping(m: &Mapping) -> Result<Option<Self>, ConfigError> {
-        // Synapse refuses the experimental form it replaced.
+        // The experimental form it replaced: Synapse 1.157 and later refuse
+        // any of it; 1.136 to 1.156 read it, so a disabled one is ignored as
+        // they ignore it, and an enabled one (OAuth 2.0 introspection of
+        // its own, not served here) is refused with the way out.
         if let Some(Value::Mapping(x)) = m.get("experimental_features")
-            && matches!(x.get("msc3861"), Some(Value::Mapping(msc3861)) if !msc3861.is_empty())
+            && let Some(Value::Mapping(msc3861)) = x.get("msc3861")
+            && msc3861.get("enabled").is_some_and(|v| v.as_bool() != Some(false))
         {
             return Err(ConfigError::new(
-                "experimental_features.msc3861 was removed. Use the matrix_authentication_service configuration instead.",
+                "experimental_features.msc3861 (delegated auth before Synapse 1.157) is not supported: \
+                 use the matrix_authentication_service section instead (Synapse 1.136 and later read it)",
             ));
         }
         let section = match m.get("matrix_authentication_service") {
@@ -149,9 +154,11 @@ mod tests {
             ("{enabled: true, secret: a, endpoint: 'ftp://mas'}", "should be 'http' or 'https'"),
             ("[1]", "must be a mapping"),
         ];
-        let old = parse("experimental_features: {msc3861: {enabled: true}}").unwrap_err();
-        assert!(old.contains("msc3861 was removed"), "{old}");
+        let old = parse("experimental_features: {msc3861: {enabled: true, issuer: 'https://mas.invalid/'}}").unwrap_err();
+        assert!(old.contains("use the matrix_authentication_service section"), "{old}");
         assert_eq!(parse("experimental_features: {msc3861: {}}").unwrap(), None);
+        // As Synapse 1.136 to 1.156 read it: disabled, so nothing to do.
+        assert_eq!(parse("experimental_features: {msc3861: {enabled: false, issuer: 'https://mas.invalid/'}}").unwrap(), None);
         let inline = parse("allow_secrets_in_config: false\nmatrix_authentication_service: {enabled: true, secret: a}").unwrap_err();
         assert!(inline.contains("in-line secret"), "{inline}");
         for (section, want) in cases {

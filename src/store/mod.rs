@@ -10,6 +10,7 @@ mod device_health;
 mod pg_conns;
 mod query_reads;
 mod remote;
+mod schema_version;
 mod sql;
 mod stale_mark;
 mod streams;
@@ -19,6 +20,7 @@ pub use device_health::{DestinationRow, HealthSignals, LocalDeviceRow, RemoteLis
 pub use pg_conns::PgConns;
 pub use query_reads::{CrossSigningKeyRow, DeviceKeyRow, QueryReads, SignatureRow};
 pub use remote::RemoteDeviceRow;
+pub use schema_version::SchemaState;
 pub use stale_mark::StaleMarker;
 pub use streams::{CacheInvalidation, ProbeConnection, ProbeKind, ProbeRow, StreamUser};
 

@@ -24,6 +24,7 @@ mod remote_fidelity;
 mod replication;
 mod replication_pass;
 mod schema;
+mod schema_window;
 mod sqlite;
 mod tcp_proxy;
 mod tooling;

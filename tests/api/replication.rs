@@ -255,6 +255,9 @@ async fn ready_reports_database_stream_and_writer() {
     let (status, body) = Ask { method: Method::GET, path: "/ready".into(), headers: vec![], body: None }.send(&worker.url).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["database"]["ok"], true);
+    // The world's Synapse is one of the versions we test.
+    assert_eq!(body["database"]["schema"]["window"], "inside", "{body}");
+    assert!((92..=94).contains(&body["database"]["schema"]["version"].as_i64().unwrap()), "{body}");
     assert_eq!(body["replication"]["mode"], "redis");
     assert_eq!(body["replication"]["caught_up"], true);
     assert_eq!(body["writer"]["breaker"], "closed");

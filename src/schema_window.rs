@@ -1,0 +1,165 @@
+//! Which Synapse databases we can read, by Synapse's own rule
+//! (`synapse/storage/prepare_database.py`): code of schema version `V`
+//! refuses a database whose `schema_compat_version` is above `V`, and a
+//! worker refuses one whose `schema_version` is below `V`. We read the
+//! tables of Synapse 1.136.0 (schema 92) to 1.163.x (schema 94), the window
+//! our tests run against; a database outside it is refused or warned about
+//! at start-up, and its version is in `/ready` and the metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::store::{SchemaState, Store};
+
+/// The oldest schema we read: Synapse 1.136.0's `SCHEMA_VERSION`.
+pub const OLDEST: i64 = 92;
+/// The newest schema we know: Synapse 1.163.x's `SCHEMA_VERSION`.
+pub const NEWEST: i64 = 94;
+/// The releases the window covers, for messages.
+pub const RELEASES: &str = "Synapse 1.136.0 to 1.163.x";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Inside the window we test.
+    Inside,
+    /// Newer than the window, but Synapse's compat rule says code of our
+    /// newest schema can still read it: served, with a warning.
+    Newer,
+    /// Older than the window, newer than any code we know may read, or no
+    /// Synapse schema at all.
+    Refused,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Inside => "inside",
+            Verdict::Newer => "newer",
+            Verdict::Refused => "refused",
+        }
+    }
+}
+
+/// The verdict on `state` and the one line that explains it.
+pub fn judge(state: Option<&SchemaState>) -> (Verdict, String) {
+    let window = format!("{RELEASES} (schema {OLDEST} to {NEWEST})");
+    let Some(s) = state else {
+        return (
+            Verdict::Refused,
+            format!(
+                "the database has no Synapse schema_version: not a Synapse database, or one Synapse has not finished creating; we read {window}"
+            ),
+        );
+    };
+    let compat = s.compat_version.map_or_else(|| "none".to_owned(), |c| c.to_string());
+    let found = format!("schema {}, compat {compat}", s.version);
+    if s.compat_version.is_some_and(|c| c > NEWEST) {
+        return (
+            Verdict::Refused,
+            format!(
+                "the database ({found}) is too new to read: its compat version is above {NEWEST}, the newest schema we know; we read {window}: upgrade synapse-keys-worker"
+            ),
+        );
+    }
+    if s.version < OLDEST {
+        return (Verdict::Refused, format!("the database ({found}) is older than we read; we read {window}: upgrade Synapse first"));
+    }
+    if s.version > NEWEST {
+        return (
+            Verdict::Newer,
+            format!(
+                "the database ({found}) is newer than the {RELEASES} we test; Synapse's compat rule says it is still readable, so we serve it: upgrade synapse-keys-worker when you can"
+            ),
+        );
+    }
+    (Verdict::Inside, format!("the database ({found}) is inside the window we test, {window}"))
+}
+
+/// The last schema read, for `/ready` and the metrics.
+#[derive(Debug, Default)]
+pub struct SchemaStatus {
+    last: Mutex<Option<(SchemaState, Verdict)>>,
+}
+
+impl SchemaStatus {
+    /// Reads the database's schema record and judges it; what was read is
+    /// kept. `Err` only when the database did not answer.
+    pub async fn check(&self, store: &Store) -> Result<(Verdict, String), sqlx::Error> {
+        let state = store.schema_state().await?;
+        let (verdict, line) = judge(state.as_ref());
+        if let Some(state) = state {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, verdict));
+        }
+        Ok((verdict, line))
+    }
+
+    pub fn last(&self) -> Option<(SchemaState, Verdict)> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// At start-up: `Err(line)` when the database cannot be read (the caller
+/// says it), a warning
+/// when it is newer than we test, its version logged in any case. A
+/// database that does not answer within `wait` is checked in the
+/// background until it does; a refusal then ends the process, as it would
+/// have at start-up.
+pub async fn check_at_start(status: Arc<SchemaStatus>, store: Store, wait: Duration) -> Result<(), String> {
+    if let Ok(Ok((verdict, line))) = tokio::time::timeout(wait, status.check(&store)).await {
+        return said(verdict, line);
+    }
+    tracing::warn!("could not read the database's Synapse schema version yet; it is checked once the database answers");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if let Ok(Ok((verdict, line))) = tokio::time::timeout(wait, status.check(&store)).await {
+                if said(verdict, line.clone()).is_err() {
+                    tracing::error!("{line}");
+                    std::process::exit(1);
+                }
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn said(verdict: Verdict, line: String) -> Result<(), String> {
+    match verdict {
+        Verdict::Inside => tracing::info!("{line}"),
+        Verdict::Newer => tracing::warn!("{line}"),
+        Verdict::Refused => return Err(line),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(version: i64, compat: Option<i64>) -> SchemaState {
+        SchemaState { version, upgraded: true, compat_version: compat, deltas_at_version: 3 }
+    }
+
+    #[test]
+    fn synapses_rule_decides_with_our_window() {
+        for v in [92, 93, 94] {
+            assert_eq!(judge(Some(&at(v, Some(84)))).0, Verdict::Inside, "{v}");
+        }
+        // An operator upgraded Synapse before us: readable by the compat rule.
+        let (verdict, line) = judge(Some(&at(97, Some(94))));
+        assert_eq!(verdict, Verdict::Newer);
+        assert!(line.contains("schema 97, compat 94") && line.contains("upgrade synapse-keys-worker"), "{line}");
+        // A compat version above the newest schema we know.
+        let (verdict, line) = judge(Some(&at(97, Some(95))));
+        assert_eq!(verdict, Verdict::Refused);
+        assert!(line.contains("too new") && line.contains("Synapse 1.136.0 to 1.163.x (schema 92 to 94)"), "{line}");
+        // Older than the window, with or without a compat row.
+        for compat in [Some(84), None] {
+            let (verdict, line) = judge(Some(&at(91, compat)));
+            assert_eq!(verdict, Verdict::Refused);
+            assert!(line.contains("older than we read") && line.contains("upgrade Synapse first"), "{line}");
+        }
+        assert_eq!(judge(None).0, Verdict::Refused);
+    }
+}
