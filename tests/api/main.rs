@@ -18,6 +18,7 @@ mod fresh_after_sync;
 mod helpers;
 mod mas;
 mod operations;
+mod packaging;
 mod redis_settings;
 mod remote;
 mod remote_fidelity;
