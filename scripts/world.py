@@ -114,7 +114,12 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / "target" / "synapse-venv"
+# The Synapse every homeserver of the world runs: the pinned one, or another
+# venv that scripts/install.sh built (SKW_SYNAPSE_VENV=target/synapse-venv-1.136.0
+# runs the version-window suites against the oldest Synapse we read). The
+# test tools stay in the pinned venv.
+TOOLS_VENV = ROOT / "target" / "synapse-venv"
+VENV = ROOT / os.environ.get("SKW_SYNAPSE_VENV", "target/synapse-venv")
 VPY = VENV / "bin" / "python"
 VENV_MARKER = VENV / ".skw-synapse-spec"
 CURRENT = ROOT / "target" / "world"  # symlink to the world `up` leaves running
@@ -158,7 +163,7 @@ class Tools:
         pg, redis, prom = pg_bindir(), shutil.which("redis-server"), shutil.which("prometheus")
         missing = [n for n, v in [("PostgreSQL", pg), ("redis-server", redis), ("prometheus", prom)] if not v]
         if not VENV_MARKER.exists():
-            missing.append("the venv target/synapse-venv")
+            missing.append(f"the venv {VENV.relative_to(ROOT)}")
         if missing:
             raise Failed(f"missing {', '.join(missing)}: run `bash scripts/install.sh`")
         return Tools(pg, redis, prom)
@@ -699,6 +704,12 @@ def federation_test_env(w):
     }
 
 
+def synapse_version():
+    out = subprocess.run([VPY, "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def test_env(w):
     """What the tests read (tests/api): names and meanings are a contract."""
     return {
@@ -720,7 +731,9 @@ def test_env(w):
         "SKW_TEST_REPLICATION_SECRET": w.values["replication_secret"],
         # The venv's bin dir: python with jsonschema and matplotlib,
         # hadolint, openapi-spec-validator, schemathesis.
-        "SKW_TEST_VENV_BIN": VENV / "bin",
+        "SKW_TEST_VENV_BIN": TOOLS_VENV / "bin",
+        # The Synapse release the world runs (e.g. 1.163.2).
+        "SKW_TEST_SYNAPSE_VERSION": synapse_version(),
         "SKW_TEST_AS_TOKEN": w.values["as_token"],
         "SKW_TEST_VARIANT_SYNAPSE_URL": w.url("synapse-variant"),
         "SKW_TEST_VARIANT_HOMESERVER_YAML": w.path("synapse-variant.yaml"),

@@ -105,22 +105,39 @@ impl SchemaStatus {
 /// background until it does; a refusal then ends the process, as it would
 /// have at start-up.
 pub async fn check_at_start(status: Arc<SchemaStatus>, store: Store, wait: Duration) -> Result<(), String> {
-    if let Ok(Ok((verdict, line))) = tokio::time::timeout(wait, status.check(&store)).await {
-        return said(verdict, line);
+    match tokio::time::timeout(wait, status.check(&store)).await {
+        Ok(Ok((verdict, line))) => return said(verdict, line),
+        Ok(Err(e)) if crate::store::is_permission_denied(&e) => return not_granted(),
+        _ => {}
     }
     tracing::warn!("could not read the database's Synapse schema version yet; it is checked once the database answers");
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            if let Ok(Ok((verdict, line))) = tokio::time::timeout(wait, status.check(&store)).await {
-                if said(verdict, line.clone()).is_err() {
-                    tracing::error!("{line}");
-                    std::process::exit(1);
+            match tokio::time::timeout(wait, status.check(&store)).await {
+                Ok(Ok((verdict, line))) => {
+                    if said(verdict, line.clone()).is_err() {
+                        tracing::error!("{line}");
+                        std::process::exit(1);
+                    }
+                    return;
                 }
-                return;
+                Ok(Err(e)) if crate::store::is_permission_denied(&e) => {
+                    let _ = not_granted();
+                    return;
+                }
+                _ => {}
             }
         }
     });
+    Ok(())
+}
+
+fn not_granted() -> Result<(), String> {
+    tracing::warn!(
+        "cannot read Synapse's schema record: grant SELECT on schema_version, schema_compat_version and applied_schema_deltas \
+         (docs/deployment.md); the database's Synapse version is not checked"
+    );
     Ok(())
 }
 
@@ -138,7 +155,7 @@ mod tests {
     use super::*;
 
     fn at(version: i64, compat: Option<i64>) -> SchemaState {
-        SchemaState { version, upgraded: true, compat_version: compat, deltas_at_version: 3 }
+        SchemaState { version, upgraded: true, compat_version: compat, deltas_at_version: 3, before_1_139: false }
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct Caches {
     pub device_ids: PerUser<DeviceIdRow>,
     /// Users known to exist (the MAS user check); users are never deleted.
     pub known_users: GuardedCache<String, ()>,
+    /// Whether the database's Synapse gives every device an owner entry in
+    /// `signatures` (1.139 and later), read from its schema once.
+    owner_entry_always: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -97,6 +100,7 @@ impl Caches {
             ),
             known_users: GuardedCache::new("known_users", w.token_cache_max_entries, ttl, |_: &String, _: &()| 1, trust.clone()),
             trust,
+            owner_entry_always: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -250,13 +254,30 @@ impl Caches {
             let rows = store.query_reads(&devices_due.users, &signatures_due.users, &keys_due.users).await?;
             signatures_due.fill(&self.signatures, grouped(rows.signatures), &mut signatures);
             let device_rows = grouped(rows.device_keys);
+            let owner_entry_always = match devices_due.users.is_empty() {
+                true => true,
+                false => {
+                    *self
+                        .owner_entry_always
+                        .get_or_try_init(|| async {
+                            match store.schema_state().await {
+                                Ok(state) => Ok(state.is_none_or(|s| !s.before_1_139)),
+                                // A role without SELECT on the schema record
+                                // (said at start-up): as the newest releases.
+                                Err(e) if crate::store::is_permission_denied(&e) => Ok(true),
+                                Err(e) => Err(e),
+                            }
+                        })
+                        .await?
+                }
+            };
             let rendered = devices_due
                 .users
                 .iter()
                 .map(|u| {
                     let own = signatures.get(u).map_or(&[][..], |s| s.as_slice());
                     let rows = device_rows.get(*u).map_or(&[][..], |r| r.as_slice());
-                    ((*u).to_owned(), Arc::new(RenderedDevices::local(rows, own)))
+                    ((*u).to_owned(), Arc::new(RenderedDevices::local(rows, own, owner_entry_always)))
                 })
                 .collect();
             devices_due.fill(&self.devices, rendered, &mut devices);

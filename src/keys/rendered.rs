@@ -65,8 +65,10 @@ impl RenderedDevices {
     /// `rows` are one user's, `own_signatures` the signatures
     /// that user made; those on their own devices are merged). Rows whose
     /// key JSON is empty or not an object are skipped, as Synapse skips
-    /// them.
-    pub fn local(rows: &[DeviceKeyRow], own_signatures: &[SignatureRow]) -> Self {
+    /// them. `owner_entry_always`: Synapse 1.139 and later give every
+    /// device a `signatures[owner]` entry, even an empty one; earlier
+    /// releases only when the owner cross-signed it.
+    pub fn local(rows: &[DeviceKeyRow], own_signatures: &[SignatureRow], owner_entry_always: bool) -> Self {
         let mut by_device: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
         for s in own_signatures.iter().filter(|s| s.user_id == s.target_user_id) {
             by_device.entry(&s.target_device_id).or_default().push((&s.key_id, &s.signature));
@@ -75,7 +77,7 @@ impl RenderedDevices {
         for r in rows {
             let Some(mut keys) = r.key_json.as_deref().filter(|j| !j.is_empty()).and_then(parse_object) else { continue };
             let sigs = by_device.get(r.device_id.as_str()).map_or(&[][..], Vec::as_slice);
-            merge_signatures(&mut keys, &r.user_id, sigs, true);
+            merge_signatures(&mut keys, &r.user_id, sigs, owner_entry_always);
             set_unsigned_display_name(&mut keys, r.display_name.as_deref());
             devices.insert(&r.device_id, to_raw_value(&keys).expect("a key object serialises"));
         }
@@ -232,7 +234,7 @@ mod tests {
             device("X", Some("[1]"), None),
         ];
         let sigs = [sig("@u:hs", "A", "ed25519:SSK"), sig("@v:hs", "A", "ed25519:USK")];
-        let d = Arc::new(RenderedDevices::local(&rows, &sigs));
+        let d = Arc::new(RenderedDevices::local(&rows, &sigs, true));
         let all = serde_json::to_value(DeviceMap::Rendered(d.clone(), vec![])).unwrap();
         assert_eq!(
             all,

@@ -85,6 +85,11 @@ pub fn short_reason(e: &sqlx::Error) -> &'static str {
 /// Whether `e` means the database is away (connection lost or refused,
 /// pool exhausted, statement cancelled or timed out, server shutting down),
 /// which is worth a retry, rather than a bug of ours.
+/// PostgreSQL's `insufficient_privilege`: this role may not read it.
+pub fn is_permission_denied(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501")
+}
+
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|class| c.starts_with(class))),

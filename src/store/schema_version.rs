@@ -16,6 +16,10 @@ pub struct SchemaState {
     pub compat_version: Option<i64>,
     /// Deltas applied at `version`.
     pub deltas_at_version: i64,
+    /// A PostgreSQL database at schema 92 without the delta Synapse 1.139
+    /// added: its Synapse is 1.136 to 1.138 (the schema cannot tell them
+    /// apart, and SQLite databases do not record that delta).
+    pub before_1_139: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -24,15 +28,23 @@ struct Row {
     upgraded: bool,
     compat_version: Option<i64>,
     deltas: i64,
+    before_1_139: bool,
 }
 
 /// One round trip. A database without these tables has no Synapse schema.
-const STATE: Sql = Sql::same(
-    "SELECT CAST(v.version AS BIGINT) AS version, v.upgraded AS upgraded, \
-     (SELECT CAST(MAX(c.compat_version) AS BIGINT) FROM schema_compat_version c) AS compat_version, \
-     (SELECT COUNT(*) FROM applied_schema_deltas d WHERE d.version = v.version) AS deltas \
-     FROM schema_version v",
-);
+const STATE: Sql = Sql {
+    pg: "SELECT CAST(v.version AS BIGINT) AS version, v.upgraded AS upgraded, \
+         (SELECT CAST(MAX(c.compat_version) AS BIGINT) FROM schema_compat_version c) AS compat_version, \
+         (SELECT COUNT(*) FROM applied_schema_deltas d WHERE d.version = v.version) AS deltas, \
+         (v.version = 92 AND NOT EXISTS (SELECT 1 FROM applied_schema_deltas d \
+            WHERE d.file = '92/08_thread_subscriptions_seq_fixup.sql.postgres')) AS before_1_139 \
+         FROM schema_version v",
+    sqlite: "SELECT CAST(v.version AS BIGINT) AS version, v.upgraded AS upgraded, \
+         (SELECT CAST(MAX(c.compat_version) AS BIGINT) FROM schema_compat_version c) AS compat_version, \
+         (SELECT COUNT(*) FROM applied_schema_deltas d WHERE d.version = v.version) AS deltas, \
+         FALSE AS before_1_139 \
+         FROM schema_version v",
+};
 
 impl Store {
     /// Synapse's schema record; `None` when there is none (not a Synapse
@@ -44,6 +56,7 @@ impl Store {
                 upgraded: r.upgraded,
                 compat_version: r.compat_version,
                 deltas_at_version: r.deltas,
+                before_1_139: r.before_1_139,
             })),
             Err(e) if no_such_table(&e) => Ok(None),
             Err(e) => Err(e),
@@ -75,7 +88,7 @@ mod tests {
             sqlx::query(ddl).execute(&pool).await.unwrap();
         }
         let read = store.schema_state().await.unwrap().unwrap();
-        assert_eq!(read, SchemaState { version: 93, upgraded: true, compat_version: None, deltas_at_version: 2 });
+        assert_eq!(read, SchemaState { version: 93, upgraded: true, compat_version: None, deltas_at_version: 2, before_1_139: false });
         sqlx::query("INSERT INTO schema_compat_version (compat_version) VALUES (84)").execute(&pool).await.unwrap();
         assert_eq!(store.schema_state().await.unwrap().unwrap().compat_version, Some(84));
     }

@@ -64,12 +64,15 @@ async fn the_documented_read_only_role_reads_everything_we_read() {
     assert_eq!(status, 200);
     let barrier = &worker.app.barrier;
     assert!(barrier.quick_probe_usable() && barrier.unbroken_run_usable(), "the role was refused what the barrier reads");
+    let schema = worker.app.store.schema_state().await.expect("the role reads Synapse's schema record");
+    assert!(schema.is_some_and(|s| (92..=94).contains(&s.version)));
 
     // A role granted what an earlier version of the docs listed, without
     // the tables only the unbroken run reads: answers still come, the
     // barrier probes without the run.
     sqlx::raw_sql(
-        "REVOKE SELECT ON device_lists_outbound_pokes, device_lists_changes_in_room, device_lists_remote_pending FROM synapse_keys_ro",
+        "REVOKE SELECT ON device_lists_outbound_pokes, device_lists_changes_in_room, device_lists_remote_pending,
+            schema_version, schema_compat_version, applied_schema_deltas FROM synapse_keys_ro",
     )
     .execute(&pool)
     .await
@@ -79,6 +82,15 @@ async fn the_documented_read_only_role_reads_everything_we_read() {
     assert_eq!(ask.send(&older.url).await.0, 200);
     assert!(!older.app.barrier.unbroken_run_usable(), "the refusal was noticed");
     assert_eq!(ask.send(&older.url).await.0, 200, "and probes go on without the run");
+    // Nor the schema record: the version goes unchecked, not refused.
+    let unchecked = synapse_keys_worker::schema_window::check_at_start(
+        std::sync::Arc::clone(&older.app.schema),
+        older.app.store.clone(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(unchecked, Ok(()));
+    assert!(older.app.schema.last().is_none());
 
     // Repair needs one more grant, docs/device-lists.md's; without it the
     // start-up check says so in one line.

@@ -40,6 +40,12 @@ pub fn env() -> &'static TestEnv {
     })
 }
 
+/// Whether the world's Synapse is older than `version` ("1.138").
+pub fn synapse_before(version: &str) -> bool {
+    let parse = |v: &str| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    parse(&var("SKW_TEST_SYNAPSE_VERSION")) < parse(version)
+}
+
 /// Our service, running in this test's runtime on a free loopback port.
 pub struct Worker {
     pub url: String,

@@ -14,12 +14,30 @@ use synapse_keys_worker::config::Config;
 use tokio::sync::{RwLock, watch};
 
 use crate::fake_mas::{FakeMas, Reply, fake_mas};
-use crate::helpers::{Ask, Session, Synapse, TokenIn, Worker, eventually, http, spawn_worker_with, unique};
+use crate::helpers::{Ask, Session, Synapse, TokenIn, Worker, eventually, http, spawn_worker_with, synapse_before, unique};
 
-const API: &str = "urn:matrix:client:api:*";
-const DEVICE: &str = "urn:matrix:client:device:";
+const STABLE_API: &str = "urn:matrix:client:api:*";
+const STABLE_DEVICE: &str = "urn:matrix:client:device:";
 const UNSTABLE_API: &str = "urn:matrix:org.matrix.msc2967.client:api:*";
 const UNSTABLE_DEVICE: &str = "urn:matrix:org.matrix.msc2967.client:device:";
+/// The scope names the world's Synapse knows: the stable ones from 1.138,
+/// only the unstable ones before.
+const API: Scope = Scope(|| if synapse_before("1.138") { UNSTABLE_API } else { STABLE_API });
+const DEVICE: Scope = Scope(|| if synapse_before("1.138") { UNSTABLE_DEVICE } else { STABLE_DEVICE });
+
+struct Scope(fn() -> &'static str);
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str((self.0)())
+    }
+}
+
+impl serde::Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str((self.0)())
+    }
+}
 
 /// MAS tests share the stand-in; the outage test stops it, so it runs alone.
 static STAND_IN: RwLock<()> = RwLock::const_new(());
@@ -113,7 +131,7 @@ async fn token_cases_match_synapse() {
         ("device in the scope", active(lp, &format!("{API} {DEVICE}{d1}")), StatusCode::OK),
         ("unstable names", active(lp, &format!("{UNSTABLE_API} {UNSTABLE_DEVICE}ALICE2")), StatusCode::OK),
         ("device_id field", json!({"active": true, "scope": API, "username": lp, "device_id": d1}), StatusCode::OK),
-        ("no device", active(lp, API), StatusCode::OK),
+        ("no device", active(lp, &API.to_string()), StatusCode::OK),
         ("admin scope", active(lp, &format!("{API} urn:synapse:admin:* {DEVICE}{d1}")), StatusCode::OK),
         ("inactive", json!({"active": false}), StatusCode::UNAUTHORIZED),
         ("expired", json!({"active": true, "scope": API, "username": lp, "expires_in": 0}), StatusCode::UNAUTHORIZED),
@@ -133,6 +151,15 @@ async fn token_cases_match_synapse() {
         // that a missing device drops it (the next request asks again).
         let calls = if case == "unknown device" { 4 } else { 2 };
         assert_eq!(mas.calls(&t), calls, "{case}: introspections");
+    }
+    // Before 1.138 Synapse knows only the unstable names and refuses a
+    // token with the stable ones; we accept it, as later releases do
+    // (docs/compatibility.md).
+    if synapse_before("1.138") {
+        let t = token(mas, Reply::Json(active(lp, &format!("{STABLE_API} {STABLE_DEVICE}{d1}"))));
+        let ask = Ask::keys_query("v3", &t, TokenIn::Header, &body);
+        assert_eq!(ask.send(&synapse_url()).await.0, StatusCode::UNAUTHORIZED, "Synapse before 1.138");
+        assert_eq!(ask.send(&ours.url).await.0, StatusCode::OK, "ours");
     }
 
     let failures: Vec<(&str, Reply)> = vec![

@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
 use synapse_keys_worker::store::SCHEMA_SUBSET;
 
-use crate::helpers::env;
+use crate::helpers::{env, synapse_before};
 
 type Columns = BTreeMap<String, String>;
 
@@ -23,10 +23,16 @@ async fn sqlite_tables(pool: &SqlitePool) -> BTreeMap<String, Columns> {
     out
 }
 
+/// Our subset, as the world's Synapse release has it: columns a later
+/// release added, which we never read, are left out for an older one.
 async fn subset() -> BTreeMap<String, Columns> {
     let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
     sqlx::raw_sql(SCHEMA_SUBSET).execute(&pool).await.unwrap();
-    sqlite_tables(&pool).await
+    let mut tables = sqlite_tables(&pool).await;
+    if synapse_before("1.152") {
+        tables.get_mut("device_lists_changes_in_room").unwrap().remove("inserted_ts");
+    }
+    tables
 }
 
 #[tokio::test]
