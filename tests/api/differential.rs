@@ -165,3 +165,53 @@ async fn puppet_token_acts_as_the_puppeted_user() {
     // Acting as Alice, so Alice's user-signing key is shown.
     assert!(answer["user_signing_keys"][&world.alice.user_id].is_object(), "{answer}");
 }
+
+/// Databases of Synapse before 1.161 can hold several rows for one
+/// signature (no unique index yet; 1.161's background update keeps the
+/// greatest). That Synapse answers with the last row it reads; so must we.
+/// From 1.161 the index refuses a second row, so the case cannot arise.
+///
+/// This test writes Synapse's database: no API makes a duplicate row (it
+/// is what old releases' uploads left behind).
+#[tokio::test]
+async fn duplicate_signature_rows_are_answered_as_that_synapse_answers() {
+    let hs = Synapse::new();
+    let alice = hs.register("alice").await;
+    let (device, _) = hs.upload_device_keys(&alice.session).await;
+    let cs = hs.setup_cross_signing(&alice.session).await;
+    hs.sign_own_device(&alice.session, &cs, &device).await;
+    let pool = sqlx::PgPool::connect(&env().pg_url).await.unwrap();
+    let (key_id, signature): (String, String) =
+        sqlx::query_as("SELECT key_id, signature FROM e2e_cross_signing_signatures WHERE user_id = $1 AND target_device_id = $2")
+            .bind(&alice.user_id)
+            .bind(&alice.session.device_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // Another signature text, sorting before the real one and after it.
+    for other in ["A".repeat(signature.len()), "z".repeat(signature.len())] {
+        let inserted = sqlx::query(
+            "INSERT INTO e2e_cross_signing_signatures (user_id, key_id, target_user_id, target_device_id, signature) VALUES ($1, $2, $1, $3, $4)",
+        )
+        .bind(&alice.user_id)
+        .bind(&key_id)
+        .bind(&alice.session.device_id)
+        .bind(&other)
+        .execute(&pool)
+        .await;
+        if !crate::helpers::synapse_before("1.161") {
+            let e = inserted.expect_err("Synapse 1.161 and later have a unique index");
+            assert_eq!(e.as_database_error().and_then(|d| d.code()).as_deref(), Some("23505"), "{e}");
+            return;
+        }
+        inserted.unwrap();
+        // A service of its own each time: the row went in behind the
+        // replication stream, so no cache of ours heard of it (Synapse
+        // before 1.139 caches no signatures).
+        let worker = spawn_worker().await;
+        let ask = Ask::keys_query("v3", &alice.session.token, TokenIn::Header, &json!({"device_keys": {&alice.user_id: []}}));
+        let (_, answer) = assert_same(&worker, &ask).await;
+        let got = &answer["device_keys"][&alice.user_id][&alice.session.device_id]["signatures"][&alice.user_id][&key_id];
+        assert_eq!(got, &json!(other), "the last row inserted is the one Synapse answers with");
+    }
+}
