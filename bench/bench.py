@@ -11,8 +11,9 @@ Environment: BENCH_SECONDS (per measurement, default 10), BENCH_ROUNDS
 concurrency levels of the sweep), BENCH_RATES (the fixed request rates of the
 latency runs, default 200,2000,8000), BENCH_BINARY, BENCH_CEILING and
 BENCH_LOADGEN (the builds to measure and load with), BENCH_OUT (the JSON
-file), BENCH_SCENARIOS (the scenarios to run, default a,b,c,d,e,f,g,h; an
-empty BENCH_SWEEP or BENCH_RATES skips the sweep or the fixed rates)."""
+file), BENCH_SCENARIOS (the scenarios to run, default a,b,c,d,e,f,g,h,j,k; an
+empty BENCH_SWEEP or BENCH_RATES skips the sweep or the fixed rates),
+BENCH_REAL_USERS (the realistic population of (j) and (k), default 100)."""
 
 import json
 import os
@@ -39,7 +40,8 @@ CEILING = os.environ.get("BENCH_CEILING", os.path.join(RELEASE, "examples", "cei
 LOADGEN = os.environ.get("BENCH_LOADGEN", os.path.join(RELEASE, "examples", "loadgen"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(RELEASE, "..", "bench", "results.json"))
 WORK = tempfile.mkdtemp(prefix="skw-bench-")
-SCENARIOS = os.environ.get("BENCH_SCENARIOS", "a,b,c,d,e,f,g,h").split(",")
+SCENARIOS = os.environ.get("BENCH_SCENARIOS", "a,b,c,d,e,f,g,h,j,k").split(",")
+REAL_USERS = int(os.environ.get("BENCH_REAL_USERS", "100"))
 
 
 def ints(name, default):
@@ -57,6 +59,19 @@ def register(i, synapse=SYNAPSE):
             "keys": {f"ed25519:{dev}": "A" * 43, f"curve25519:{dev}": "B" * 43}, "signatures": {uid: {f"ed25519:{dev}": "S" * 86}}}
     call(f"{synapse}/_matrix/client/v3/keys/upload", {"device_keys": keys}, tok)
     return {"user_id": uid, "token": tok, "device_id": dev, "password": "pw-" + name}
+
+
+def realistic():
+    """(j) and (k)'s population (bench/population.py, run with the world's
+    Synapse python for its ed25519 signing): the requester's token, and
+    the bodies of (j), its first 10 users, and (k), all of them."""
+    run = subprocess.run([os.environ["SKW_TEST_SYNAPSE_PYTHON"], os.path.join(HERE, "population.py"), SYNAPSE,
+                          str(max(REAL_USERS, 10)), str(os.getpid())], capture_output=True, text=True, timeout=600)
+    if run.returncode:
+        raise SystemExit(f"bench/population.py failed:\n{run.stderr}")
+    pop = json.loads(run.stdout)
+    query = lambda users: {"device_keys": {u["user_id"]: [] for u in users}}
+    return pop["requester"]["token"], query(pop["users"][:10]), query(pop["users"])
 
 
 def login(user):
@@ -191,21 +206,30 @@ def main():
             assert call(ours_off + QUERY, body, asker) == call(SYNAPSE + QUERY, body, asker), "not Synapse's answer"
         remote_ours, remote_asker, remote_ten = remote_users(procs) if "f" in SCENARIOS else (None, None, None)
         remote_token = token_file([remote_asker]) if remote_asker else None
+        real_asker, real_ten, real_all = realistic() if {"j", "k"} & set(SCENARIOS) else (None, None, None)
+        real_one = token_file([real_asker]) if real_asker else None
+        for body in (real_ten, real_all) if real_asker else ():
+            assert call(ours + QUERY, body, real_asker) == call(SYNAPSE + QUERY, body, real_asker), "not Synapse's answer"
         scenarios = [
-            # key, what, ours, tokens, body, connections
-            ("a", "10 local users, all devices, warm", ours, one, ten, 16),
-            ("b", "one user, one device, warm", ours, one, single, 16),
-            ("c", f"{USERS} existing users in one query, warm", ours, one, big, 4),
-            ("d", "10 local users, caches off", ours_off, one, ten, 16),
-            ("e", f"10 local users, {TOKENS} requesters cycling", ours, many, ten, 16),
-            ("f", "10 remote users in Synapse's device-list cache, warm", remote_ours, remote_token, remote_ten, 16),
+            # key, what, ours, tokens, body, connections, the requester
+            ("a", "10 local users, all devices, warm", ours, one, ten, 16, asker),
+            ("b", "one user, one device, warm", ours, one, single, 16, asker),
+            ("c", f"{USERS} existing users in one query, warm", ours, one, big, 4, asker),
+            ("d", "10 local users, caches off", ours_off, one, ten, 16, asker),
+            ("e", f"10 local users, {TOKENS} requesters cycling", ours, many, ten, 16, asker),
+            ("f", "10 remote users in Synapse's device-list cache, warm", remote_ours, remote_token, remote_ten, 16, remote_asker),
+            ("j", "10 realistic users (2–6 devices, cross-signed, verified), warm", ours, real_one, real_ten, 16, real_asker),
+            ("k", f"{max(REAL_USERS, 10)} realistic users in one query, warm", ours, real_one, real_all, 4, real_asker),
         ]
         scenarios = [s for s in scenarios if s[0] in SCENARIOS]
         results = []
         sweep = concurrency_sweep(ours, asker, one, ten, procs)
         fixed = fixed_rate(ours, asker, one, ten, procs, sweep)
-        for key, what, url, tokens, body, conns in scenarios:
-            synapse, who = (os.environ["SKW_TEST_FED_SYNAPSE_URL"], remote_asker) if key == "f" else (SYNAPSE, asker)
+        for key, what, url, tokens, body, conns, who in scenarios:
+            synapse = os.environ["SKW_TEST_FED_SYNAPSE_URL"] if key == "f" else SYNAPSE
+            answer = json.loads(call(url + QUERY, body, who, full=True)[1])
+            size = {"answer_bytes": len(json.dumps(answer, separators=(",", ":"))),
+                    "devices": sum(len(d) for d in answer["device_keys"].values())}
             ceiling, ceiling_url = start_ceiling((url, who, body))
             procs.append(ceiling)
             before = cache_counts(url, "remote_devices")
@@ -214,7 +238,7 @@ def main():
             r["ours"]["remote_cache"] = {"hits": after[0] - before[0], "misses": after[1] - before[1]}
             ceiling.terminate()
             ceiling.wait(timeout=30)
-            results.append({"key": key, "scenario": what, "connections": conns, **r})
+            results.append({"key": key, "scenario": what, "connections": conns, **size, **r})
             print(f"({key}) {what}: ours {r['ours']['rps']:.0f} req/s, Synapse {r['Synapse']['rps']:.0f}, "
                   f"ceiling {r['ceiling']['rps']:.0f}", flush=True)
         bursts = stale_remote_user(procs)
@@ -305,15 +329,16 @@ def concurrency_sweep(ours, asker, tokens, body, procs):
 
 
 def report(results, sweep, fixed, bursts):
-    print("\n| scenario | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| scenario | answer | who | req/s median (min–max) | p50 ms | p99 ms | ours / Synapse | ours / ceiling |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         ours, syn, ceil = r["ours"], r["Synapse"], r["ceiling"]
         for who in ("Synapse", "ours", "ceiling"):
             x = r[who]
             ratios = (f"×{ours['rps'] / syn['rps']:.1f} req/s, p99 1/{syn['p99'] / ours['p99']:.0f}",
                       f"{100 * ours['rps'] / ceil['rps']:.0f}% req/s") if who == "ours" else ("", "")
-            print(f"| {'(' + r['key'] + ') ' + r['scenario'] if who == 'Synapse' else ''} | {who} "
+            size = f"{r['answer_bytes'] / 1000:.1f} KB, {r['devices']} devices" if who == "Synapse" else ""
+            print(f"| {'(' + r['key'] + ') ' + r['scenario'] if who == 'Synapse' else ''} | {size} | {who} "
                   f"| {x['rps']:.0f} ({x['rps_min']:.0f}–{x['rps_max']:.0f}) | {x['p50']:.2f} | {x['p99']:.2f} "
                   f"| {ratios[0]} | {ratios[1]} |")
     print(f"\n{ROUNDS} alternating rounds of {SECONDS} s per target, wrk -t2, same database and machine, one run.")

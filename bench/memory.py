@@ -87,6 +87,12 @@ def build():
                              "-p", str(PG.port), "-U", PG.username, PG.path.lstrip("/")],
                             check=True, capture_output=True, text=True, timeout=300).stdout
     psql(DB, stdin=schema)
+    # Synapse's record of the schema, which the service checks at start-up.
+    record = subprocess.run([os.path.join(BIN, "pg_dump"), "--data-only", "--no-owner", "-t", "schema_version",
+                             "-t", "schema_compat_version", "-t", "applied_schema_deltas", "-h", PG.hostname,
+                             "-p", str(PG.port), "-U", PG.username, PG.path.lstrip("/")],
+                            check=True, capture_output=True, text=True, timeout=300).stdout
+    psql(DB, stdin=record)
     asker = "@asker:" + SERVER
     copy("users", ["name", "creation_ts"], [(asker, 0)] + [(user(i), 0) for i in range(USERS)])
     copy("access_tokens", ["id", "user_id", "device_id", "token"], [(1, asker, "ASKER", TOKEN)])
