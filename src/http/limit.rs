@@ -16,7 +16,8 @@ type Key = (String, Option<String>);
 pub struct DeviceLimiter {
     per_device: usize,
     wait: Duration,
-    slots: Mutex<HashMap<Key, Arc<Semaphore>>>,
+    /// foldhash: every request hashes its (user, device) twice.
+    slots: Mutex<HashMap<Key, Arc<Semaphore>, foldhash::fast::RandomState>>,
 }
 
 /// A held slot; released (and the device's entry dropped when idle) on drop.
@@ -37,6 +38,10 @@ impl DeviceLimiter {
             let mut slots = self.slots.lock().expect("limiter map");
             Arc::clone(slots.entry(key.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.per_device))))
         };
+        // A free slot is taken without arming a timer (the common case).
+        if let Ok(permit) = Arc::clone(&sem).try_acquire_owned() {
+            return Ok(Slot { limiter: self, key, permit: Some(permit) });
+        }
         match tokio::time::timeout(self.wait, sem.acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Slot { limiter: self, key, permit: Some(permit) }),
             _ => {

@@ -133,10 +133,13 @@ fn add_cross_signing_keys<'k>(
     requester: &str,
 ) {
     let keys: Vec<(&Arc<Vec<CrossSigningKey>>, usize)> = per_user.flat_map(|list| (0..list.len()).map(move |i| (list, i))).collect();
-    let mut found: HashMap<usize, Vec<(&str, &str)>> = HashMap::new();
+    // foldhash: built for every answer that carries the requester's
+    // signatures (a verified user's every query).
+    let mut found: HashMap<usize, Vec<(&str, &str)>, foldhash::fast::RandomState> = HashMap::default();
     if !requester_sigs.is_empty() {
         // Synapse maps (user, public key) to one key type, the last one seen.
-        let mut index_of: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut index_of: HashMap<(&str, &str), usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(keys.len(), Default::default());
         for (n, (list, i)) in keys.iter().enumerate() {
             let k = &list[*i];
             if let Some(pk) = &k.public_key {
