@@ -58,7 +58,8 @@ impl App {
         let federation = Arc::new(FederationClient::from_config(&config)?);
         let coordinator = Arc::new(Coordinator::new(&config, Arc::clone(&federation))?);
         let pass = Arc::new(WriterPass::from_config(&config)?);
-        let caches = Arc::new(Caches::new(&config.worker));
+        let schema = Arc::new(crate::schema_window::SchemaStatus::default());
+        let caches = Arc::new(Caches::new(&config.worker, Arc::clone(&schema)));
         let replication = Arc::new(replication::Status::default());
         let invalidator = Arc::new(replication::Invalidator { caches: Arc::clone(&caches), coordinator: Arc::clone(&coordinator) });
         let probe_db =
@@ -71,7 +72,6 @@ impl App {
         ));
         let mas = mas::MasClient::from_config(&config)?.map(Arc::new);
         let device_list_stats = Arc::new(crate::device_lists::stats::HealthStats::default());
-        let schema = Arc::new(crate::schema_window::SchemaStatus::default());
         let metrics = metrics::Metrics::new(metrics::Sources {
             mas: mas.clone(),
             caches: Arc::clone(&caches),

@@ -59,6 +59,7 @@ impl Server {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         replication::start(self.app.follower());
         device_lists::start(Arc::clone(&self.app));
+        schema_window::recheck_periodically(Arc::clone(&self.app.schema), self.app.store.clone());
         let grace = std::time::Duration::from_millis(self.app.config.worker.shutdown_grace_ms);
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let service = http::router(self.app).into_make_service_with_connect_info::<SocketAddr>();

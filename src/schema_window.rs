@@ -6,6 +6,7 @@
 //! our tests run against; a database outside it is refused or warned about
 //! at start-up, and its version is in `/ready` and the metrics.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,17 +76,34 @@ pub fn judge(state: Option<&SchemaState>) -> (Verdict, String) {
     (Verdict::Inside, format!("the database ({found}) is inside the window we test, {window}"))
 }
 
-/// The last schema read, for `/ready` and the metrics.
+/// How often the record is read again while serving (besides every
+/// `/ready`): Synapse may be upgraded under us.
+pub const RECHECK: Duration = Duration::from_secs(60);
+
+/// The last schema read, for `/ready`, the metrics and the one answer rule
+/// that depends on the release (see [`SchemaStatus::owner_entry_always`]).
 #[derive(Debug, Default)]
 pub struct SchemaStatus {
     last: Mutex<Option<(SchemaState, Verdict)>>,
+    /// Our role may not read the record (said at start-up).
+    not_granted: AtomicBool,
 }
 
 impl SchemaStatus {
     /// Reads the database's schema record and judges it; what was read is
-    /// kept. `Err` only when the database did not answer.
+    /// kept. `Err` only when the database did not answer (or refused the
+    /// read: then remembered, see [`Self::owner_entry_always`]).
     pub async fn check(&self, store: &Store) -> Result<(Verdict, String), sqlx::Error> {
-        let state = store.schema_state().await?;
+        let state = match store.schema_state().await {
+            Ok(state) => state,
+            Err(e) => {
+                if crate::store::is_permission_denied(&e) {
+                    self.not_granted.store(true, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
+        self.not_granted.store(false, Ordering::Relaxed);
         let (verdict, line) = judge(state.as_ref());
         if let Some(state) = state {
             *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, verdict));
@@ -93,9 +111,63 @@ impl SchemaStatus {
         Ok((verdict, line))
     }
 
+    /// As if `state` had just been read (tests of what depends on it).
+    #[cfg(test)]
+    pub(crate) fn record(&self, state: SchemaState) {
+        let verdict = judge(Some(&state)).0;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, verdict));
+    }
+
     pub fn last(&self) -> Option<(SchemaState, Verdict)> {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Whether the database's Synapse gives every local device a
+    /// `signatures[owner]` entry, even an empty one (1.139 and later), as of
+    /// the last read; `None` before any. A record we may not read, or none
+    /// at all: as the newest releases.
+    pub fn owner_entry_always(&self) -> Option<bool> {
+        if self.not_granted.load(Ordering::Relaxed) {
+            return Some(true);
+        }
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().map(|(s, _)| !s.before_1_139)
+    }
+
+    /// [`Self::owner_entry_always`], reading the record first when it was
+    /// never read (the start-up read found no database).
+    pub async fn owner_entry_rule(&self, store: &Store) -> Result<bool, sqlx::Error> {
+        if let Some(rule) = self.owner_entry_always() {
+            return Ok(rule);
+        }
+        match self.check(store).await {
+            Ok(_) => Ok(self.owner_entry_always().unwrap_or(true)),
+            Err(e) if crate::store::is_permission_denied(&e) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Reads the record again every [`RECHECK`] while the process runs, so an
+/// upgrade of Synapse under us reaches the answers (and `/metrics`) without
+/// waiting for a `/ready` probe. A refusal found here is logged, not fatal:
+/// `/ready` turns 503 and says why.
+pub fn recheck_periodically(status: Arc<SchemaStatus>, store: Store) {
+    tokio::spawn(async move {
+        let mut said = None;
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            if let Ok(Ok((verdict, line))) = tokio::time::timeout(RECHECK, status.check(&store)).await
+                && said != Some(verdict)
+                && said.replace(verdict).is_some()
+            {
+                match verdict {
+                    Verdict::Inside => tracing::info!("{line}"),
+                    Verdict::Newer | Verdict::Refused => tracing::warn!("{line}"),
+                }
+            }
+        }
+    });
 }
 
 /// At start-up: `Err(line)` when the database cannot be read (the caller

@@ -14,6 +14,7 @@ pub use guarded::{GuardedCache, Ticket, Trust};
 use crate::config::WorkerConfig;
 use crate::keys::rendered::{CrossSigningKey, RenderedDevices};
 use crate::keys::{LocalReads, RemoteUser};
+use crate::schema_window::SchemaStatus;
 use crate::store::{DeviceIdRow, DeviceKeyRow, RemoteDeviceRow, SignatureRow, Store, TokenRow};
 
 type PerUser<V> = GuardedCache<String, Arc<Vec<V>>>;
@@ -35,9 +36,10 @@ pub struct Caches {
     pub device_ids: PerUser<DeviceIdRow>,
     /// Users known to exist (the MAS user check); users are never deleted.
     pub known_users: GuardedCache<String, ()>,
-    /// Whether the database's Synapse gives every device an owner entry in
-    /// `signatures` (1.139 and later), read from its schema once.
-    owner_entry_always: tokio::sync::OnceCell<bool>,
+    /// The database's schema record: which release's rule renders a
+    /// device's `signatures` (read again every minute and at every
+    /// `/ready`; a cached rendering under the other rule is a miss).
+    schema: Arc<SchemaStatus>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -51,7 +53,7 @@ fn weight(strings: impl Iterator<Item = usize>) -> u32 {
 }
 
 impl Caches {
-    pub fn new(w: &WorkerConfig) -> Self {
+    pub fn new(w: &WorkerConfig, schema: Arc<SchemaStatus>) -> Self {
         let trust = Arc::new(Trust::default());
         let ttl = Duration::from_millis(w.cache_ttl_ms);
         let bytes = w.cache_max_bytes;
@@ -100,7 +102,7 @@ impl Caches {
             ),
             known_users: GuardedCache::new("known_users", w.token_cache_max_entries, ttl, |_: &String, _: &()| 1, trust.clone()),
             trust,
-            owner_entry_always: tokio::sync::OnceCell::new(),
+            schema,
         }
     }
 
@@ -243,7 +245,17 @@ impl Caches {
         queried: &[&'a str],
         requester: &'a str,
     ) -> Result<LocalReads<'a>, sqlx::Error> {
-        let (mut devices, misses) = lookup(&self.devices, local.iter().copied());
+        let (mut devices, mut misses) = lookup(&self.devices, local.iter().copied());
+        // Rendered before Synapse was upgraded past 1.138: render again.
+        if let Some(rule) = self.schema.owner_entry_always() {
+            devices.retain(|u, d| {
+                let keep = d.owner_entry_always.is_none_or(|r| r == rule);
+                if !keep {
+                    misses.push(*u);
+                }
+                keep
+            });
+        }
         let devices_due = Due::new(&self.devices, misses);
         let signers = devices_due.users.iter().copied().chain([requester]);
         let (mut signatures, misses) = lookup(&self.signatures, signers);
@@ -256,20 +268,7 @@ impl Caches {
             let device_rows = grouped(rows.device_keys);
             let owner_entry_always = match devices_due.users.is_empty() {
                 true => true,
-                false => {
-                    *self
-                        .owner_entry_always
-                        .get_or_try_init(|| async {
-                            match store.schema_state().await {
-                                Ok(state) => Ok(state.is_none_or(|s| !s.before_1_139)),
-                                // A role without SELECT on the schema record
-                                // (said at start-up): as the newest releases.
-                                Err(e) if crate::store::is_permission_denied(&e) => Ok(true),
-                                Err(e) => Err(e),
-                            }
-                        })
-                        .await?
-                }
+                false => self.schema.owner_entry_rule(store).await?,
             };
             let rendered = devices_due
                 .users
@@ -422,4 +421,43 @@ where
     let loaded = load(due.users.clone()).await?;
     due.fill(cache, loaded, &mut found);
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::store::SchemaState;
+
+    /// A device whose keys carry no signature by its owner: Synapse 1.139
+    /// and later answer an empty `signatures[owner]` entry, earlier releases
+    /// none. A rendering cached under one rule is not served once the
+    /// schema record says the other (Synapse upgraded under us).
+    #[tokio::test]
+    async fn a_rendering_under_the_other_release_rule_is_rendered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = "INSERT INTO users (name, creation_ts, is_guest, deactivated, locked) VALUES ('@u:t', 1, 0, 0, 0);
+            INSERT INTO devices (user_id, device_id, display_name, hidden) VALUES ('@u:t', 'D', NULL, 0);
+            INSERT INTO e2e_device_keys_json (user_id, device_id, ts_added_ms, key_json)
+              VALUES ('@u:t', 'D', 1, '{\"device_id\":\"D\",\"keys\":{\"ed25519:D\":\"k\"},\"user_id\":\"@u:t\"}');";
+        let store = Store::create_sqlite_fixture(&dir.path().join("db"), seed).await.unwrap();
+        let schema = Arc::new(SchemaStatus::default());
+        let at = |before_1_139| SchemaState { version: 92, upgraded: true, compat_version: Some(84), deltas_at_version: 1, before_1_139 };
+        let caches = Caches::new(&WorkerConfig::default(), Arc::clone(&schema));
+        caches.set_trusted(true);
+        let read = async || {
+            let reads = caches.local_reads(&store, &["@u:t"], &["@u:t"], "@u:t").await.unwrap();
+            let json: Value = serde_json::from_str(reads.devices["@u:t"].device_json("D").unwrap().get()).unwrap();
+            json.get("signatures").cloned()
+        };
+        schema.record(at(true));
+        assert_eq!(read().await, None);
+        assert_eq!(read().await, None);
+        assert_eq!(caches.devices.stats().hits, 1, "the rendering is cached");
+        schema.record(at(false));
+        assert_eq!(read().await, Some(serde_json::json!({"@u:t": {}})));
+        schema.record(at(true));
+        assert_eq!(read().await, None);
+    }
 }

@@ -25,6 +25,9 @@ use crate::store::{CrossSigningKeyRow, DeviceKeyRow, RemoteDeviceRow, SignatureR
 #[derive(Debug, Default)]
 pub struct RenderedDevices {
     devices: Vec<(String, Box<RawValue>)>,
+    /// The owner-entry rule a local user's devices were rendered under
+    /// (see [`Self::local`]); `None` for a remote user's.
+    pub owner_entry_always: Option<bool>,
 }
 
 /// A row of Synapse's remote device cache (`device_lists_remote_cache`).
@@ -56,7 +59,7 @@ impl RenderedDevices {
             keys.insert("unsigned".into(), to_raw_value(&unsigned).expect("a map serialises"));
             devices.insert(&row.device_id, to_raw_value(&keys).expect("a key object serialises"));
         }
-        Self { devices: devices.into_iter().map(|(id, json)| (id.to_owned(), json)).collect() }
+        Self { devices: devices.into_iter().map(|(id, json)| (id.to_owned(), json)).collect(), owner_entry_always: None }
     }
 
     /// A local user's devices (Synapse's `query_local_devices`): each
@@ -81,7 +84,15 @@ impl RenderedDevices {
             set_unsigned_display_name(&mut keys, r.display_name.as_deref());
             devices.insert(&r.device_id, to_raw_value(&keys).expect("a key object serialises"));
         }
-        Self { devices: devices.into_iter().map(|(id, json)| (id.to_owned(), json)).collect() }
+        Self {
+            devices: devices.into_iter().map(|(id, json)| (id.to_owned(), json)).collect(),
+            owner_entry_always: Some(owner_entry_always),
+        }
+    }
+
+    /// One device's rendered key JSON.
+    pub fn device_json(&self, device_id: &str) -> Option<&RawValue> {
+        self.devices.iter().find(|(id, _)| id == device_id).map(|(_, json)| &**json)
     }
 
     /// Bytes held, for the cache's weigher.
