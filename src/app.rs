@@ -168,6 +168,10 @@ impl keys::Context for App {
         self.barrier.sync(remote_users).await.map_err(|e| KeysError::Unavailable(e.to_string()))
     }
 
+    fn cache_changes(&self) -> u64 {
+        self.caches.changes()
+    }
+
     async fn local_reads<'a>(&self, local: &[&'a str], queried: &[&'a str], requester: &'a str) -> Result<LocalReads<'a>, KeysError> {
         Ok(self.caches.local_reads(&self.store, local, queried, requester).await?)
     }

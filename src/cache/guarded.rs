@@ -47,23 +47,39 @@ pub struct Stats {
     pub weight: u64,
 }
 
-/// Shared by all caches: whether their contents may be used.
+/// Shared by all caches: whether their contents may be used, and how many
+/// invalidations they have seen.
 #[derive(Debug, Default)]
-pub struct Trust(AtomicBool);
+pub struct Trust {
+    trusted: AtomicBool,
+    changes: AtomicU64,
+}
 
 impl Trust {
     /// A cache whose contents are always usable (its invalidations do not
     /// depend on the replication stream).
     pub fn trusted() -> Self {
-        Self(AtomicBool::new(true))
+        Self { trusted: AtomicBool::new(true), changes: AtomicU64::new(0) }
     }
 
     pub fn set(&self, trusted: bool) {
-        self.0.store(trusted, Ordering::SeqCst);
+        self.trusted.store(trusted, Ordering::SeqCst);
+        self.changed();
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.trusted.load(Ordering::SeqCst)
+    }
+
+    /// Counts invalidations, each once it is done: a reader that saw the
+    /// same count before and after its reads read nothing an invalidation
+    /// finished between them replaced.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -198,6 +214,7 @@ where
         let mut g = self.state.lock().expect("generations");
         g.stripes[stripe] += 1;
         self.cache.invalidate(key);
+        self.trust.changed();
     }
 
     /// Drops the entries matching `predicate` (and voids every load in
@@ -206,12 +223,14 @@ where
         let mut g = self.state.lock().expect("generations");
         g.epoch += 1;
         let _ = self.cache.invalidate_entries_if(predicate);
+        self.trust.changed();
     }
 
     pub fn invalidate_all(&self) {
         let mut g = self.state.lock().expect("generations");
         g.epoch += 1;
         self.cache.invalidate_all();
+        self.trust.changed();
     }
 
     /// Applies pending evictions now (tests; moka does it as it goes).

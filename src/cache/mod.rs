@@ -124,6 +124,11 @@ impl Caches {
         self.trust.get()
     }
 
+    /// Invalidations so far (see [`Trust::changes`]).
+    pub fn changes(&self) -> u64 {
+        self.trust.changes()
+    }
+
     /// Turns the caches on (caught up with the stream) or off (lost it).
     pub fn set_trusted(&self, trusted: bool) {
         self.trust.set(trusted);

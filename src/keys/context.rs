@@ -40,6 +40,10 @@ pub trait Context: Sync {
     /// the call; returns those of `remote_users` Synapse has marked stale.
     fn catch_up(&self, remote_users: &[&str]) -> impl Future<Output = Result<Arc<HashSet<String>>, KeysError>> + Send;
 
+    /// A count that moves whenever a cached read may have changed: reads
+    /// made while it stood still are as fresh as reads made at its end.
+    fn cache_changes(&self) -> u64;
+
     /// The devices of the `local` users, the cross-signing keys of the
     /// `queried` ones and the signatures `requester` made: from memory
     /// where it can, the rest in one database round trip.

@@ -84,14 +84,23 @@ pub async fn query_keys(ctx: &impl Context, requester: &str, query: &KeysQuery, 
     // Nothing Synapse has announced may be older in our answer. Once is
     // enough: a request that already waited for a probe only needs one for
     // remote users' stale marks.
-    let stale_marks = if query.caught_up && remote_users.is_empty() { Arc::default() } else { ctx.catch_up(&remote_users).await? };
+    let barrier = async { if query.caught_up && remote_users.is_empty() { Ok(Arc::default()) } else { ctx.catch_up(&remote_users).await } };
 
     // Owners' signatures on their own devices are in the rendered devices;
     // the requester's signatures on anyone's keys are shown to the
-    // requester.
+    // requester. Read while the barrier's probe is out: if no cached entry
+    // was invalidated meanwhile (the probe applies what it finds before it
+    // returns), what was read is what a read after it would give; else read
+    // again.
+    let changes = ctx.cache_changes();
     let reads = ctx.local_reads(&local_users, &queried, requester);
     let appservices = async { if local.is_empty() { Default::default() } else { ctx.appservice_devices(&local, deadline).await } };
-    let (reads, appservice_answer) = tokio::join!(reads, appservices);
+    let (stale_marks, reads, appservice_answer) = tokio::join!(barrier, reads, appservices);
+    let stale_marks = stale_marks?;
+    let reads = match ctx.cache_changes() == changes {
+        true => reads,
+        false => ctx.local_reads(&local_users, &queried, requester).await,
+    };
     let LocalReads { devices: device_map, cross_signing_keys: key_map, requester_signatures: requester_sigs } = reads?;
 
     let mut resp = KeysQueryResponse::default();
@@ -161,9 +170,87 @@ fn add_cross_signing_keys<'k>(
             _ => continue,
         };
         let json = match found.get(&n) {
-            Some(sigs) => KeyJson::Built(k.signed_by(requester, sigs)),
+            Some(sigs) => KeyJson::Raw(k.signed_by(requester, sigs)),
             None => KeyJson::Shared(Arc::clone(list), i),
         };
         target.insert(k.user_id.clone(), json);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Map, json};
+
+    use super::super::rendered::RenderedDevices;
+    use super::super::{Outcome, RemoteUser};
+    use super::*;
+    use crate::store::DeviceKeyRow;
+
+    /// A context whose barrier applies one change (a new device of `@u:hs`)
+    /// after the first reads have been made.
+    #[derive(Default)]
+    struct ChangeDuringProbe {
+        changes: AtomicU64,
+        reads: AtomicU64,
+    }
+
+    impl Context for ChangeDuringProbe {
+        fn server_name(&self) -> &str {
+            "hs"
+        }
+        fn destination_concurrency(&self) -> usize {
+            1
+        }
+        async fn catch_up(&self, _: &[&str]) -> Result<Arc<HashSet<String>>, KeysError> {
+            // The probe's round trip: the reads run meanwhile.
+            tokio::task::yield_now().await;
+            self.changes.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::default())
+        }
+        fn cache_changes(&self) -> u64 {
+            self.changes.load(Ordering::SeqCst)
+        }
+        async fn local_reads<'a>(&self, local: &[&'a str], _: &[&'a str], _: &'a str) -> Result<LocalReads<'a>, KeysError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let device = if self.changes.load(Ordering::SeqCst) == 0 { "OLD" } else { "NEW" };
+            let row = DeviceKeyRow { user_id: "@u:hs".into(), device_id: device.into(), display_name: None, key_json: Some("{}".into()) };
+            let mut reads = LocalReads::default();
+            reads.devices.insert(local[0], Arc::new(RenderedDevices::local(&[row], &[], true)));
+            Ok(reads)
+        }
+        async fn appservice_devices(&self, _: &[UserQuery<'_>], _: Instant) -> Map<String, Value> {
+            Map::new()
+        }
+        async fn remote_users(&self, _: &[&str]) -> Result<HashMap<String, Arc<RemoteUser>>, KeysError> {
+            unreachable!("no remote users")
+        }
+        async fn destinations_in_backoff(&self, _: &[&str], _: i64) -> Result<Vec<String>, KeysError> {
+            unreachable!("no remote users")
+        }
+        async fn users_sharing_a_room_with(&self, _: &str, _: &[&str]) -> Result<Vec<String>, KeysError> {
+            unreachable!("not asked")
+        }
+        async fn resync(&self, _: &str, _: &[String], _: Instant, _: Instant) -> HashMap<String, Outcome> {
+            unreachable!("no remote users")
+        }
+        async fn user_keys_query(&self, _: &str, _: &Value, _: Duration, _: Instant) -> Result<Value, Value> {
+            unreachable!("no remote users")
+        }
+        fn timed_out(&self, _: Duration) -> Value {
+            unreachable!("no remote users")
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_made_while_the_probe_applied_a_change_are_made_again() {
+        let ctx = ChangeDuringProbe::default();
+        let query = KeysQuery::parse(br#"{"device_keys": {"@u:hs": []}}"#).unwrap();
+        let answer = serde_json::to_value(query_keys(&ctx, "@u:hs", &query, 0).await.unwrap()).unwrap();
+        assert_eq!(answer["device_keys"]["@u:hs"], json!({"NEW": {"signatures": {"@u:hs": {}}, "unsigned": {}}}));
+        assert_eq!(ctx.reads.load(Ordering::SeqCst), 2, "read while the probe was out, then again");
     }
 }

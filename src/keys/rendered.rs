@@ -106,33 +106,98 @@ impl RenderedDevices {
 }
 
 /// A cross-signing key, parsed once: its type, public part (the last value
-/// of its `keys`, what signatures on it name as their target) and JSON.
+/// of its `keys`, what signatures on it name as their target) and JSON,
+/// with where its `signatures` sit in that text, so a requester's
+/// signatures are spliced in without parsing the rest again.
 #[derive(Debug)]
 pub struct CrossSigningKey {
     pub user_id: String,
     pub keytype: String,
     pub public_key: Option<String>,
     json: Box<RawValue>,
+    signatures: SignaturesAt,
 }
+
+/// Where `signatures` is in a rendered key's text (its fields sorted).
+#[derive(Debug, Clone, Copy)]
+enum SignaturesAt {
+    /// `json[start..end]` is `"signatures":<value>`.
+    Field { start: usize, end: usize },
+    /// No such field: it would start at `at` (the first field after it in
+    /// order, or the closing brace when none follows).
+    Absent { at: usize, followed: bool },
+}
+
+const SIGNATURES_KEY: &str = "\"signatures\":";
 
 impl CrossSigningKey {
     /// `None` when the stored key data is not a JSON object (Synapse
     /// could not have stored it; such rows are skipped).
     pub fn parse(row: &CrossSigningKeyRow) -> Option<Self> {
         let data = parse_object(&row.keydata)?;
-        let json = to_raw_value(&data).expect("a key object serialises");
-        Some(Self { public_key: last_key_value(&data), user_id: row.user_id.clone(), keytype: row.keytype.clone(), json })
+        // Written as serde_json writes the map (compact, in key order),
+        // noting where `signatures` is or would be.
+        let mut text = String::with_capacity(row.keydata.len() + 2);
+        text.push('{');
+        let mut signatures = None;
+        for (i, (k, v)) in data.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            if signatures.is_none() && k.as_str() > "signatures" {
+                signatures = Some(SignaturesAt::Absent { at: text.len(), followed: true });
+            }
+            let start = text.len();
+            text.push_str(&serde_json::to_string(k).expect("a string serialises"));
+            text.push(':');
+            text.push_str(v.get());
+            if k == "signatures" {
+                signatures = Some(SignaturesAt::Field { start, end: text.len() });
+            }
+        }
+        let signatures = signatures.unwrap_or(SignaturesAt::Absent { at: text.len(), followed: false });
+        text.push('}');
+        let json = RawValue::from_string(text).expect("written from a parsed object");
+        Some(Self { public_key: last_key_value(&data), user_id: row.user_id.clone(), keytype: row.keytype.clone(), json, signatures })
     }
 
     pub fn weight(&self) -> usize {
-        self.user_id.len() + self.keytype.len() + self.public_key.as_ref().map_or(0, String::len) + self.json.get().len() + 64
+        self.user_id.len() + self.keytype.len() + self.public_key.as_ref().map_or(0, String::len) + self.json.get().len() + 80
     }
 
-    /// The key with `signer`'s signatures `sigs` merged in.
-    pub fn signed_by(&self, signer: &str, sigs: &[(&str, &str)]) -> KeyObject {
-        let mut data = parse_object(self.json.get()).expect("rendered from a key object");
-        merge_signatures(&mut data, signer, sigs, false);
-        data
+    /// The key with `signer`'s signatures `sigs` merged in (as
+    /// [`merge_signatures`] merges them), only its `signatures` re-read.
+    pub fn signed_by(&self, signer: &str, sigs: &[(&str, &str)]) -> Box<RawValue> {
+        let text = self.json.get();
+        let mut field = KeyObject::new();
+        if let SignaturesAt::Field { start, end } = self.signatures {
+            let value = &text[start + SIGNATURES_KEY.len()..end];
+            field.insert("signatures".into(), RawValue::from_string(value.to_owned()).expect("a value of the parsed object"));
+        }
+        merge_signatures(&mut field, signer, sigs, false);
+        let Some(merged) = field.get("signatures") else { return self.json.clone() };
+        let mut out = String::with_capacity(text.len() + merged.get().len() + 16);
+        match self.signatures {
+            SignaturesAt::Field { start, end } => {
+                out.push_str(&text[..start]);
+                out.push_str(SIGNATURES_KEY);
+                out.push_str(merged.get());
+                out.push_str(&text[end..]);
+            }
+            SignaturesAt::Absent { at, followed } => {
+                out.push_str(&text[..at]);
+                if !followed && at > 1 {
+                    out.push(',');
+                }
+                out.push_str(SIGNATURES_KEY);
+                out.push_str(merged.get());
+                if followed {
+                    out.push(',');
+                }
+                out.push_str(&text[at..]);
+            }
+        }
+        RawValue::from_string(out).expect("spliced from valid JSON")
     }
 }
 
@@ -198,8 +263,10 @@ fn is_truthy(v: &Value) -> bool {
 pub enum KeyJson {
     /// As rendered: `.1` indexes the user's keys.
     Shared(Arc<Vec<CrossSigningKey>>, usize),
-    /// Built for this answer (signatures merged, or a remote user's).
+    /// Built for this answer (a remote user's).
     Built(KeyObject),
+    /// Rendered for this answer (the requester's signatures spliced in).
+    Raw(Box<RawValue>),
 }
 
 impl From<KeyObject> for KeyJson {
@@ -213,6 +280,7 @@ impl Serialize for KeyJson {
         match self {
             Self::Shared(keys, i) => keys[*i].json.serialize(s),
             Self::Built(k) => k.serialize(s),
+            Self::Raw(k) => k.serialize(s),
         }
     }
 }
@@ -299,5 +367,31 @@ mod tests {
         let signed = keys[0].signed_by("@r:hs", &[("ed25519:USK", "s")]);
         assert_eq!(serde_json::to_value(&signed).unwrap()["signatures"], serde_json::json!({"@r:hs": {"ed25519:USK": "s"}}));
         assert!(CrossSigningKey::parse(&CrossSigningKeyRow { keydata: "1".into(), ..row }).is_none());
+    }
+
+    #[test]
+    fn a_requesters_signatures_are_spliced_in_as_merging_them_would() {
+        let shapes = [
+            r#"{"keys":{"ed25519:a":"A"},"signatures":{"@u:hs":{"ed25519:d":"s"}},"usage":["master"],"user_id":"@u:hs"}"#,
+            r#"{"keys":{"ed25519:a":"A"},"signatures":{"@r:hs":{"ed25519:old":"o"}},"usage":["master"]}"#,
+            r#"{"usage":["master"],"keys":{"ed25519:a":"A"},"user_id":"@u:hs"}"#,
+            r#"{"keys":{"ed25519:a":"A"},"a":1}"#,
+            r#"{"keys":{"ed25519:a":"A"},"zz":"\u00e9\"","signatures":"not an object"}"#,
+            r#"{"signatures":{}}"#,
+            r#"{"keys":{"ed25519:a":"A"},"signatures":{"@r:hs":[1]}}"#,
+            r#"{}"#,
+        ];
+        for keydata in shapes {
+            let row = CrossSigningKeyRow { user_id: "@u:hs".into(), keytype: "master".into(), keydata: keydata.into() };
+            let key = CrossSigningKey::parse(&row).unwrap();
+            let unsigned: Value = serde_json::from_str(key.json.get()).unwrap();
+            assert_eq!(unsigned, serde_json::from_str::<Value>(keydata).unwrap(), "{keydata}");
+            for sigs in [&[][..], &[("ed25519:USK", "s1")][..], &[("ed25519:USK", "s1"), ("ed25519:old", "s2")][..]] {
+                let mut expected = parse_object(keydata).unwrap();
+                merge_signatures(&mut expected, "@r:hs", sigs, false);
+                let spliced: Value = serde_json::from_str(key.signed_by("@r:hs", sigs).get()).unwrap();
+                assert_eq!(spliced, serde_json::to_value(&expected).unwrap(), "{keydata} {sigs:?}");
+            }
+        }
     }
 }

@@ -155,6 +155,11 @@ const QUICK_PROBE: Sql = Sql {
     sqlite: "",
 };
 
+// The quick probe of a round without remote users: the sequence alone (the
+// stale-mark lookup, even of no users, made the round trip ~15% longer).
+const QUICK_PROBE_LOCAL: Sql =
+    Sql { pg: "SELECT 3 AS kind, last_value AS pos, '' AS name, '' AS writer FROM device_lists_sequence", sqlite: "" };
+
 const CACHES_PG: &str = "
     SELECT stream_id, cache_func, keys FROM cache_invalidation_stream_by_instance
     WHERE stream_id > $1 AND stream_id <= $2 AND ($3::text IS NULL OR instance_name = $3)";
@@ -242,6 +247,9 @@ impl ProbeConnection {
     /// marked stale. `None` on SQLite (no sequence).
     pub async fn quick_probe(&self, remote_users: &[&str]) -> Result<Option<Vec<ProbeRow>>, sqlx::Error> {
         let Some(own) = &self.own else { return Ok(None) };
+        if remote_users.is_empty() {
+            return own.run(async |conn| super::sql::fetch_all_on(conn, &QUICK_PROBE_LOCAL, &[]).await).await.map(Some);
+        }
         let args = [Arg::list(remote_users)];
         own.run(async |conn| super::sql::fetch_all_on(conn, &QUICK_PROBE, &args).await).await.map(Some)
     }
