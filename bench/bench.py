@@ -13,7 +13,8 @@ latency runs, default 200,2000,8000), BENCH_BINARY, BENCH_CEILING and
 BENCH_LOADGEN (the builds to measure and load with), BENCH_OUT (the JSON
 file), BENCH_SCENARIOS (the scenarios to run, default a,b,c,d,e,f,g,h,j,k; an
 empty BENCH_SWEEP or BENCH_RATES skips the sweep or the fixed rates),
-BENCH_REAL_USERS (the realistic population of (j) and (k), default 100)."""
+BENCH_REAL_USERS (the realistic population of (j) and (k), default 100),
+BENCH_REAL_RATES (the fixed request rates of (j), default 8000)."""
 
 import json
 import os
@@ -224,7 +225,8 @@ def main():
         scenarios = [s for s in scenarios if s[0] in SCENARIOS]
         results = []
         sweep = concurrency_sweep(ours, asker, one, ten, procs)
-        fixed = fixed_rate(ours, asker, one, ten, procs, sweep)
+        best = {n: max((row[n]["rps"] for row in sweep), default=float("inf")) for n in ("Synapse", "ours", "ceiling")}
+        fixed = fixed_rate(ours, asker, one, ten, procs, best)
         for key, what, url, tokens, body, conns, who in scenarios:
             synapse = os.environ["SKW_TEST_FED_SYNAPSE_URL"] if key == "f" else SYNAPSE
             answer = json.loads(call(url + QUERY, body, who, full=True)[1])
@@ -241,6 +243,10 @@ def main():
             results.append({"key": key, "scenario": what, "connections": conns, **size, **r})
             print(f"({key}) {what}: ours {r['ours']['rps']:.0f} req/s, Synapse {r['Synapse']['rps']:.0f}, "
                   f"ceiling {r['ceiling']['rps']:.0f}", flush=True)
+        real = next((r for r in results if r["key"] == "j"), None)
+        if real:
+            best = {n: real[n]["rps"] for n in ("Synapse", "ours", "ceiling")}
+            fixed += fixed_rate(ours, real_asker, real_one, real_ten, procs, best, "j", ints("BENCH_REAL_RATES", "8000"))
         bursts = stale_remote_user(procs)
     finally:
         for p in procs:
@@ -276,20 +282,19 @@ def stale_remote_user(procs):
     return out
 
 
-def fixed_rate(ours, asker, tokens, body, procs, sweep):
-    """Scenario (a) at fixed request rates (bench/loadgen.rs: open loop,
+def fixed_rate(ours, asker, tokens, body, procs, best, key="a", rates=None):
+    """Scenario `key` at fixed request rates (bench/loadgen.rs: open loop,
     latency from when each request was due), one round per rate and server.
-    A server whose best throughput in the sweep is under 1.5 times a rate is
-    not asked to sustain it (it would only queue)."""
+    A server whose best throughput (`best`, by name) is under 1.5 times a
+    rate is not asked to sustain it (it would only queue)."""
     ceiling, ceiling_url = start_ceiling((ours, asker, body))
     procs.append(ceiling)
     body_file = os.path.join(WORK, f"body-{free_port()}.json")
     with open(body_file, "w") as f:
         json.dump(body, f)
-    best = {n: max((row[n]["rps"] for row in sweep), default=float("inf")) for n in ("Synapse", "ours", "ceiling")}
     out = []
-    for rate in ints("BENCH_RATES", "200,2000,8000"):
-        row = {"rate": rate}
+    for rate in rates if rates is not None else ints("BENCH_RATES", "200,2000,8000"):
+        row = {"scenario": key, "rate": rate}
         for name, url in (("Synapse", SYNAPSE), ("ours", ours), ("ceiling", ceiling_url)):
             if best[name] < 1.5 * rate:
                 row[name] = None
@@ -303,7 +308,7 @@ def fixed_rate(ours, asker, tokens, body, procs, sweep):
                 raise SystemExit(f"{r['errors']} failed requests at {rate} req/s against {url}")
             row[name] = r
         out.append(row)
-        print(f"fixed rate {rate} req/s, p99: " + ", ".join(
+        print(f"({key}) fixed rate {rate} req/s, p99: " + ", ".join(
             f"{n} {row[n]['p99']:.2f} ms" if row[n] else f"{n} -" for n in ("Synapse", "ours", "ceiling")), flush=True)
     ceiling.terminate()
     ceiling.wait(timeout=30)
@@ -346,14 +351,14 @@ def report(results, sweep, fixed, bursts):
         if r["key"] == "f":
             c = r["ours"]["remote_cache"]
             print(f"(f): our remote-device cache during its rounds: {c['hits']:.0f} hits, {c['misses']:.0f} misses")
-    print("\n| rate req/s | who | p50 ms | p99 ms | p99.9 ms | max ms | generator lag ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| scenario | rate req/s | who | p50 ms | p99 ms | p99.9 ms | max ms | generator lag ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in fixed:
         for who in ("Synapse", "ours", "ceiling"):
             x = row[who]
             cells = (f"{x['p50']:.2f} | {x['p99']:.2f} | {x['p999']:.2f} | {x['max']:.2f} | {x['lag_ms']:.1f}" if x
                      else "cannot sustain it | | | |")
-            print(f"| {row['rate']} | {who} | {cells} |")
+            print(f"| ({row['scenario']}) | {row['rate']} | {who} | {cells} |")
     if bursts:
         print(f"\n| scenario | round | queries | 200 | with the devices | writer calls | remote calls | p50 ms | p99 ms | max ms | later than timeout + 100 ms |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

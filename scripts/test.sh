@@ -65,7 +65,7 @@ for t in "${HEAVY[@]}"; do skip_heavy+=(--skip "$t"); done
 # bench (bench/bench.py: every scenario for a second, on the debug builds;
 # bench/memory.py with 1,000 users), so the bench command keeps working, in
 # one world.
-smoke="BENCH_SECONDS=1 BENCH_ROUNDS=1 BENCH_USERS=20 BENCH_REAL_USERS=12 BENCH_TOKENS=10 BENCH_SWEEP=1,2 BENCH_RATES=20 BENCH_BURST=20
+smoke="BENCH_SECONDS=1 BENCH_ROUNDS=1 BENCH_USERS=20 BENCH_REAL_USERS=12 BENCH_REAL_RATES=20 BENCH_TOKENS=10 BENCH_SWEEP=1,2 BENCH_RATES=20 BENCH_BURST=20
     BENCH_BINARY=$CARGO_TARGET_DIR/debug/synapse-keys-worker BENCH_CEILING=$CARGO_TARGET_DIR/debug/examples/ceiling
     BENCH_LOADGEN=$CARGO_TARGET_DIR/debug/examples/loadgen MEM_USERS=1000 MEM_CYCLES=2
     MEM_OUT=$CARGO_TARGET_DIR/bench/memory-smoke.json
