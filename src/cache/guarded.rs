@@ -62,9 +62,12 @@ impl Trust {
         Self { trusted: AtomicBool::new(true), changes: AtomicU64::new(0) }
     }
 
+    /// A change of trust counts as an invalidation (the poller confirms
+    /// trust after every poll: that alone changes nothing).
     pub fn set(&self, trusted: bool) {
-        self.trusted.store(trusted, Ordering::SeqCst);
-        self.changed();
+        if self.trusted.swap(trusted, Ordering::SeqCst) != trusted {
+            self.changed();
+        }
     }
 
     pub fn get(&self) -> bool {
