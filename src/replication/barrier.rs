@@ -50,7 +50,8 @@ use super::{Invalidator, Reported};
 use crate::store::{ProbeConnection, ProbeKind, ProbeRow};
 
 /// Probes in flight at once: one, on a connection of its own. Back to back
-/// they batch best; each costs one round trip.
+/// they batch best; each costs one round trip. (Two, on two connections,
+/// measured slower at every concurrency: BENCHMARKS.md.)
 const MAX_IN_FLIGHT: usize = 1;
 
 /// Above this many unconfirmed changes (a writer's position stuck), stop
