@@ -11,8 +11,10 @@
 //! `loadgen URL RATE SECONDS TOKENS_FILE BODY_FILE` POSTs BODY_FILE to URL
 //! RATE times a second for SECONDS (after one second at that rate that is
 //! not counted, to open the connections the load needs), cycling the access tokens of
-//! TOKENS_FILE (one a line), over as many keep-alive connections as the
-//! load needs. Prints one JSON object: the percentiles (ms), how many
+//! TOKENS_FILE (one a line), over at most [`CONNECTIONS`] keep-alive
+//! connections (a request due while all are busy waits for one, and the
+//! wait counts in its latency: a server that falls behind is charged, not
+//! flooded with new connections until connects fail). Prints one JSON object: the percentiles (ms), how many
 //! requests were answered 200 and how many were not, and how far behind
 //! schedule the generator itself fell (`lag_ms`: if that is not small, the
 //! generator, not the server, was the bottleneck).
@@ -20,11 +22,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
+
+/// Most requests in flight, so most connections open, at once.
+const CONNECTIONS: usize = 64;
 
 struct Outcome {
     latencies_us: Vec<u64>,
     errors: u64,
+    /// Failures by kind (`status 503`, `timeout`, `connect`, `other`).
+    error_kinds: std::collections::BTreeMap<String, u64>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -44,10 +51,12 @@ async fn main() {
     let warm_up = rate.round() as u64;
     let total = (rate * seconds).round() as u64;
     let period = Duration::from_secs_f64(1.0 / rate);
-    let outcome = Arc::new(Mutex::new(Outcome { latencies_us: Vec::with_capacity(total as usize), errors: 0 }));
+    let outcome =
+        Arc::new(Mutex::new(Outcome { latencies_us: Vec::with_capacity(total as usize), errors: 0, error_kinds: Default::default() }));
     let start = Instant::now() + Duration::from_millis(50);
     let mut lag = Duration::ZERO;
     let mut tasks = Vec::with_capacity((warm_up + total) as usize);
+    let slots = Arc::new(Semaphore::new(CONNECTIONS));
     for i in 0..warm_up + total {
         let counted = i >= warm_up;
         let due = start + period.mul_f64(i as f64);
@@ -62,20 +71,25 @@ async fn main() {
             .header("Content-Type", "application/json")
             .body(body.clone());
         let outcome = outcome.clone();
+        let slots = slots.clone();
         tasks.push(tokio::spawn(async move {
-            let ok = match request.send().await {
-                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                Err(_) => false,
+            let _slot = slots.acquire().await.expect("never closed");
+            let failure = match request.send().await {
+                Ok(r) if r.status() != 200 => Some(format!("status {}", r.status().as_u16())),
+                Ok(r) => r.bytes().await.err().map(|e| error_kind(&e).to_owned()),
+                Err(e) => Some(error_kind(&e).to_owned()),
             };
             let took = sent.elapsed();
             let mut o = outcome.lock().await;
             if !counted {
                 return;
             }
-            if ok {
-                o.latencies_us.push(took.as_micros() as u64);
-            } else {
-                o.errors += 1;
+            match failure {
+                None => o.latencies_us.push(took.as_micros() as u64),
+                Some(kind) => {
+                    o.errors += 1;
+                    *o.error_kinds.entry(kind).or_default() += 1;
+                }
             }
         }));
     }
@@ -98,6 +112,7 @@ async fn main() {
         "sent": total,
         "ok": o.latencies_us.len(),
         "errors": o.errors,
+        "error_kinds": o.error_kinds,
         "achieved_rps": o.latencies_us.len() as f64 / elapsed,
         "p50": pct(50.0),
         "p99": pct(99.0),
@@ -106,4 +121,14 @@ async fn main() {
         "lag_ms": lag.as_secs_f64() * 1000.0,
     });
     println!("{out}");
+}
+
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "other"
+    }
 }
