@@ -18,6 +18,13 @@
 //! requests were answered 200 and how many were not, and how far behind
 //! schedule the generator itself fell (`lag_ms`: if that is not small, the
 //! generator, not the server, was the bottleneck).
+//!
+//! `loadgen --burst URL N TOKEN BODY_FILE` sends N copies of one query at
+//! once, each on a connection of its own opened beforehand, and prints one
+//! JSON array of `[status, latency ms, answer]` (the bench's (g) and (h)).
+//! Async on one thread, so a thousand answers arriving together are read
+//! as they come: a client of a thread per query spent seconds of its own
+//! reading them, which the bench then charged to the server.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +44,14 @@ struct Outcome {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, url, n, token, body] = &args[..]
+        && flag == "--burst"
+    {
+        let body = bytes::Bytes::from(std::fs::read(body).expect("BODY_FILE"));
+        return burst(url, n.parse().expect("N: queries"), token, body).await;
+    }
     let [_, url, rate, seconds, tokens, body] = &args[..] else {
-        eprintln!("usage: loadgen URL RATE SECONDS TOKENS_FILE BODY_FILE");
+        eprintln!("usage: loadgen URL RATE SECONDS TOKENS_FILE BODY_FILE | loadgen --burst URL N TOKEN BODY_FILE");
         std::process::exit(2);
     };
     let rate: f64 = rate.parse().expect("RATE: requests a second");
@@ -131,4 +144,56 @@ fn error_kind(e: &reqwest::Error) -> &'static str {
     } else {
         "other"
     }
+}
+
+/// `n` copies of one POST, each on a connection opened beforehand, sent
+/// together; prints `[[status, latency ms, answer], ...]` (status 0 and the
+/// error for a query that failed).
+async fn burst(url: &str, n: usize, token: &str, body: bytes::Bytes) {
+    let uri: hyper::Uri = url.parse().expect("URL");
+    let authority = uri.authority().expect("URL: a host and port").to_string();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let mut senders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = tokio::net::TcpStream::connect(&authority).await.expect("a connection");
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("a handshake");
+        tokio::spawn(conn);
+        senders.push(sender);
+    }
+    let gate = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            let request = hyper::Request::post(&path)
+                .header("host", &authority)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.clone()))
+                .expect("a request");
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                gate.wait().await;
+                let started = Instant::now();
+                let answer = async {
+                    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+                    let status = response.status().as_u16();
+                    let bytes =
+                        axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>((status, String::from_utf8_lossy(&bytes).into_owned()))
+                }
+                .await;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                match answer {
+                    Ok((status, text)) => serde_json::json!([status, ms, text]),
+                    Err(e) => serde_json::json!([0, ms, e]),
+                }
+            })
+        })
+        .collect();
+    gate.wait().await;
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("a query task"));
+    }
+    println!("{}", serde_json::Value::Array(out));
 }
