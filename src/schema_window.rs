@@ -85,25 +85,26 @@ pub const RECHECK: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct SchemaStatus {
     last: Mutex<Option<(SchemaState, Verdict)>>,
-    /// Our role may not read the record (said at start-up).
-    not_granted: AtomicBool,
+    /// The last read found no record (the demo's database), or our role
+    /// may not read it (said at start-up): nothing says which release.
+    no_record: AtomicBool,
 }
 
 impl SchemaStatus {
     /// Reads the database's schema record and judges it; what was read is
     /// kept. `Err` only when the database did not answer (or refused the
-    /// read: then remembered, see [`Self::owner_entry_always`]).
+    /// read: remembered as no record, see [`Self::owner_entry_always`]).
     pub async fn check(&self, store: &Store) -> Result<(Verdict, String), sqlx::Error> {
         let state = match store.schema_state().await {
             Ok(state) => state,
             Err(e) => {
                 if crate::store::is_permission_denied(&e) {
-                    self.not_granted.store(true, Ordering::Relaxed);
+                    self.no_record.store(true, Ordering::Relaxed);
                 }
                 return Err(e);
             }
         };
-        self.not_granted.store(false, Ordering::Relaxed);
+        self.no_record.store(state.is_none(), Ordering::Relaxed);
         let (verdict, line) = judge(state.as_ref());
         if let Some(state) = state {
             *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, verdict));
@@ -115,6 +116,7 @@ impl SchemaStatus {
     #[cfg(test)]
     pub(crate) fn record(&self, state: SchemaState) {
         let verdict = judge(Some(&state)).0;
+        self.no_record.store(false, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, verdict));
     }
 
@@ -125,9 +127,10 @@ impl SchemaStatus {
     /// Whether the database's Synapse gives every local device a
     /// `signatures[owner]` entry, even an empty one (1.139 and later), as of
     /// the last read; `None` before any. A record we may not read, or none
-    /// at all: as the newest releases.
+    /// at all: as the newest releases (remembered, not read again per
+    /// query).
     pub fn owner_entry_always(&self) -> Option<bool> {
-        if self.not_granted.load(Ordering::Relaxed) {
+        if self.no_record.load(Ordering::Relaxed) {
             return Some(true);
         }
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -250,5 +253,18 @@ mod tests {
             assert!(line.contains("older than we read") && line.contains("upgrade Synapse first"), "{line}");
         }
         assert_eq!(judge(None).0, Verdict::Refused);
+    }
+
+    /// A database without Synapse's record (the demo's) renders as the
+    /// newest releases, known from the one read: no query reads it again.
+    #[tokio::test]
+    async fn no_record_is_remembered_as_the_newest_rule() {
+        let store = Store::Sqlite(sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap());
+        let status = SchemaStatus::default();
+        assert_eq!(status.owner_entry_always(), None, "nothing read yet");
+        assert!(status.owner_entry_rule(&store).await.unwrap());
+        assert_eq!(status.owner_entry_always(), Some(true), "the read found no record");
+        status.record(SchemaState { before_1_139: true, ..at(92, Some(84)) });
+        assert_eq!(status.owner_entry_always(), Some(false));
     }
 }
